@@ -1,0 +1,213 @@
+"""Typed recipes: a YAML file validated, in full, before any work starts.
+
+A recipe names its stages in order, each with its own typed config (the stage's
+`Config`, a pydantic model that forbids unknown keys). An unknown key, a wrong type or a
+missing input is a `ConfigError` naming the dotted key (`stages.quality.min_words`) and,
+for typos, the closest valid key.
+
+    name: quickstart
+    stages:
+      extract:
+        input: [../data/sample/*.warc.gz]   # relative to this file
+        backend: resiliparse
+      langid: {languages: [en]}
+      quality: {}
+      dedup: {}
+
+Input paths in a recipe are relative to the recipe file; `output` is relative to the
+working directory. `--set stages.quality.min_words=100` overrides any key from the CLI.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline import registry
+from pipeline.stage import Stage, StageConfig
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot run; the message names the key and the fix."""
+
+
+class RayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = None
+    """Ray cluster address ("auto", "ray://head:10001"); None starts a local Ray. The CLI's
+    --ray-address and the RAY_ADDRESS variable override it."""
+
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs for a local Ray (None: all of this machine's). Ignored on a cluster."""
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    """Short name; the default output folder is runs/<name>."""
+
+    description: str = ""
+
+    output: str | None = None
+    """Run folder (relative to the working directory); default runs/<name>."""
+
+    executor: Literal["ray", "local"] = "ray"
+    """"ray" runs stages as Ray Data jobs; "local" runs them in this process (debugging)."""
+
+    ray: RayConfig = RayConfig()
+
+    stages: dict[str, dict[str, Any]]
+    """Stage name -> its config, in run order. The key `input` (paths or globs) feeds a stage
+    from files; without it a stage reads the previous stage's output."""
+
+
+@dataclass
+class StageSpec:
+    name: str
+    cls: type[Stage]
+    config: StageConfig
+    inputs: list[str] | None  # raw patterns, resolved; None: the previous stage's output
+
+    def build(self) -> Stage:
+        return self.cls(self.config)
+
+    def fingerprint(self) -> str:
+        """Hash of what determines this stage's output given its input."""
+        blob = json.dumps(
+            {
+                "stage": self.name,
+                "version": self.cls.version,
+                "config": self.config.model_dump(mode="json"),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class LoadedRecipe:
+    recipe: Recipe
+    stages: list[StageSpec]
+    path: Path | None
+
+    @property
+    def output(self) -> Path:
+        return Path(self.recipe.output or f"runs/{self.recipe.name}")
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars or flow collections: 3, 0.5, true, [en, fr], null."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        key, _, value = item.partition("=")
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+            node = node.setdefault(p, {})
+            if node is None:
+                node = {}
+        node[parts[-1]] = parse_value(value)
+    return raw
+
+
+def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in (prefix, *err["loc"]) if x != "")
+        if err["type"] == "extra_forbidden":
+            known = list(model.model_fields)
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            hint = (
+                f" (did you mean {close[0]!r}?)" if close else f"; valid keys: {', '.join(known)}"
+            )
+            lines.append(f"{loc}: unknown key{hint}")
+        else:
+            lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return "\n  ".join(lines)
+
+
+def build_stage_config(
+    name: str, raw: dict[str, Any], where: str
+) -> tuple[type[Stage], StageConfig]:
+    try:
+        cls = registry.get(name)
+    except KeyError as e:
+        raise ConfigError(f"{where}: {e.args[0]}") from None
+    try:
+        return cls, cls.Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError("invalid config:\n  " + _format_error(e, where, cls.Config)) from None
+
+
+def load_recipe(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    raw: dict[str, Any] | None = None,
+    check_inputs: bool = True,
+) -> LoadedRecipe:
+    """Read, override and validate a recipe; every problem is raised before any work."""
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        base = path.resolve().parent
+    raw = apply_overrides(dict(raw or {}), overrides or [])
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(
+            f"{path or 'recipe'}: invalid:\n  " + _format_error(e, "", Recipe)
+        ) from None
+    if not recipe.stages:
+        raise ConfigError(f"{path or 'recipe'}: `stages` is empty")
+
+    specs: list[StageSpec] = []
+    for i, (name, body) in enumerate(recipe.stages.items()):
+        body = dict(body or {})
+        inputs = body.pop("input", None)
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if inputs is not None:
+            inputs = [
+                os.path.expandvars(str(Path(base, p).expanduser()))
+                if not Path(p).is_absolute()
+                else p
+                for p in inputs
+            ]
+            if check_inputs:
+                from pipeline.io import expand_inputs
+
+                try:
+                    expand_inputs(inputs)
+                except FileNotFoundError as e:
+                    raise ConfigError(f"stages.{name}.input: {e}") from None
+        elif i == 0:
+            raise ConfigError(f"stages.{name}.input: the first stage needs input files")
+        cls, cfg = build_stage_config(name, body, f"stages.{name}")
+        specs.append(StageSpec(name=cls.name, cls=cls, config=cfg, inputs=inputs))
+    return LoadedRecipe(recipe=recipe, stages=specs, path=Path(path) if path else None)

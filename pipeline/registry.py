@@ -1,0 +1,44 @@
+"""The one explicit registry of stages: short name -> stage class.
+
+Recipes and `primer stage NAME` name stages by these keys (optionally pinned to a version,
+`quality_v1`); nothing is looked up by import path from YAML. Classes import lazily so that
+`import pipeline` stays light on a bare CPU box.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import re
+
+from pipeline.stage import Stage
+
+_STAGES: dict[str, str] = {
+    "extract": "filters.extract:ExtractStage",
+    "langid": "filters.langid:LangIdStage",
+    "quality": "filters.quality:QualityStage",
+    "dedup": "filters.dedup:DedupStage",
+}
+
+
+def names() -> list[str]:
+    return list(_STAGES)
+
+
+def get(name: str) -> type[Stage]:
+    """The stage class for `name` or `name_vN`; a clear error naming the known stages."""
+    base, version = name, None
+    m = re.fullmatch(r"(.+)_v(\d+)", name)
+    if m and m.group(1) in _STAGES:
+        base, version = m.group(1), int(m.group(2))
+    if base not in _STAGES:
+        close = difflib.get_close_matches(name, _STAGES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise KeyError(f"unknown stage {name!r}{hint}; known stages: {', '.join(_STAGES)}")
+    module, cls_name = _STAGES[base].split(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    if version is not None and version != cls.version:
+        raise KeyError(
+            f"stage {name!r} pins version {version}, but this Primer has {base}_v{cls.version}"
+        )
+    return cls

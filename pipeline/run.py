@@ -1,0 +1,148 @@
+"""Run a recipe end to end (or some of its stages) and leave a readable summary.
+
+`run_recipe` validates everything first, starts or joins Ray, runs each stage in order
+(each reading the previous stage's kept rows), and writes `DIR/run_summary.json`, built
+from every stage's manifest, so a run resumed three times reports all of its parts, not
+the last attempt's. `format_summary` renders the same numbers for a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, LoadedRecipe, StageSpec
+from pipeline.io import expand_inputs, read_json, write_json_atomic
+from pipeline.runner import _now, output_files, run_stage
+
+log = logging.getLogger("primer")
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local Ray once."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Workers import pipeline/filters/generators from the installed package; quiet logs.
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # Primer prints its own progress with rate and ETA
+    ctx.verbose_stats_logs = False
+
+
+def select_stages(loaded: LoadedRecipe, only: Sequence[str] | None) -> list[StageSpec]:
+    if not only:
+        return loaded.stages
+    known = {s.name: s for s in loaded.stages}
+    unknown = [s for s in only if s not in known]
+    if unknown:
+        raise ConfigError(f"--stages: {unknown} not in this recipe; its stages: {', '.join(known)}")
+    return [s for s in loaded.stages if s.name in only]
+
+
+def run_recipe(
+    loaded: LoadedRecipe,
+    output: str | Path | None = None,
+    only: Sequence[str] | None = None,
+    ray_address: str | None = None,
+    executor: str | None = None,
+) -> dict[str, Any]:
+    out_root = Path(output) if output else loaded.output
+    selected = select_stages(loaded, only)
+    executor = executor or loaded.recipe.executor
+    use_ray = executor == "ray"
+    if use_ray:
+        init_ray(ray_address or loaded.recipe.ray.address, loaded.recipe.ray.num_cpus)
+    out_root.mkdir(parents=True, exist_ok=True)
+    t0, started = time.monotonic(), _now()
+
+    by_name = {s.name: i for i, s in enumerate(loaded.stages)}
+    for spec in selected:
+        i = by_name[spec.name]
+        if spec.inputs is not None:
+            files, upstream = expand_inputs(spec.inputs), ""
+        else:
+            prev_dir = out_root / loaded.stages[i - 1].name
+            files = output_files(prev_dir)
+            upstream = read_json(prev_dir / "_manifest.json")["fingerprint"]
+        log.info("stage %s: %d input files", spec.name, len(files))
+        run_stage(spec.build(), files, out_root, use_ray, upstream, spec.fingerprint())
+
+    summary = write_run_summary(out_root, loaded, started, time.monotonic() - t0)
+    return summary
+
+
+def write_run_summary(
+    out_root: Path, loaded: LoadedRecipe, started: str, wall: float
+) -> dict[str, Any]:
+    runs_path = out_root / "_runs.json"
+    runs = read_json(runs_path) if runs_path.is_file() else []
+    runs.append({"started": started, "finished": _now(), "wall_seconds": round(wall, 3)})
+    write_json_atomic(runs_path, runs)
+    stages = []
+    for spec in loaded.stages:
+        mpath = out_root / spec.name / "_manifest.json"
+        if not mpath.is_file():
+            continue
+        m = read_json(mpath)
+        stages.append(
+            {
+                k: m[k]
+                for k in (
+                    "stage",
+                    "parts",
+                    "rows_in",
+                    "rows_out",
+                    "dropped",
+                    "bytes",
+                    "work_seconds",
+                    "wall_seconds",
+                    "guardrail",
+                )
+            }
+            | {"attempts": len(m["attempts"])}
+        )
+    summary = {
+        "recipe": loaded.recipe.name,
+        "recipe_path": str(loaded.path) if loaded.path else None,
+        "output": str(out_root),
+        "runs": runs,
+        "wall_seconds_all_runs": round(sum(r["wall_seconds"] for r in runs), 3),
+        "stages": stages,
+    }
+    write_json_atomic(out_root / "run_summary.json", summary)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [
+        f"Primer run {summary['recipe']!r} -> {summary['output']}",
+        f"  {len(summary['runs'])} run(s), {summary['wall_seconds_all_runs']:.1f} s wall in total",
+        "",
+        f"  {'stage':<14}{'rows in':>12}{'kept':>12}{'dropped':>10}{'wall s':>10}  top drop reasons",
+    ]
+    for s in summary["stages"]:
+        dropped = s["rows_in"] - s["rows_out"]
+        reasons = ", ".join(f"{k} {v:,}" for k, v in list(s["dropped"].items())[:3])
+        flag = "  !! over guardrail" if s["guardrail"]["exceeded"] else ""
+        lines.append(
+            f"  {s['stage']:<14}{s['rows_in']:>12,}{s['rows_out']:>12,}{dropped:>10,}"
+            f"{s['wall_seconds']:>10.1f}  {reasons}{flag}"
+        )
+    lines.append("")
+    lines.append(f"  details: {Path(summary['output']) / 'run_summary.json'}")
+    return "\n".join(lines)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,80 @@
+"""Recipes are validated in full before any work, and errors name the key and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_recipe
+from tests.conftest import REPO
+
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+
+def _recipe(tmp_path, body: dict) -> str:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(body))
+    return str(p)
+
+
+def test_quickstart_loads_with_inputs_relative_to_the_recipe():
+    loaded = load_recipe(QUICKSTART)
+    assert [s.name for s in loaded.stages] == ["extract", "langid", "quality", "dedup"]
+    assert all(p.startswith(str(REPO)) for p in loaded.stages[0].inputs)
+
+
+def test_typo_in_a_stage_key_names_the_key_and_suggests(tmp_path):
+    path = _recipe(
+        tmp_path, {"name": "x", "stages": {"quality": {"input": [str(QUICKSTART)], "min_wrods": 3}}}
+    )
+    with pytest.raises(
+        ConfigError, match=r"stages\.quality\.min_wrods: unknown key \(did you mean 'min_words'\?\)"
+    ):
+        load_recipe(path)
+
+
+def test_unknown_stage_lists_known_ones(tmp_path):
+    path = _recipe(tmp_path, {"name": "x", "stages": {"qualty": {"input": [str(QUICKSTART)]}}})
+    with pytest.raises(ConfigError, match=r"unknown stage 'qualty' \(did you mean 'quality'\?\)"):
+        load_recipe(path)
+
+
+def test_wrong_type_and_top_level_typo(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\.langid\.min_score: .*got 'high'"):
+        load_recipe(QUICKSTART, ["stages.langid.min_score=high"])
+    path = _recipe(tmp_path, {"name": "x", "stagse": {}})
+    with pytest.raises(ConfigError, match=r"stagse: unknown key \(did you mean 'stages'\?\)"):
+        load_recipe(path)
+
+
+def test_missing_input_fails_before_work(tmp_path):
+    path = _recipe(tmp_path, {"name": "x", "stages": {"extract": {"input": ["nope/*.warc.gz"]}}})
+    with pytest.raises(ConfigError, match=r"stages\.extract\.input: .*matches no file"):
+        load_recipe(path)
+
+
+def test_set_overrides_and_version_pins(tmp_path):
+    loaded = load_recipe(
+        QUICKSTART, ["stages.langid.min_score=0.9", "stages.langid.languages=[en, fr]"]
+    )
+    cfg = {s.name: s.config for s in loaded.stages}["langid"]
+    assert cfg.min_score == 0.9 and cfg.languages == ["en", "fr"]
+    path = _recipe(tmp_path, {"name": "x", "stages": {"quality_v99": {"input": [str(QUICKSTART)]}}})
+    with pytest.raises(ConfigError, match="pins version 99"):
+        load_recipe(path)
+
+
+def test_cli_exits_2_with_a_readable_message(capsys):
+    code = main(["run", str(QUICKSTART), "--set", "stages.dedup.bandz=3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "stages.dedup.bandz: unknown key (did you mean 'bands'?)" in err
+
+
+def test_cli_lists_stages_with_defaults(capsys):
+    assert main(["stages"]) == 0
+    out = capsys.readouterr().out
+    for name in ("extract_v1", "langid_v1", "quality_v1", "dedup_v1"):
+        assert name in out
+    assert "min_score = 0.65" in out

@@ -1,0 +1,134 @@
+"""The runner: parts, counts per reason, resume, recompute on change, guardrails, Ray."""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.runner import GuardrailError, output_files, run_stage
+from pipeline.stage import Stage, StageConfig, mark_dropped, set_column
+from tests.conftest import fineweb_docs, write_jsonl_parts
+
+
+class LengthConfig(StageConfig):
+    min_chars: int = 2000
+
+
+class LengthStage(Stage):
+    """Counts characters and drops short documents: the smallest real scorer + filter."""
+
+    name = "length"
+    Config = LengthConfig
+    needs = ("text",)
+    adds = ("n_chars",)
+
+    def process(self, table: pa.Table) -> pa.Table:
+        n = pc.utf8_length(table["text"])
+        table = set_column(table, "n_chars", n)
+        return mark_dropped(table, self.name, [("too_short", pc.less(n, self.config.min_chars))])
+
+
+@pytest.fixture
+def docs():
+    return fineweb_docs(120)
+
+
+def _rows(out_root, stage="length"):
+    files = output_files(out_root / stage)
+    t = pa.concat_tables(pq.read_table(f) for f in files)
+    return sorted(zip(t["id"].to_pylist(), t["drop_reason"].to_pylist(), strict=True))
+
+
+def test_counts_reasons_and_keeps_dropped_rows(tmp_path, docs):
+    files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 4)]
+    m = run_stage(LengthStage(), files, tmp_path / "out", use_ray=False)
+
+    expect_short = sum(len(d["text"]) < 2000 for d in docs)
+    assert m["rows_in"] == len(docs)
+    assert m["dropped"] == {"length:too_short": expect_short}
+    assert m["rows_out"] == len(docs) - expect_short
+    rows = _rows(tmp_path / "out")
+    assert len(rows) == len(docs)  # dropped rows stay on disk, with their reason
+    assert {r for _, r in rows} == {None, "length:too_short"}
+    assert m["parts"] == 4 and m["complete"]
+
+
+def test_rerun_skips_finished_parts_and_change_recomputes(tmp_path, docs):
+    files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 3)]
+    first = run_stage(LengthStage(), files, tmp_path / "out", False, config_fingerprint="a")
+    again = run_stage(LengthStage(), files, tmp_path / "out", False, config_fingerprint="a")
+    assert again["attempts"][-1]["parts_run"] == 0
+    assert again["rows_in"] == first["rows_in"] and len(again["attempts"]) == 2
+
+    changed = run_stage(
+        LengthStage(min_chars=500), files, tmp_path / "out", False, config_fingerprint="b"
+    )
+    assert changed["attempts"][-1]["parts_run"] == 3 and len(changed["attempts"]) == 1
+    assert changed["dropped"]["length:too_short"] == sum(len(d["text"]) < 500 for d in docs)
+
+
+def test_partial_part_is_redone_not_doubled(tmp_path, docs):
+    files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 3)]
+    run_stage(LengthStage(), files, tmp_path / "out", False)
+    clean = _rows(tmp_path / "out")
+    # Simulate a kill after a part's Parquet landed but before its commit marker did.
+    marker = sorted((tmp_path / "out/length/_parts").glob("*.json"))[1]
+    marker.unlink()
+    m = run_stage(LengthStage(), files, tmp_path / "out", False)
+    assert m["attempts"][-1]["parts_run"] == 1
+    assert _rows(tmp_path / "out") == clean
+
+
+def test_guardrail_warns_or_stops(tmp_path, docs, caplog):
+    files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 2)]
+    with caplog.at_level(logging.WARNING, logger="primer"):
+        m = run_stage(
+            LengthStage(min_chars=10**9, max_drop_fraction=0.5), files, tmp_path / "w", False
+        )
+    assert m["guardrail"]["exceeded"] and "GUARDRAIL" in caplog.text
+    with pytest.raises(GuardrailError, match="dropped 100.0%"):
+        run_stage(
+            LengthStage(min_chars=10**9, max_drop_fraction=0.5, on_excess_drop="fail"),
+            files,
+            tmp_path / "f",
+            False,
+        )
+
+
+def test_stage_error_names_the_part(tmp_path, docs):
+    class Broken(LengthStage):
+        def process(self, table):
+            raise ValueError("boom")
+
+    files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 1)]
+    with pytest.raises(
+        RuntimeError, match=r"stage 'length' failed on .*docs-000.jsonl.gz: ValueError: boom"
+    ):
+        run_stage(Broken(), files, tmp_path / "out", False)
+    assert not list((tmp_path / "out/length").glob("*.parquet"))  # nothing half-written
+
+
+def test_ray_gives_the_same_rows_as_in_process(tmp_path, docs, ray_session):
+    files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 4)]
+    local = run_stage(LengthStage(), files, tmp_path / "local", use_ray=False)
+    on_ray = run_stage(LengthStage(), files, tmp_path / "ray", use_ray=True)
+    assert _rows(tmp_path / "local") == _rows(tmp_path / "ray")
+    assert local["dropped"] == on_ray["dropped"]
+
+
+def test_next_stage_reads_only_kept_rows(tmp_path, docs):
+    files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 2)]
+    first = run_stage(LengthStage(), files, tmp_path / "out", False)
+    kept_files = output_files(tmp_path / "out" / "length")
+
+    class Longer(LengthStage):
+        name = "longer"
+
+    second = run_stage(Longer(min_chars=4000), kept_files, tmp_path / "out", False)
+    assert second["rows_in"] == first["rows_out"]
+    # Part names follow the document through the stages.
+    assert second["part_names"] == first["part_names"]
