@@ -1,0 +1,334 @@
+"""Tests of filters/dedup.py: normalisation, stable hashes and signatures, LSH clusters,
+the in-process and Ray prepare passes agreeing, and the stage marking the right rows.
+
+Run: .venv/bin/pytest tests/filters/test_dedup.py  (about 30 s, most of it Ray's start-up
+and its shuffles; everything else is in-process on synthetic text)
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import xxhash
+from pydantic import ValidationError
+
+import filters.dedup as dedup
+from filters.dedup import (
+    DedupConfig,
+    DedupStage,
+    connected_components,
+    jaccard_estimate,
+    minhash,
+    normalise,
+    text_hash,
+)
+
+_SYLLABLES = ["ka", "lo", "mi", "ner", "tus", "va", "pe", "ri", "zon", "dal", "ush", "eb", "fo"]
+_VOCAB = sorted(
+    {"".join(np.random.default_rng(i).choice(_SYLLABLES, size=2 + i % 3)) for i in range(4000)}
+)
+
+
+def doc(seed: int, n_words: int = 300) -> str:
+    """Deterministic pseudo-English: sentences of random words from a fixed vocabulary."""
+    rng = np.random.default_rng(seed)
+    words = [str(w) for w in rng.choice(_VOCAB, size=n_words)]
+    for i in range(0, n_words, 12):
+        words[i] = words[i].capitalize()
+        words[min(i + 11, n_words - 1)] += "."
+    return " ".join(words)
+
+
+def edit(text: str, positions: list[int], seed: int = 99) -> str:
+    """`text` with the words at `positions` replaced by other words."""
+    rng = np.random.default_rng(seed)
+    words = text.split(" ")
+    for p in positions:
+        words[p] = str(rng.choice(_VOCAB)) + "x"
+    return " ".join(words)
+
+
+def shingles(text: str, n: int = 5) -> set[str]:
+    words = normalise(pa.array([text]))[0].as_py().split(" ")
+    return {" ".join(words[i : i + n]) for i in range(max(len(words) - n + 1, 1))}
+
+
+def clusters_of(texts: dict[str, str | None], **config) -> dict[str, tuple[str, int, str]]:
+    """prepare() in-process over one table -> {id: (dup_cluster, size, dup_kind)}."""
+    table = pa.table({"id": list(texts), "text": pa.array(list(texts.values()), pa.large_string())})
+    with tempfile.TemporaryDirectory() as state:
+        DedupStage(**config).prepare([table], state, use_ray=False)
+        out = pq.read_table(Path(state) / "clusters.parquet").to_pylist()
+    return {r["id"]: (r["dup_cluster"], r["dup_cluster_size"], r["dup_kind"]) for r in out}
+
+
+@pytest.fixture(scope="session")
+def ray_ctx():
+    """A local Ray with 2 CPUs, started once (reuses one already running)."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+# --- normalisation and hashes --------------------------------------------------------------
+
+
+def test_normalise_folds_case_whitespace_punctuation_and_accents():
+    got = normalise(
+        pa.array(
+            ["  Hello,\n\tWORLD!! ", "Café — naïve\u00a0façade", "x\u2028y\u3000z", "!!!", None]
+        )
+    ).to_pylist()
+    assert got == ["hello world", "cafe naive facade", "x y z", "", None]
+
+
+def test_normalise_flags_turn_each_folding_off():
+    text = pa.array(["Café, ﬁne  DAY!"])
+    assert normalise(text, strip_accents=False)[0].as_py() == "café fine day"  # NFKC
+    assert normalise(text, lowercase=False)[0].as_py() == "Cafe fine DAY"
+    assert normalise(text, strip_punct=False)[0].as_py() == "cafe, fine day!"
+
+
+def test_text_hash_is_xxh64_of_the_normalised_text():
+    # A documented, pinned value: stored states stay valid across processes and versions.
+    h = text_hash(pa.array(["Hello,  World!", "hello world", None])).to_pylist()
+    assert h == [xxhash.xxh64_intdigest(b"hello world")] * 2 + [None]
+    assert h[0] == 5020219685658847592
+
+
+def test_signatures_are_identical_across_calls_and_processes():
+    texts = pa.array([doc(1), doc(2, 3)])
+    first = minhash(texts)
+    assert first.shape == (2, 112) and first.dtype == np.uint32
+    assert np.array_equal(first, minhash(texts))
+    code = (
+        "import json, pyarrow as pa; from filters.dedup import minhash; "
+        "print(json.dumps(minhash(pa.array(['the quick brown fox jumps over the lazy dog']))"
+        "[0].tolist()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    sig = json.loads(out.stdout)
+    assert sig == minhash(pa.array(["the quick brown fox jumps over the lazy dog"]))[0].tolist()
+    assert sig[:4] == [96209328, 575674953, 2437310353, 591379358]  # pinned
+
+
+def test_signatures_do_not_depend_on_batching(monkeypatch):
+    texts = [doc(i, n) for i, n in enumerate([300, 2, 0, 40, 700, 5, 1, 300])] + ["", "a b c"]
+    alone = np.stack([minhash(pa.array([t]))[0] for t in texts])
+    # Tiny groups and scratch force documents to straddle every internal boundary.
+    monkeypatch.setattr(dedup, "_GROUP_BYTES", 1000)
+    monkeypatch.setattr(dedup, "_SCRATCH_BYTES", 8 * 112 * 37)
+    assert np.array_equal(minhash(pa.array(texts)), alone)
+    empty = alone[[2, 8]]
+    assert (empty == np.iinfo(np.uint32).max).all()  # no shingles, left out of LSH
+
+
+def test_short_documents_get_one_shingle_of_all_their_words():
+    sigs = minhash(pa.array(["red fox", "Red, fox!", "fox red", "red fox jumps"]))
+    assert np.array_equal(sigs[0], sigs[1])
+    assert jaccard_estimate(sigs[0], sigs[2]) < 0.1
+    assert jaccard_estimate(sigs[0], sigs[3]) < 0.1
+
+
+def test_jaccard_estimate_is_close_to_the_true_jaccard():
+    a = doc(7, 400)
+    b = " ".join(a.split(" ")[:300] + doc(8, 100).split(" "))
+    sa, sb = shingles(a), shingles(b)
+    true = len(sa & sb) / len(sa | sb)
+    sig = minhash(pa.array([a, b]))
+    assert 0.5 < true < 0.7
+    # 112 permutations: standard error sqrt(J(1-J)/112) ~ 0.05.
+    assert abs(jaccard_estimate(sig[0], sig[1]) - true) < 0.15
+
+
+# --- clusters ------------------------------------------------------------------------------
+
+
+def test_near_duplicates_cluster_and_unrelated_texts_do_not():
+    base = doc(1)
+    got = clusters_of(
+        {
+            "b-orig": base,
+            "a-edit": edit(base, [50, 150, 250]),  # 3 words of 300 changed
+            "c-other": doc(2),
+            "d-other": doc(3),
+        }
+    )
+    assert got == {
+        "a-edit": ("a-edit", 2, "kept"),  # the smallest id is kept
+        "b-orig": ("a-edit", 2, "near_duplicate"),
+    }
+
+
+def test_exact_duplicates_differ_only_in_case_whitespace_and_punctuation():
+    base = doc(4)
+    got = clusters_of(
+        {
+            "k": base,
+            "j": base.upper(),
+            "m": "  " + base.replace(" ", "\n\n").replace(".", " ;") + "\t",
+            "z": doc(5),
+        },
+        near=False,
+    )
+    assert got == {
+        "j": ("j", 3, "kept"),
+        "k": ("j", 3, "exact_duplicate"),
+        "m": ("j", 3, "exact_duplicate"),
+    }
+
+
+def test_exact_copies_of_a_near_duplicate_join_its_cluster():
+    base = doc(6)
+    near = edit(base, [10, 200])
+    got = clusters_of({"a": base, "m": near, "z": near.upper(), "q": None, "r": doc(9)})
+    assert got == {
+        "a": ("a", 3, "kept"),
+        "m": ("a", 3, "near_duplicate"),  # nothing exactly like it is kept
+        "z": ("a", 3, "exact_duplicate"),  # "m" has exactly its text
+    }
+
+
+def test_connected_components_link_a_long_chain_to_its_smallest_node():
+    n = 1000
+    perm = np.random.default_rng(0).permutation(n)
+    src, dst = perm[:-1], perm[1:]  # one path visiting every node in random order
+    extra = np.array([n, n + 1])  # plus a separate pair
+    root = connected_components(np.r_[src, extra[:1]], np.r_[dst, extra[1:]], n + 2)
+    assert (root[:n] == 0).all() and (root[n:] == n).all()
+
+
+# --- prepare: in-process and on Ray ----------------------------------------------------------
+
+
+def _write_parts(folder: Path) -> tuple[list[str], dict[str, str | None]]:
+    """Three stage-output parts with exact and near duplicates across parts, a dropped row,
+    a null text and two texts that normalise to nothing."""
+    base, other = doc(10), doc(11)
+    rows = {
+        "d-base": base,
+        "a-near": edit(base, [20, 120]),
+        "x-exact": base.lower(),
+        "e-other": other,
+        "f-other-near": edit(other, [5, 100, 290]),
+        "g-unique": doc(12),
+        "h-unique": doc(13, 4),
+        "i-punct": "!!!",
+        "j-punct": "?? ...",
+        "k-null": None,
+        "b-dropped": base,  # an earlier stage dropped it: not a candidate
+    }
+    dropped = {"b-dropped": "quality:too_short"}
+    ids = list(rows)
+    paths = []
+    for p in range(3):
+        part = ids[p::3]
+        table = pa.table(
+            {
+                "id": part,
+                "text": pa.array([rows[i] for i in part], pa.large_string()),
+                "drop_reason": pa.array([dropped.get(i) for i in part], pa.string()),
+            }
+        )
+        path = folder / f"part-{p}.parquet"
+        pq.write_table(table, path)
+        paths.append(str(path))
+    return paths, rows
+
+
+EXPECTED = {
+    "a-near": ("a-near", 3, "kept"),
+    "d-base": ("a-near", 3, "near_duplicate"),
+    "x-exact": ("a-near", 3, "exact_duplicate"),
+    "e-other": ("e-other", 2, "kept"),
+    "f-other-near": ("e-other", 2, "near_duplicate"),
+    "i-punct": ("i-punct", 2, "kept"),
+    "j-punct": ("i-punct", 2, "exact_duplicate"),
+}
+
+
+def test_in_process_and_ray_prepare_give_identical_clusters(tmp_path, ray_ctx):
+    paths, _ = _write_parts(tmp_path)
+    tables = {}
+    for use_ray in (False, True):
+        state = tmp_path / f"state-{use_ray}"
+        DedupStage(num_partitions=2).prepare(paths, str(state), use_ray=use_ray)
+        assert (state / "_DONE").is_file()
+        tables[use_ray] = pq.read_table(state / "clusters.parquet")
+    assert tables[False].equals(tables[True])
+    got = {
+        r["id"]: (r["dup_cluster"], r["dup_cluster_size"], r["dup_kind"])
+        for r in tables[True].to_pylist()
+    }
+    assert got == EXPECTED
+
+
+def test_stage_marks_duplicates_in_every_part(tmp_path):
+    paths, rows = _write_parts(tmp_path)
+    stage = DedupStage()
+    stage.prepare(paths, str(tmp_path / "state"), use_ray=False)
+    stage = pickle.loads(pickle.dumps(stage))  # as Ray ships it: config and state_dir
+    outs = [stage(pq.read_table(p)) for p in paths]
+    out = pa.concat_tables(outs).to_pylist()
+    by_id = {r["id"]: r for r in out}
+
+    assert len(out) == len(rows)  # nothing removed: kept + dropped == input
+    kept = [r for r in out if r["drop_reason"] is None]
+    dropped = [r for r in out if r["drop_reason"] is not None]
+    assert len(kept) + len(dropped) == len(rows)
+    assert {r["id"]: r["drop_reason"] for r in dropped} == {
+        "d-base": "dedup:near_duplicate",
+        "x-exact": "dedup:exact_duplicate",
+        "f-other-near": "dedup:near_duplicate",
+        "j-punct": "dedup:exact_duplicate",
+        "b-dropped": "quality:too_short",  # an earlier reason is never overwritten
+    }
+    for i, (cluster, size, _) in EXPECTED.items():
+        assert (by_id[i]["dup_cluster"], by_id[i]["dup_cluster_size"]) == (cluster, size)
+    for i in ("g-unique", "h-unique", "k-null", "b-dropped"):
+        assert (by_id[i]["dup_cluster"], by_id[i]["dup_cluster_size"]) == (i, 1)
+    assert by_id["x-exact"]["text_hash"] == by_id["d-base"]["text_hash"]
+    assert by_id["k-null"]["text_hash"] is None
+    assert outs[0].schema.field("text_hash").type == pa.uint64()
+
+
+def test_prepare_reuses_a_finished_state_and_redoes_one_for_another_config(tmp_path):
+    paths, _ = _write_parts(tmp_path)
+    state = tmp_path / "state"
+    DedupStage().prepare(paths, str(state), use_ray=False)
+    first = (state / "clusters.parquet").stat().st_mtime_ns
+    DedupStage().prepare(paths, str(state), use_ray=False)
+    assert (state / "clusters.parquet").stat().st_mtime_ns == first
+    DedupStage(near=False).prepare(paths, str(state), use_ray=False)
+    kinds = pc.unique(pq.read_table(state / "clusters.parquet")["dup_kind"]).to_pylist()
+    assert sorted(kinds) == ["exact_duplicate", "kept"]
+    assert json.loads((state / "_DONE").read_text())["config"]["near"] is False
+
+
+def test_process_before_prepare_says_what_to_do(tmp_path):
+    stage = DedupStage()
+    stage.state_dir = str(tmp_path)
+    with pytest.raises(RuntimeError, match="call prepare"):
+        stage(pa.table({"id": ["a"], "text": ["x"]}))
+
+
+def test_config_needs_exact_or_near():
+    with pytest.raises(ValidationError, match="enable at least one"):
+        DedupConfig(exact=False, near=False)
+    with pytest.raises(ValidationError, match="bands"):
+        DedupConfig(bands=0)
