@@ -35,6 +35,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # Ray Data logs every dataset's plan at INFO; Primer's own progress lines say enough.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # Primer prints its own progress with rate and ETA
     ctx.verbose_stats_logs = False

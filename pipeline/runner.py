@@ -211,7 +211,7 @@ def _run_parts_ray(
         _PartWorker,
         fn_constructor_args=(stage, str(out_dir), fp),
         batch_size=1,
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=stage.num_cpus,
         num_gpus=stage.num_gpus or None,
     )
@@ -288,6 +288,8 @@ def run_stage(
         )
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob(".*.tmp-*"), *out_dir.glob("_parts/.*.tmp-*")]:
+        stale.unlink(missing_ok=True)  # left by a killed attempt; never a committed file
     if not fp_file.is_file():
         tmp = out_dir / "._fingerprint.tmp"
         tmp.write_text(fp + "\n")

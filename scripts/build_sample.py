@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import io
 import json
 import shutil
 from pathlib import Path
@@ -19,6 +20,31 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _gzip_text(path: Path) -> io.TextIOWrapper:
+    """A gzip text writer with a zero timestamp, so a rebuild is byte-identical."""
+    return io.TextIOWrapper(gzip.GzipFile(path, "wb", compresslevel=9, mtime=0), encoding="utf-8")
+
+
+def write_reposts(source: Path, target: Path, n: int = 10) -> None:
+    """Syndicated copies of real documents, the commonest duplicates in a crawl.
+
+    The real sample is already deduplicated upstream, so without these the dedup stage has
+    nothing to show. The first n/2 are exact reposts (only whitespace and case differ); the
+    rest carry a site's boilerplate line, which makes them near-duplicates.
+    """
+    with gzip.open(source, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line) for _, line in zip(range(n), f, strict=False)]
+    with _gzip_text(target) as w:
+        for i, d in enumerate(docs):
+            text = d["text"]
+            if i < n // 2:
+                text = "  " + text.replace(". ", ".  ").upper()
+            else:
+                text = text + "\n\nThis article was republished from the original source with permission."
+            row = {"id": f"repost-{i}", "text": text, "url": f"https://mirror.example.org/{i}", "timestamp": d["timestamp"]}
+            w.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main() -> None:
@@ -32,11 +58,12 @@ def main() -> None:
     # FineWeb: keep only the web fields; the upstream `score` is a *legal* rating, not edu.
     for i, f in enumerate(sorted((src / "web_text/fineweb_sample").glob("batch_*.parquet")), 1):
         table = pq.read_table(f, columns=["id", "text", "url", "timestamp"])
-        with gzip.open(out / f"fineweb-{i}.jsonl.gz", "wt", encoding="utf-8", compresslevel=9) as w:
+        with _gzip_text(out / f"fineweb-{i}.jsonl.gz") as w:
             for row in table.to_pylist():
                 row["timestamp"] = row["timestamp"].isoformat() + "Z" if row["timestamp"] else None
                 w.write(json.dumps(row, ensure_ascii=False) + "\n")
 
+    write_reposts(out / "fineweb-1.jsonl.gz", out / "reposts.jsonl.gz")
     for f in sorted((src / "web_text/dolma_ccnet").glob("*.jsonl.gz")):
         shutil.copyfile(f, out / f"ccnet-{f.name}")
     shutil.copyfile(src / "warc/dolma/sample-0000.warc.gz", out / "dolma-sample-0000.warc.gz")

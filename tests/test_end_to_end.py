@@ -1,0 +1,103 @@
+"""The quickstart recipe end to end on a real local Ray, and resume after SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.config import load_recipe
+from pipeline.io import read_json
+from pipeline.run import format_summary, run_recipe
+from tests.conftest import REPO, fineweb_docs, write_jsonl_parts
+
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+STAGES = ["extract", "langid", "quality", "dedup"]
+
+
+def _all_rows(run: Path) -> dict[str, list[tuple]]:
+    out = {}
+    for stage in STAGES:
+        files = sorted((run / stage).glob("*.parquet"))
+        t = pa.concat_tables(pq.read_table(f, columns=["id", "drop_reason"]) for f in files)
+        out[stage] = sorted(zip(t["id"].to_pylist(), t["drop_reason"].to_pylist(), strict=True), key=str)
+    return out
+
+
+def test_quickstart_on_ray(tmp_path, ray_session):
+    summary = run_recipe(load_recipe(QUICKSTART), output=tmp_path / "run")
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert list(stages) == STAGES
+
+    # 500 FineWeb + 20 CCNet + 22 WARC captures + the whirlwind WARC page and its WET twin.
+    assert stages["extract"]["rows_in"] >= 540
+    for prev, nxt in zip(STAGES, STAGES[1:], strict=False):
+        assert stages[nxt]["rows_in"] == stages[prev]["rows_out"]
+    for s in stages.values():
+        assert s["rows_in"] - s["rows_out"] == sum(s["dropped"].values())
+        assert not s["guardrail"]["exceeded"], s
+    assert any(r.startswith("quality:") for r in stages["quality"]["dropped"])
+
+    final = pa.concat_tables(pq.read_table(f) for f in (tmp_path / "run/dedup").glob("*.parquet"))
+    kept = final.filter(pa.compute.is_null(final["drop_reason"]))
+    assert set(kept["lang"].to_pylist()) == {"en"}
+    assert min(kept["lang_score"].to_pylist()) >= 0.65
+    assert len(set(kept["id"].to_pylist())) == len(kept)
+    assert (tmp_path / "run/run_summary.json").is_file()
+    text = format_summary(summary)
+    assert "dedup" in text and "rows in" in text
+
+
+def _kill_mid_stage(cmd: list[str], run: Path, stage: str, env: dict) -> None:
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if list((run / stage / "_parts").glob("*.json")):
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / stage / "_manifest.json").is_file(), "the kill came too late to test resume"
+
+
+@pytest.mark.parametrize("executor", ["local"])
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, executor):
+    inputs = write_jsonl_parts(tmp_path / "in", fineweb_docs(), 25)
+    recipe = {
+        "name": "resume",
+        "executor": executor,
+        "ray": {"num_cpus": 2},
+        "stages": {
+            "extract": {"input": [str(p) for p in inputs]},
+            "langid": {},
+            "quality": {"batch_rows": 4},
+            "dedup": {},
+        },
+    }
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(path), "--output"]
+
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run([*cmd, str(ref)], env=env, cwd=REPO, check=True, capture_output=True)
+    _kill_mid_stage([*cmd, str(killed)], killed, "quality", env)
+    done = subprocess.run([*cmd, str(killed)], env=env, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    assert _all_rows(killed) == _all_rows(ref)  # nothing lost, nothing doubled
+    summary = read_json(killed / "run_summary.json")
+    assert len(summary["runs"]) == 1  # the killed attempt never finished a summary
+    quality = read_json(killed / "quality" / "_manifest.json")
+    assert quality["parts"] == 25 and quality["rows_in"] == read_json(ref / "quality/_manifest.json")["rows_in"]
+    assert not list(killed.rglob(".*.tmp-*"))  # the killed attempt's temp files are cleaned up
