@@ -18,6 +18,7 @@ threshold and the stage (and everything after it) is recomputed rather than mixe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -225,10 +226,8 @@ def _versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for pkg in ("primer", "pyarrow", "ray", "polars", "numpy"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
     return out
 
 

@@ -28,7 +28,9 @@ def _all_rows(run: Path) -> dict[str, list[tuple]]:
     for stage in STAGES:
         files = sorted((run / stage).glob("*.parquet"))
         t = pa.concat_tables(pq.read_table(f, columns=["id", "drop_reason"]) for f in files)
-        out[stage] = sorted(zip(t["id"].to_pylist(), t["drop_reason"].to_pylist(), strict=True), key=str)
+        out[stage] = sorted(
+            zip(t["id"].to_pylist(), t["drop_reason"].to_pylist(), strict=True), key=str
+        )
     return out
 
 
@@ -57,20 +59,24 @@ def test_quickstart_on_ray(tmp_path, ray_session):
 
 
 def _kill_mid_stage(cmd: list[str], run: Path, stage: str, env: dict) -> None:
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if list((run / stage / "_parts").glob("*.json")):
             break
         if proc.poll() is not None:
-            pytest.fail(f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+            pytest.fail(
+                f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+            )
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / stage / "_manifest.json").is_file(), "the kill came too late to test resume"
 
 
-@pytest.mark.parametrize("executor", ["local"])
+@pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, executor):
     inputs = write_jsonl_parts(tmp_path / "in", fineweb_docs(), 25)
     recipe = {
@@ -85,7 +91,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, executor):
         },
     }
     path = tmp_path / "resume.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(path), "--output"]
 
@@ -99,5 +105,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, executor):
     summary = read_json(killed / "run_summary.json")
     assert len(summary["runs"]) == 1  # the killed attempt never finished a summary
     quality = read_json(killed / "quality" / "_manifest.json")
-    assert quality["parts"] == 25 and quality["rows_in"] == read_json(ref / "quality/_manifest.json")["rows_in"]
+    assert (
+        quality["parts"] == 25
+        and quality["rows_in"] == read_json(ref / "quality/_manifest.json")["rows_in"]
+    )
     assert not list(killed.rglob(".*.tmp-*"))  # the killed attempt's temp files are cleaned up
