@@ -68,7 +68,9 @@ class Recipe(BaseModel):
 
     stages: dict[str, dict[str, Any]]
     """Stage name -> its config, in run order. The key `input` (paths or globs) feeds a stage
-    from files; without it a stage reads the previous stage's output."""
+    from files, `input: "@dedup"` from an earlier stage's output; without it a stage reads
+    the previous stage's output. A config value "@edu_train/model.bin" names a file in an
+    earlier stage's output folder."""
 
 
 @dataclass
@@ -77,9 +79,6 @@ class StageSpec:
     cls: type[Stage]
     config: StageConfig
     inputs: list[str] | None  # raw patterns, resolved; None: the previous stage's output
-
-    def build(self) -> Stage:
-        return self.cls(self.config)
 
     def fingerprint(self) -> str:
         """Hash of what determines this stage's output given its input."""
@@ -192,7 +191,21 @@ def load_recipe(
         inputs = body.pop("input", None)
         if isinstance(inputs, str):
             inputs = [inputs]
-        if inputs is not None:
+        earlier = [spec.name for spec in specs]
+        for ref in [*(inputs or []), *(v for v in body.values() if isinstance(v, str))]:
+            if (
+                isinstance(ref, str)
+                and ref.startswith("@")
+                and ref[1:].split("/")[0] not in earlier
+            ):
+                raise ConfigError(
+                    f"stages.{name}: {ref!r} refers to no earlier stage; "
+                    f"earlier stages: {', '.join(earlier) or 'none'}"
+                )
+        refs = [p for p in inputs or [] if str(p).startswith("@")]
+        if refs and len(refs) != len(inputs):
+            raise ConfigError(f"stages.{name}.input: mix of @stage references and files")
+        if inputs is not None and not refs:
             inputs = [
                 os.path.expandvars(str(Path(base, p).expanduser()))
                 if not Path(p).is_absolute()

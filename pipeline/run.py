@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.config import ConfigError, LoadedRecipe, StageSpec
 from pipeline.io import expand_inputs, read_json, write_json_atomic
 from pipeline.runner import _now, output_files, run_stage
+from pipeline.stage import Stage
 
 log = logging.getLogger("primer")
 
@@ -40,6 +41,27 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # Primer prints its own progress with rate and ETA
     ctx.verbose_stats_logs = False
+
+
+def _fingerprint_of(out_root: Path, stage: str) -> str:
+    manifest = out_root / stage / "_manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(
+            f"{out_root / stage} has no finished output; run stage {stage!r} first"
+        )
+    return read_json(manifest)["fingerprint"]
+
+
+def resolve_refs(spec: StageSpec, out_root: Path) -> tuple[Stage, list[str]]:
+    """Build the stage with "@stage/file" config values turned into paths in this run."""
+    updates, refs = {}, []
+    for key, value in spec.config.model_dump().items():
+        if isinstance(value, str) and value.startswith("@"):
+            stage, _, rest = value[1:].partition("/")
+            updates[key] = str(out_root / stage / rest) if rest else str(out_root / stage)
+            refs.append(stage)
+    config = spec.config.model_copy(update=updates) if updates else spec.config
+    return spec.cls(config), refs
 
 
 def select_stages(loaded: LoadedRecipe, only: Sequence[str] | None) -> list[StageSpec]:
@@ -71,14 +93,17 @@ def run_recipe(
     by_name = {s.name: i for i, s in enumerate(loaded.stages)}
     for spec in selected:
         i = by_name[spec.name]
-        if spec.inputs is not None:
+        refs = [r[1:] for r in spec.inputs or [] if r.startswith("@")]
+        if spec.inputs is not None and not refs:
             files, upstream = expand_inputs(spec.inputs), ""
         else:
-            prev_dir = out_root / loaded.stages[i - 1].name
-            files = output_files(prev_dir)
-            upstream = read_json(prev_dir / "_manifest.json")["fingerprint"]
+            refs = refs or [loaded.stages[i - 1].name]
+            files = [f for r in refs for f in output_files(out_root / r)]
+            upstream = "+".join(_fingerprint_of(out_root, r) for r in refs)
+        stage, config_refs = resolve_refs(spec, out_root)
+        upstream += "".join(f"+{_fingerprint_of(out_root, r)}" for r in config_refs)
         log.info("stage %s: %d input files", spec.name, len(files))
-        run_stage(spec.build(), files, out_root, use_ray, upstream, spec.fingerprint())
+        run_stage(stage, files, out_root, use_ray, upstream, spec.fingerprint())
 
     summary = write_run_summary(out_root, loaded, started, time.monotonic() - t0)
     return summary

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from pipeline.io import AtomicParquetWriter, iter_parquet, read_json, write_json_atomic
 from pipeline.progress import Progress
 from pipeline.schema import READ_COLUMNS, schema_for
-from pipeline.stage import GlobalStage, Stage
+from pipeline.stage import ArtifactStage, GlobalStage, Stage
 
 log = logging.getLogger("primer")
 
@@ -157,6 +157,11 @@ def process_part(stage: Stage, part: Part, out_dir: Path, fingerprint: str) -> d
             reasons = out["drop_reason"]
             if reasons.null_count < len(out):
                 dropped.update(pc.drop_null(reasons).to_pylist())
+                if stage.unwritten_reasons:
+                    unwritten = [f"{stage.name}:{r}" for r in stage.unwritten_reasons]
+                    out = out.filter(
+                        pc.invert(pc.fill_null(pc.is_in(reasons, pa.array(unwritten)), False))
+                    )
             writer.write(_fill_columns(out, schema))
         nbytes = writer.close(empty_schema=schema)
     except BaseException as e:
@@ -265,6 +270,53 @@ def output_files(stage_dir: Path) -> list[str]:
     return [str(stage_dir / f"{p}.parquet") for p in read_json(manifest)["part_names"]]
 
 
+def _run_artifact(
+    stage: ArtifactStage,
+    parts: list[Part],
+    out_dir: Path,
+    use_ray: bool,
+    fp: str,
+    previous: dict[str, Any],
+    started: str,
+    t0: float,
+) -> dict[str, Any]:
+    if previous.get("complete") and previous.get("fingerprint") == fp:
+        log.info("%s: artifact up to date, skipping", stage.name)
+        return previous
+    log.info("%s: building from %d input files", stage.name, len(parts))
+    stats = stage.build([p.source for p in parts], str(out_dir), use_ray)
+    wall = round(time.monotonic() - t0, 3)
+    manifest = {
+        "stage": stage.name,
+        "version": stage.version,
+        "kind": "artifact",
+        "fingerprint": fp,
+        "config": stage.config.model_dump(mode="json"),
+        "versions": _versions(),
+        "inputs": [p.source for p in parts],
+        "part_names": [],
+        "complete": True,
+        "parts": 0,
+        "rows_in": stats.get("rows_in", 0),
+        "rows_out": stats.get("rows_out", stats.get("rows_in", 0)),
+        "dropped": stats.get("dropped", {}),
+        "bytes": sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file()),
+        "work_seconds": wall,
+        "wall_seconds": wall,
+        "attempts": [
+            {"started": started, "finished": _now(), "parts_run": 0, "wall_seconds": wall}
+        ],
+        "guardrail": {
+            "drop_fraction": 0.0,
+            "max_drop_fraction": stage.config.max_drop_fraction,
+            "exceeded": False,
+        },
+        "artifact": stats,
+    }
+    write_json_atomic(out_dir / "_manifest.json", manifest)
+    return manifest
+
+
 def run_stage(
     stage: Stage,
     files: Sequence[str],
@@ -298,6 +350,8 @@ def run_stage(
     previous = read_json(manifest_path) if manifest_path.is_file() else {}
     attempts = previous.get("attempts", [])
     started, t0 = _now(), time.monotonic()
+    if isinstance(stage, ArtifactStage):
+        return _run_artifact(stage, parts, out_dir, use_ray, fp, previous, started, t0)
 
     done = {p.stem for p in (out_dir / "_parts").glob("*.json")}
     pending = [p for p in parts if p.name not in done]

@@ -57,6 +57,9 @@ class Stage:
     """True when `setup()` loads something heavy: Ray runs the stage in an actor pool."""
     num_cpus: ClassVar[float] = 1.0
     num_gpus: ClassVar[float] = 0.0
+    unwritten_reasons: ClassVar[frozenset[str]] = frozenset()
+    """Drop reasons that are counted but whose rows are not written (a sampling stage's
+    "not_sampled" would otherwise copy the whole corpus into its output)."""
 
     def __init__(self, config: StageConfig | None = None, **overrides: Any) -> None:
         if config is None:
@@ -145,3 +148,18 @@ class GlobalStage(Stage):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["config"])
         self.state_dir = state["state_dir"]
+
+
+class ArtifactStage(Stage):
+    """A stage whose output is an artifact (a trained model and its metrics), not rows.
+
+    `build(inputs, out_dir, use_ray)` reads the kept rows of `inputs`, writes its files into
+    `out_dir` (atomically) and returns counts for the manifest (`rows_in` at least). The
+    runner skips it when its manifest is complete with the same fingerprint.
+    """
+
+    def build(self, inputs: Sequence[str], out_dir: str, use_ray: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def process(self, table: pa.Table) -> pa.Table:
+        raise TypeError(f"stage {self.name!r} builds an artifact; it does not map batches")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -10,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.runner import GuardrailError, output_files, run_stage
-from pipeline.stage import Stage, StageConfig, mark_dropped, set_column
+from pipeline.stage import ArtifactStage, Stage, StageConfig, mark_dropped, set_column
 from tests.conftest import fineweb_docs, write_jsonl_parts
 
 
@@ -134,3 +135,59 @@ def test_next_stage_reads_only_kept_rows(tmp_path, docs):
     assert second["rows_in"] == first["rows_out"]
     # Part names follow the document through the stages.
     assert second["part_names"] == first["part_names"]
+
+
+class SampleStage(LengthStage):
+    """Keeps every other document; the rest are counted as not sampled and not written."""
+
+    name = "sample"
+    unwritten_reasons = frozenset({"not_sampled"})
+
+    def process(self, table):
+        table = super().process(table)
+        odd = pc.equal(pc.bit_wise_and(pc.cast(pc.utf8_length(table["id"]), pa.int64()), 1), 1)
+        return mark_dropped(table, self.name, [("not_sampled", odd)])
+
+
+def test_unwritten_reasons_are_counted_but_not_written(tmp_path, docs):
+    files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 2)]
+    m = run_stage(SampleStage(), files, tmp_path / "out", False)
+    written = _rows(tmp_path / "out", "sample")
+    assert m["dropped"].get("sample:not_sampled", 0) > 0
+    assert len(written) == m["rows_in"] - m["dropped"]["sample:not_sampled"]
+    assert all(r != "sample:not_sampled" for _, r in written)
+
+
+class CountArtifact(ArtifactStage):
+    """Writes the number of kept rows of its inputs: the smallest artifact stage."""
+
+    name = "count"
+
+    def build(self, inputs, out_dir, use_ray):
+        n = sum(pq.read_metadata(f).num_rows for f in inputs)
+        (Path(out_dir) / "count.txt").write_text(str(n))
+        return {"rows_in": n}
+
+
+def test_artifact_stage_builds_once_and_recipes_reference_it(tmp_path, docs, monkeypatch):
+    from pipeline import registry
+    from pipeline.config import load_recipe
+    from pipeline.run import run_recipe
+
+    monkeypatch.setitem(registry._STAGES, "length", f"{__name__}:LengthStage")
+    monkeypatch.setitem(registry._STAGES, "count", f"{__name__}:CountArtifact")
+    files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 2)]
+    raw = {
+        "name": "refs",
+        "executor": "local",
+        "stages": {"length": {"input": files}, "count": {"input": "@length"}},
+    }
+    run_recipe(load_recipe(raw=raw), output=tmp_path / "run")
+    assert (tmp_path / "run/count/count.txt").read_text() == str(len(docs))
+    again = run_recipe(load_recipe(raw=raw), output=tmp_path / "run")
+    count = next(s for s in again["stages"] if s["stage"] == "count")
+    assert count["attempts"] == 1  # up to date: not rebuilt
+
+    bad = {**raw, "stages": {"length": {"input": files}, "count": {"input": "@nope"}}}
+    with pytest.raises(Exception, match="refers to no earlier stage"):
+        load_recipe(raw=bad)
