@@ -31,7 +31,7 @@ def write_reposts(source: Path, target: Path, n: int = 10) -> None:
     """Syndicated copies of real documents, the commonest duplicates in a crawl.
 
     The real sample is already deduplicated upstream, so without these the dedup stage has
-    nothing to show. The first n/2 are exact reposts (only whitespace and case differ); the
+    nothing to show. The first n/2 are exact reposts (only whitespace differs); the
     rest carry a site's boilerplate line, which makes them near-duplicates.
     """
     with gzip.open(source, "rt", encoding="utf-8") as f:
@@ -40,7 +40,7 @@ def write_reposts(source: Path, target: Path, n: int = 10) -> None:
         for i, d in enumerate(docs):
             text = d["text"]
             if i < n // 2:
-                text = "  " + text.replace(". ", ".  ").upper()
+                text = "  " + text.replace(". ", ".  ").replace("\n", "\n\n")
             else:
                 text = text + "\n\nThis article was republished from the original source with permission."
             row = {"id": f"repost-{i}", "text": text, "url": f"https://mirror.example.org/{i}", "timestamp": d["timestamp"]}
