@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -110,3 +111,44 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, executor):
         and quality["rows_in"] == read_json(ref / "quality/_manifest.json")["rows_in"]
     )
     assert not list(killed.rglob(".*.tmp-*"))  # the killed attempt's temp files are cleaned up
+
+
+def test_bad_inputs_are_counted_not_fatal(tmp_path, shared_data):
+    """Truncated WARC, WARC edge cases, invalid UTF-8, an empty file and a 50 MB document."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    warc = (shared_data / "warc/dolma/sample-0000.warc.gz").read_bytes()
+    (bad / "truncated.warc.gz").write_bytes(warc[: len(warc) // 2])
+    for f in (shared_data / "warc/warcio").glob("*.warc*"):
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "empty.jsonl").write_bytes(b"")
+    docs = fineweb_docs(3)
+    lines = [
+        json.dumps(docs[0]).encode(),
+        b'{"id": "latin1", "text": "' + "caf\xe9 cr\xe8me br\xfbl\xe9e ".encode("latin-1") * 50 + b'"}',
+        b'{"id": "broken json", "text": ',
+        json.dumps(docs[1]).encode(),
+    ]
+    (bad / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    big = (docs[2]["text"] + "\n") * (50_000_000 // (len(docs[2]["text"]) + 1))
+    (bad / "huge.jsonl").write_text(json.dumps({"id": "huge", "text": big}) + "\n")
+
+    recipe = {
+        "name": "bad",
+        "executor": "local",
+        "stages": {"extract": {"input": [str(bad / "*")]}, "langid": {}, "quality": {}, "dedup": {}},
+    }
+    loaded = load_recipe(raw=recipe)
+    summary = run_recipe(loaded, output=tmp_path / "run")
+    stages = {s["stage"]: s for s in summary["stages"]}
+    extract = stages["extract"]
+    reasons = extract["dropped"]
+    assert reasons.get("read:truncated_gzip", 0) == 1
+    assert reasons.get("read:invalid_utf8", 0) == 1
+    assert reasons.get("read:invalid_json", 0) == 1
+    assert extract["rows_in"] - extract["rows_out"] == sum(reasons.values())
+    # The 50 MB document survives reading and extraction and is judged by quality.
+    q = pa.concat_tables(pq.read_table(f, columns=["id", "drop_reason"]) for f in (tmp_path / "run/quality").glob("*.parquet"))
+    huge = q.filter(pa.compute.equal(q["id"], "huge")).to_pylist()
+    assert huge and huge[0]["drop_reason"].startswith("quality:")
+    assert stages["dedup"]["rows_in"] == stages["quality"]["rows_out"]
