@@ -384,7 +384,9 @@ def run_stage(
             "wall_seconds": round(time.monotonic() - t0, 3),
         }
     )
-    frac = 1 - summary["rows_out"] / summary["rows_in"] if summary["rows_in"] else 0.0
+    sampled_out = {f"{stage.name}:{r}" for r in stage.unwritten_reasons}
+    lost = sum(n for r, n in summary["dropped"].items() if r not in sampled_out)
+    frac = lost / summary["rows_in"] if summary["rows_in"] else 0.0
     guard = {
         "drop_fraction": round(frac, 4),
         "max_drop_fraction": stage.config.max_drop_fraction,

@@ -34,9 +34,10 @@ class StageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_drop_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    max_drop_fraction: float = Field(0.9, ge=0.0, le=1.0)
     """Guardrail: if this stage drops more than this share of its input rows, the run warns
-    loudly (or stops, see `on_excess_drop`) instead of silently losing the corpus."""
+    loudly (or stops, see `on_excess_drop`) instead of silently losing the corpus. Rows a
+    sampling stage leaves out (its `unwritten_reasons`) do not count as dropped here."""
 
     on_excess_drop: Literal["warn", "fail"] = "warn"
     """What to do when `max_drop_fraction` is exceeded."""
