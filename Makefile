@@ -32,4 +32,6 @@ lint: setup
 
 bench: setup
 	$(BIN)/pip install -q -e '.[dev,bench]'
-	$(BIN)/python benchmarks/run_all.py
+	# datatrove's own runtime deps, kept out of Primer's venv (see benchmarks/README.md)
+	$(BIN)/python -m pip install -q --target .bench/peer_site spacy orjson fasteners tokenizers
+	$(BIN)/python benchmarks/web_stages.py
