@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 import xxhash
 from pydantic import Field, model_validator
 
-from pipeline.io import iter_parquet, write_json_atomic
+from pipeline.io import iter_documents, write_json_atomic
 from pipeline.stage import GlobalStage, StageConfig, mark_dropped, set_column
 
 EXACT_BAND = -1
@@ -491,31 +491,9 @@ def clusters_from_edges(edges: pa.Table) -> pa.Table:
 # --- reading inputs ----------------------------------------------------------------------------
 
 
-def _is_stage_parquet(path: str) -> bool:
-    """A Primer stage output, read directly; anything else goes through pipeline.readers,
-    as the runner reads it, so that ids match those the per-part pass sees."""
-    if not str(path).endswith(".parquet"):
-        return False
-    return {"id", "text", "drop_reason"} <= set(pq.read_schema(path).names)
-
-
-def _iter_inputs(inputs: Iterable[str | pa.Table], batch_rows: int) -> Iterator[pa.Table]:
-    """Kept rows (id, text) of each input: tables as given, stage outputs read directly,
-    other files through the same readers the runner uses."""
-    for item in inputs:
-        if isinstance(item, pa.Table):
-            yield item
-        elif _is_stage_parquet(str(item)):
-            yield from iter_parquet(item, batch_rows, columns=["id", "text"], kept_only=True)
-        else:
-            from pipeline.readers import iter_batches
-
-            yield from iter_batches(str(item), batch_rows=batch_rows)
-
-
 def _keys_of_files(batch: pa.Table, config: DedupConfig) -> Iterator[pa.Table]:
     """Ray UDF: the long-form keys of the input files named in `batch`, a batch at a time."""
-    for table in _iter_inputs(batch["path"].to_pylist(), config.batch_rows):
+    for table in iter_documents(batch["path"].to_pylist(), config.batch_rows):
         yield dedup_keys(table, config)
 
 
@@ -528,7 +506,7 @@ def _prepare_local(inputs: Iterable[str | pa.Table], config: DedupConfig) -> pa.
     # document, no text (under 1 KB a document with uuid ids); Ray for what does not fit.
     keys = pa.concat_tables(
         [KEYS_SCHEMA.empty_table()]
-        + [dedup_keys(t, config) for t in _iter_inputs(inputs, config.batch_rows)]
+        + [dedup_keys(t, config) for t in iter_documents(inputs, config.batch_rows)]
     )
     return bucket_edges(keys)
 

@@ -130,3 +130,32 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
             raise FileNotFoundError(f"input {pattern!r} matches no file")
         files.extend(found)
     return sorted(dict.fromkeys(str(Path(f).resolve()) for f in files))
+
+
+def is_stage_parquet(path: str | Path) -> bool:
+    """A Primer stage output (Parquet with id, text and drop_reason), read directly."""
+    if not str(path).endswith(".parquet"):
+        return False
+    return {"id", "text", "drop_reason"} <= set(pq.read_schema(path).names)
+
+
+def iter_documents(
+    inputs: Iterable[str | Path | pa.Table],
+    batch_rows: int = 1000,
+    columns: Sequence[str] = ("id", "text"),
+) -> Iterator[pa.Table]:
+    """Kept rows of `inputs`, a batch at a time: tables as given, stage outputs read
+    directly (only `columns`), any other file through pipeline.readers, as the runner
+    reads it, so ids match those a per-part pass sees."""
+    for item in inputs:
+        if isinstance(item, pa.Table):
+            yield item
+        elif is_stage_parquet(item):
+            yield from iter_parquet(item, batch_rows, columns=list(columns), kept_only=True)
+        else:
+            from pipeline.readers import iter_batches
+
+            for table in iter_batches(str(item), batch_rows=batch_rows):
+                table = table.filter(pc.is_null(table["drop_reason"]))
+                if len(table):
+                    yield table
