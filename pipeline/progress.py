@@ -43,7 +43,7 @@ class Progress:
             eta = "?"
         return (
             f"[{self.label}] parts {self.parts}/{self.total}  rows {self.rows:,}  "
-            f"{rate:,.0f} rows/s  elapsed {timedelta(seconds=round(elapsed))}  ETA {eta}"
+            f"{rate:,.{0 if rate >= 10 else 2}f} rows/s  elapsed {timedelta(seconds=round(elapsed))}  ETA {eta}"
         )
 
     def _print(self) -> None:

@@ -18,6 +18,9 @@ _STAGES: dict[str, str] = {
     "langid": "filters.langid:LangIdStage",
     "quality": "filters.quality:QualityStage",
     "dedup": "filters.dedup:DedupStage",
+    "edu_annotate": "filters.edu:EduAnnotateStage",
+    "edu_train": "filters.edu:EduTrainStage",
+    "edu_score": "filters.edu:EduScoreStage",
 }
 
 

@@ -67,6 +67,21 @@ _FIELDS: list[pa.Field] = [
     pa.field("text_hash", pa.uint64()),  # hash of normalised text (exact dedup key)
     pa.field("dup_cluster", pa.string()),  # id of the kept document of its cluster
     pa.field("dup_cluster_size", pa.int32()),
+    # --- teacher-LLM lineage (edu_annotate; the synthetic path reuses these) ---------------
+    pa.field("teacher_model", pa.string()),  # the model that answered, as the server names it
+    pa.field("teacher_backend", pa.string()),  # local | openai | vllm
+    pa.field("template_id", pa.string()),  # prompt template id (configs/prompts/<id>_v<N>.j2)
+    pa.field("template_version", pa.int32()),
+    pa.field("teacher_answer", pa.large_string()),  # raw answer, kept for failed rows too
+    pa.field("teacher_error", pa.string()),  # "<kind>: <message>"; null on success
+    pa.field("prompt_tokens", pa.int32()),
+    pa.field("completion_tokens", pa.int32()),
+    # --- educational value (edu_annotate, edu_score) ---------------------------------------
+    pa.field("edu_label", pa.int8()),  # the teacher's 0-5 rating of a sampled document
+    pa.field("edu_score", pa.float32()),  # classifier: expected rating over class probabilities
+    pa.field("edu_int", pa.int8()),  # round(edu_score), clipped to 0-5
+    pa.field("edu_phase1", pa.bool_()),  # edu_score >= edu_score.phase1_min_score
+    pa.field("edu_phase2", pa.bool_()),  # edu_score >= edu_score.phase2_min_score
 ]
 
 FIELDS: dict[str, pa.Field] = {f.name: f for f in _FIELDS}
