@@ -42,8 +42,16 @@ def write_reposts(source: Path, target: Path, n: int = 10) -> None:
             if i < n // 2:
                 text = "  " + text.replace(". ", ".  ").replace("\n", "\n\n")
             else:
-                text = text + "\n\nThis article was republished from the original source with permission."
-            row = {"id": f"repost-{i}", "text": text, "url": f"https://mirror.example.org/{i}", "timestamp": d["timestamp"]}
+                text = (
+                    text
+                    + "\n\nThis article was republished from the original source with permission."
+                )
+            row = {
+                "id": f"repost-{i}",
+                "text": text,
+                "url": f"https://mirror.example.org/{i}",
+                "timestamp": d["timestamp"],
+            }
             w.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 

@@ -125,7 +125,9 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path, shared_data):
     docs = fineweb_docs(3)
     lines = [
         json.dumps(docs[0]).encode(),
-        b'{"id": "latin1", "text": "' + "caf\xe9 cr\xe8me br\xfbl\xe9e ".encode("latin-1") * 50 + b'"}',
+        b'{"id": "latin1", "text": "'
+        + "caf\xe9 cr\xe8me br\xfbl\xe9e ".encode("latin-1") * 50
+        + b'"}',
         b'{"id": "broken json", "text": ',
         json.dumps(docs[1]).encode(),
     ]
@@ -136,7 +138,12 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path, shared_data):
     recipe = {
         "name": "bad",
         "executor": "local",
-        "stages": {"extract": {"input": [str(bad / "*")]}, "langid": {}, "quality": {}, "dedup": {}},
+        "stages": {
+            "extract": {"input": [str(bad / "*")]},
+            "langid": {},
+            "quality": {},
+            "dedup": {},
+        },
     }
     loaded = load_recipe(raw=recipe)
     summary = run_recipe(loaded, output=tmp_path / "run")
@@ -148,7 +155,10 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path, shared_data):
     assert reasons.get("read:invalid_json", 0) == 1
     assert extract["rows_in"] - extract["rows_out"] == sum(reasons.values())
     # The 50 MB document survives reading and extraction and is judged by quality.
-    q = pa.concat_tables(pq.read_table(f, columns=["id", "drop_reason"]) for f in (tmp_path / "run/quality").glob("*.parquet"))
+    q = pa.concat_tables(
+        pq.read_table(f, columns=["id", "drop_reason"])
+        for f in (tmp_path / "run/quality").glob("*.parquet")
+    )
     huge = q.filter(pa.compute.equal(q["id"], "huge")).to_pylist()
     assert huge and huge[0]["drop_reason"].startswith("quality:")
     assert stages["dedup"]["rows_in"] == stages["quality"]["rows_out"]
