@@ -808,8 +808,23 @@ class EduTrainStage(ArtifactStage):
         with open(path, "w", encoding="utf-8") as f:
             for label, line in zip(table["label"].to_pylist(), lines, strict=True):
                 f.write(f"__label__{label} {line}\n")
+        params = self.config.hyperparameters()
         try:
-            return fasttext.train_supervised(str(path), verbose=0, **self.config.hyperparameters())
+            for _ in range(4):
+                try:
+                    model = fasttext.train_supervised(str(path), verbose=0, **params)
+                    self.lr_used = params["lr"]
+                    return model
+                except RuntimeError as e:  # "Encountered NaN": the step size diverged
+                    if "NaN" not in str(e):
+                        raise
+                    log.warning(
+                        "edu_train: fastText diverged at lr %s; retrying at half", params["lr"]
+                    )
+                    params["lr"] /= 2
+            raise RuntimeError(
+                f"edu_train: fastText diverged down to lr {params['lr'] * 2}; lower edu_train.lr"
+            )
         finally:
             path.unlink(missing_ok=True)
 
@@ -835,6 +850,7 @@ class EduTrainStage(ArtifactStage):
         labels = data["label"].to_numpy()
 
         model = self._train(train, out)
+        lr_used = self.lr_used
         held_out = evaluate(
             labels[is_test], self._predict(model, test), lengths[is_test], cfg.binary_threshold
         )
@@ -867,7 +883,7 @@ class EduTrainStage(ArtifactStage):
             "model": "model.bin",
             "labels": sorted(int(lbl[len("__label__") :]) for lbl in model.get_labels()),
             "preprocess": {"lowercase": cfg.lowercase, "max_chars": cfg.max_chars},
-            "hyperparameters": cfg.hyperparameters(),
+            "hyperparameters": {**cfg.hyperparameters(), "lr_used": lr_used},
             "data": {
                 "sha256": digest.hexdigest(),
                 "documents": len(data),

@@ -38,7 +38,7 @@ def _all_rows(run: Path) -> dict[str, list[tuple]]:
 def test_quickstart_on_ray(tmp_path, ray_session):
     summary = run_recipe(load_recipe(QUICKSTART), output=tmp_path / "run")
     stages = {s["stage"]: s for s in summary["stages"]}
-    assert list(stages) == STAGES
+    assert list(stages) == [*STAGES, "edu_annotate", "edu_train", "edu_score"]
 
     # 500 FineWeb + 20 CCNet + 22 WARC captures + the whirlwind WARC page and its WET twin.
     assert stages["extract"]["rows_in"] >= 540
@@ -48,6 +48,23 @@ def test_quickstart_on_ray(tmp_path, ray_session):
         assert s["rows_in"] - s["rows_out"] == sum(s["dropped"].values())
         assert not s["guardrail"]["exceeded"], s
     assert any(r.startswith("quality:") for r in stages["quality"]["dropped"])
+
+    # annotate -> train -> score -> filter: the sample is rated by the local teacher, the
+    # model is trained, every deduplicated document is scored.
+    assert (
+        stages["edu_annotate"]["rows_out"]
+        + stages["edu_annotate"]["dropped"].get("edu_annotate:teacher_error", 0)
+        == 16
+    )
+    metrics = json.loads((tmp_path / "run/edu_train/metrics.json").read_text())
+    cv = metrics["cross_validation"]
+    assert cv["spearman"] > cv["baseline_length"]["spearman"]
+    assert (tmp_path / "run/edu_train/model.bin").stat().st_size > 0
+    assert stages["edu_score"]["rows_in"] == stages["dedup"]["rows_out"]
+    scored = pa.concat_tables(
+        pq.read_table(f) for f in (tmp_path / "run/edu_score").glob("*.parquet")
+    )
+    assert scored["edu_score"].null_count == 0 and pa.compute.sum(scored["edu_phase2"]).as_py() > 0
 
     final = pa.concat_tables(pq.read_table(f) for f in (tmp_path / "run/dedup").glob("*.parquet"))
     kept = final.filter(pa.compute.is_null(final["drop_reason"]))

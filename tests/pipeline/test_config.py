@@ -20,7 +20,15 @@ def _recipe(tmp_path, body: dict) -> str:
 
 def test_quickstart_loads_with_inputs_relative_to_the_recipe():
     loaded = load_recipe(QUICKSTART)
-    assert [s.name for s in loaded.stages] == ["extract", "langid", "quality", "dedup"]
+    assert [s.name for s in loaded.stages] == [
+        "extract",
+        "langid",
+        "quality",
+        "dedup",
+        "edu_annotate",
+        "edu_train",
+        "edu_score",
+    ]
     assert all(p.startswith(str(REPO)) for p in loaded.stages[0].inputs)
 
 
