@@ -67,7 +67,8 @@ class Recipe(BaseModel):
     ray: RayConfig = RayConfig()
 
     stages: dict[str, dict[str, Any]]
-    """Stage name -> its config, in run order. The key `input` (paths or globs) feeds a stage
+    """Stage name -> its config, in run order. `stage: dedup` runs a registered stage under
+    another name (its output folder), e.g. a second dedup over synthetic text. The key `input` (paths or globs) feeds a stage
     from files, `input: "@dedup"` from an earlier stage's output; without it a stage reads
     the previous stage's output. A config value "@edu_train/model.bin" names a file in an
     earlier stage's output folder."""
@@ -221,6 +222,7 @@ def load_recipe(
                     raise ConfigError(f"stages.{name}.input: {e}") from None
         elif i == 0:
             raise ConfigError(f"stages.{name}.input: the first stage needs input files")
-        cls, cfg = build_stage_config(name, body, f"stages.{name}")
-        specs.append(StageSpec(name=cls.name, cls=cls, config=cfg, inputs=inputs))
+        uses = body.pop("stage", name)
+        cls, cfg = build_stage_config(uses, body, f"stages.{name}")
+        specs.append(StageSpec(name=name, cls=cls, config=cfg, inputs=inputs))
     return LoadedRecipe(recipe=recipe, stages=specs, path=Path(path) if path else None)

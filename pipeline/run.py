@@ -103,7 +103,7 @@ def run_recipe(
         stage, config_refs = resolve_refs(spec, out_root)
         upstream += "".join(f"+{_fingerprint_of(out_root, r)}" for r in config_refs)
         log.info("stage %s: %d input files", spec.name, len(files))
-        run_stage(stage, files, out_root, use_ray, upstream, spec.fingerprint())
+        run_stage(stage, files, out_root, use_ray, upstream, spec.fingerprint(), name=spec.name)
 
     summary = write_run_summary(out_root, loaded, started, time.monotonic() - t0)
     return summary

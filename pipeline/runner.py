@@ -272,6 +272,7 @@ def output_files(stage_dir: Path) -> list[str]:
 
 def _run_artifact(
     stage: ArtifactStage,
+    name: str,
     parts: list[Part],
     out_dir: Path,
     use_ray: bool,
@@ -287,14 +288,15 @@ def _run_artifact(
     stats = stage.build([p.source for p in parts], str(out_dir), use_ray)
     wall = round(time.monotonic() - t0, 3)
     manifest = {
-        "stage": stage.name,
+        "stage": name,
+        "uses": stage.name,
         "version": stage.version,
         "kind": "artifact",
         "fingerprint": fp,
         "config": stage.config.model_dump(mode="json"),
         "versions": _versions(),
         "inputs": [p.source for p in parts],
-        "part_names": [],
+        "part_names": stats.get("part_names", []),
         "complete": True,
         "parts": 0,
         "rows_in": stats.get("rows_in", 0),
@@ -324,9 +326,13 @@ def run_stage(
     use_ray: bool,
     upstream_fingerprint: str = "",
     config_fingerprint: str = "",
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Run one stage over `files` into `out_root/<stage.name>/`, skipping committed parts."""
-    out_dir = out_root / stage.name
+    """Run one stage over `files` into `out_root/<name or stage.name>/`, skipping committed
+    parts. `name` is the recipe's name for this use of the stage (a recipe may run `dedup`
+    twice, as `dedup` and `synth_dedup`); drop reasons keep the stage's own name."""
+    name = name or stage.name
+    out_dir = out_root / name
     parts = plan_parts(files)
     fp = hashlib.sha256(
         f"{config_fingerprint}|{upstream_fingerprint or input_fingerprint(parts)}".encode()
@@ -351,7 +357,7 @@ def run_stage(
     attempts = previous.get("attempts", [])
     started, t0 = _now(), time.monotonic()
     if isinstance(stage, ArtifactStage):
-        return _run_artifact(stage, parts, out_dir, use_ray, fp, previous, started, t0)
+        return _run_artifact(stage, name, parts, out_dir, use_ray, fp, previous, started, t0)
 
     done = {p.stem for p in (out_dir / "_parts").glob("*.json")}
     pending = [p for p in parts if p.name not in done]
@@ -393,7 +399,8 @@ def run_stage(
         "exceeded": frac > stage.config.max_drop_fraction,
     }
     manifest = {
-        "stage": stage.name,
+        "stage": name,
+        "uses": stage.name,
         "version": stage.version,
         "fingerprint": fp,
         "config": stage.config.model_dump(mode="json"),

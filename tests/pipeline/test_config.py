@@ -86,3 +86,21 @@ def test_cli_lists_stages_with_defaults(capsys):
     for name in ("extract_v1", "langid_v1", "quality_v1", "dedup_v1"):
         assert name in out
     assert "min_score = 0.65" in out
+
+
+def test_a_stage_runs_twice_under_another_name(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "text": "hello"}\n')
+    loaded = load_recipe(
+        raw={
+            "name": "twice",
+            "stages": {
+                "dedup": {"input": [str(src)]},
+                "dedup_again": {"stage": "dedup", "input": ["@dedup"], "ngram": 3},
+            },
+        }
+    )
+    again = loaded.stages[1]
+    assert (again.name, again.cls.name, again.config.ngram) == ("dedup_again", "dedup", 3)
+    with pytest.raises(ConfigError, match="stages.oops: unknown stage 'dedupp'"):
+        load_recipe(raw={"name": "x", "stages": {"oops": {"stage": "dedupp", "input": [str(src)]}}})
