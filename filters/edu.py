@@ -61,7 +61,6 @@ from pydantic import Field, field_validator, model_validator
 
 from generators.teacher import ChatRequest, TeacherConfig
 from pipeline.io import expand_inputs, iter_documents, write_json_atomic
-from pipeline.progress import Progress
 from pipeline.stage import ArtifactStage, GlobalStage, Stage, StageConfig, mark_dropped, set_column
 
 log = logging.getLogger("primer.edu")
@@ -420,77 +419,21 @@ class EduAnnotateStage(GlobalStage):
         )
 
     def _rate(self, sample: pa.Table, template: Any, ratings_dir: Path) -> dict[str, Any]:
-        from generators.teacher import make_teacher, retry_failed
+        from generators.batch import run_checkpointed
 
         cfg = self.config
-        ratings_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ratings_dir.glob(".*.tmp-*"):
-            stale.unlink(missing_ok=True)
-        n = len(sample)
-        batches = [(i, min(i + cfg.request_batch, n)) for i in range(0, n, cfg.request_batch)]
-        todo = []
-        for b, (lo, hi) in enumerate(batches):
-            path = ratings_dir / f"{b:05d}.parquet"
-            if not path.is_file():
-                todo.append((b, lo, hi, None))
-            else:
-                done = pq.read_table(path)
-                if done["teacher_error"].null_count < len(done):
-                    todo.append((b, lo, hi, done))  # resume: send its failed rows again
-        progress = Progress(self.name, len(batches))
-        progress.parts = len(batches) - len(todo)
-        t0, rated, tokens = time.monotonic(), 0, 0
-        if todo:
-            with make_teacher(cfg.teacher) as teacher:
-                for b, lo, hi, done in todo:
-                    rows = sample.slice(lo, hi - lo)
-                    requests = [self._request(template, i, t) for i, t in zip(
-                        rows["id"].to_pylist(), rows["text"].to_pylist(), strict=True)]  # fmt: skip
-                    if done is None:
-                        completions = teacher.complete(requests)
-                    else:
-                        completions = _as_completions(done, teacher.backend)
-                        completions = retry_failed(teacher, requests, completions)
-                    for _ in range(cfg.retry_rounds):
-                        if all(c.ok for c in completions):
-                            break
-                        completions = retry_failed(teacher, requests, completions)
-                    table = self._ratings_table(completions, template)
-                    tmp = ratings_dir / f".{b:05d}.parquet.tmp-{os.getpid()}"
-                    pq.write_table(table, tmp)
-                    os.replace(tmp, ratings_dir / f"{b:05d}.parquet")
-                    rated += len(requests)
-                    tokens += sum(c.completion_tokens or 0 for c in completions)
-                    progress.update(parts=1, rows=len(requests))
-            progress.close()
-        seconds = time.monotonic() - t0
-        all_ratings = self._load_ratings(ratings_dir)
-        failed = len(all_ratings) - all_ratings["teacher_error"].null_count
-        stats = {
-            "sampled": n,
-            "rated": n - failed,
-            "failed": failed,
-            "rated_this_attempt": rated,
-            "seconds": round(seconds, 2),
-            "documents_per_minute": round(60 * rated / seconds, 1) if rated else None,
-            "completion_tokens_per_s": round(tokens / seconds, 1) if rated else None,
-            "label_counts": {
-                str(k): int(v)
-                for k, v in zip(
-                    *np.unique(
-                        pc.drop_null(all_ratings["edu_label"]).to_numpy(), return_counts=True
-                    ),
-                    strict=True,
-                )
-            },
-        }
+        requests = [
+            self._request(template, i, t)
+            for i, t in zip(sample["id"].to_pylist(), sample["text"].to_pylist(), strict=True)
+        ]
+        done, stats = run_checkpointed(
+            requests, ratings_dir, cfg.teacher, batch_size=cfg.request_batch,
+            retry_rounds=cfg.retry_rounds, label=self.name,
+        )  # fmt: skip
+        labels = pc.drop_null(self._ratings_table(done, template)["edu_label"]).to_numpy()
+        values, counts = np.unique(labels, return_counts=True)
+        stats["label_counts"] = {str(k): int(v) for k, v in zip(values, counts, strict=True)}
         log.info("edu_annotate: %s", json.dumps(stats))
-        if failed:
-            log.warning(
-                "edu_annotate: the teacher failed on %d of %d sampled documents; they are "
-                "written with reason edu_annotate:teacher_error and their raw answers",
-                failed, n,
-            )  # fmt: skip
         return stats
 
     def _request(self, template: Any, doc_id: str, text: str) -> ChatRequest:
@@ -502,34 +445,37 @@ class EduAnnotateStage(GlobalStage):
             json_schema=SCORE_SCHEMA,
         )
 
-    @staticmethod
-    def _ratings_table(completions: Sequence[Any], template: Any) -> pa.Table:
-        labels = [c.json()["score"] if c.ok else None for c in completions]
+    def _ratings_table(self, done: pa.Table, template: Any) -> pa.Table:
+        """Checkpointed completions -> the rating columns (the JSON answers were validated
+        against SCORE_SCHEMA by the teacher client, so a successful row parses)."""
+        ok = pc.is_null(done["error"])
+        labels = [
+            json.loads(t)["score"] if t is not None else None
+            for t in pc.if_else(ok, done["text"], None).to_pylist()
+        ]
+        n = len(done)
         return pa.table(
             {
-                "id": pa.array([c.id for c in completions], pa.string()),
+                "id": done["id"],
                 "edu_label": pa.array(labels, pa.int8()),
-                "teacher_model": pa.array([c.model for c in completions], pa.string()),
-                "teacher_backend": pa.array([c.backend for c in completions], pa.string()),
-                "template_id": pa.array([template.template_id] * len(completions), pa.string()),
-                "template_version": pa.array([template.version] * len(completions), pa.int32()),
-                "teacher_answer": pa.array(
-                    [c.text if c.ok else c.raw for c in completions], pa.large_string()
-                ),
-                "teacher_error": pa.array([c.error for c in completions], pa.string()),
-                "prompt_tokens": pa.array([c.prompt_tokens for c in completions], pa.int32()),
-                "completion_tokens": pa.array(
-                    [c.completion_tokens for c in completions], pa.int32()
-                ),
+                "teacher_model": done["model"],
+                "teacher_backend": done["backend"],
+                "template_id": pa.array([template.template_id] * n, pa.string()),
+                "template_version": pa.array([template.version] * n, pa.int32()),
+                "teacher_answer": pc.if_else(ok, done["text"], done["raw"]),
+                "teacher_error": done["error"],
+                "prompt_tokens": done["prompt_tokens"],
+                "completion_tokens": done["completion_tokens"],
             }
         )
 
-    @staticmethod
-    def _load_ratings(ratings_dir: Path) -> pa.Table:
-        files = sorted(ratings_dir.glob("[0-9]*.parquet"))
-        if not files:
-            return EduAnnotateStage._ratings_table([], None)
-        return pa.concat_tables([pq.read_table(f) for f in files])
+    def load_ratings(self) -> pa.Table:
+        """The rating columns of every rated document (after prepare())."""
+        from generators.batch import load_checkpoints
+        from generators.prompts import load_template
+
+        done = load_checkpoints(Path(self.state_dir or "") / RATINGS_DIR)
+        return self._ratings_table(done, load_template(self.config.template))
 
     # -- the per-part pass: attach ratings, mark failures and the unsampled --
     def setup(self) -> None:
@@ -539,7 +485,7 @@ class EduAnnotateStage(GlobalStage):
                 f"edu_annotate: no finished ratings in {self.state_dir!r}; call "
                 "prepare(inputs, state_dir, use_ray) over all inputs before process()"
             )
-        self._ratings = self._load_ratings(state / RATINGS_DIR)
+        self._ratings = self.load_ratings()
 
     def process(self, table: pa.Table) -> pa.Table:
         pos = pc.index_in(table["id"], value_set=self._ratings["id"])
@@ -550,25 +496,6 @@ class EduAnnotateStage(GlobalStage):
         return mark_dropped(
             table, self.name, [("not_sampled", pc.invert(found)), ("teacher_error", failed)]
         )
-
-
-def _as_completions(done: pa.Table, backend: str) -> list[Any]:
-    """Completions back from a checkpoint, so `retry_failed` can resend its failed rows."""
-    from generators.teacher import Completion
-
-    out = []
-    for r in done.to_pylist():
-        ok = r["teacher_error"] is None
-        text = json.dumps({"score": r["edu_label"]}) if ok else None
-        out.append(
-            Completion(
-                id=r["id"], text=text, prompt_tokens=r["prompt_tokens"],
-                completion_tokens=r["completion_tokens"], finish_reason="stop" if ok else None,
-                error=r["teacher_error"], raw=None if ok else r["teacher_answer"],
-                latency_s=0.0, model=r["teacher_model"], backend=r["teacher_backend"] or backend,
-            )
-        )  # fmt: skip
-    return out
 
 
 # --- edu_train ---------------------------------------------------------------------------------

@@ -41,6 +41,11 @@ class Template:
     def name(self) -> str:
         return f"{self.template_id}_v{self.version}"
 
+    def system(self) -> str | None:
+        """The system message (a template's system() takes no variables), or None."""
+        macro = getattr(self._module, "system", None)
+        return None if macro is None else str(macro()).strip()
+
     def messages(self, **variables: Any) -> list[dict[str, str]]:
         """The chat messages: one per role macro the template defines, system first."""
         out = []

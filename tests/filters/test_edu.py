@@ -125,7 +125,11 @@ def test_annotate_with_the_real_local_teacher(tmp_path):
         assert (r["template_id"], r["template_version"]) == ("edu_annotate", 1)
         assert r["prompt_tokens"] > 100 and r["completion_tokens"] >= 4
     done = json.loads((tmp_path / "run" / "edu_annotate" / "_state" / "_DONE").read_text())
-    assert done["sampled"] == 6 and done["documents_per_minute"] > 0
+    assert (
+        done["requests"] == 6
+        and done["ok"] + done["failed"] == 6
+        and done["requests_per_minute"] > 0
+    )
 
 
 def test_garbage_answers_are_recorded_failures_that_a_resume_retries(tmp_path):
@@ -160,7 +164,7 @@ def test_garbage_answers_are_recorded_failures_that_a_resume_retries(tmp_path):
         stage = EduAnnotateStage(teacher=teacher, **cfg)
         stage.prepare(files, str(state), use_ray=False)
         assert len(seen) == 4
-    ratings = EduAnnotateStage._load_ratings(state / "ratings")
+    ratings = stage.load_ratings()
     assert sorted(ratings["edu_label"].to_pylist()) == [2, 2, 3, 3, 3, 3]
 
 
