@@ -21,6 +21,10 @@ _STAGES: dict[str, str] = {
     "edu_annotate": "filters.edu:EduAnnotateStage",
     "edu_train": "filters.edu:EduTrainStage",
     "edu_score": "filters.edu:EduScoreStage",
+    "seeds": "generators.seeds:SeedsStage",
+    "generate": "generators.generate:GenerateStage",
+    "validate": "generators.generate:ValidateStage",
+    "decontaminate": "filters.decontam:DecontaminateStage",
 }
 
 

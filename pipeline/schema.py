@@ -82,6 +82,23 @@ _FIELDS: list[pa.Field] = [
     pa.field("edu_int", pa.int8()),  # round(edu_score), clipped to 0-5
     pa.field("edu_phase1", pa.bool_()),  # edu_score >= edu_score.phase1_min_score
     pa.field("edu_phase2", pa.bool_()),  # edu_score >= edu_score.phase2_min_score
+    # --- synthetic data (seeds, generate) ----------------------------------------------------
+    pa.field("seed_id", pa.string()),  # deterministic id of the seed (topic x audience x style)
+    pa.field("seed_text", pa.large_string()),  # the topic or summary the prompt was built from
+    pa.field("seed_source", pa.string()),  # "taxonomy:<file>" or "web:<document id>"
+    pa.field("audience", pa.string()),
+    pa.field("style", pa.string()),
+    pa.field("persona", pa.string()),
+    pa.field("prompt", pa.large_string()),  # the rendered user prompt sent to the teacher
+    pa.field("temperature", pa.float32()),
+    pa.field("top_p", pa.float32()),
+    pa.field("max_tokens", pa.int32()),
+    pa.field("sample_seed", pa.int64()),  # the per-request sampling seed
+    pa.field("finish_reason", pa.string()),
+    # --- decontaminate ---------------------------------------------------------------------
+    pa.field("contam_benchmarks", pa.string()),  # comma-separated benchmarks hit; null if clean
+    pa.field("contam_items", pa.large_string()),  # JSON list of "benchmark/split:item" hit
+    pa.field("contam_ngrams", pa.int32()),  # n-grams shared with benchmark items
 ]
 
 FIELDS: dict[str, pa.Field] = {f.name: f for f in _FIELDS}

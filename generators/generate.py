@@ -1,0 +1,285 @@
+"""The `generate` and `validate` stages: synthetic documents from the teacher, then checked.
+
+`generate` (a GlobalStage) sends every prompt of its input (the `seeds` output) to the
+teacher interface of generators/teacher.py (`local`, `openai` or `vllm`), a checkpoint per
+request batch (generators/batch.py): a run killed mid-way and started again generates only
+what is missing; nothing is generated twice or lost. Sampling parameters and per-style
+token budgets come from config; each row records them with the teacher model, backend,
+token counts and finish reason. A failed request (timeout, dead server, garbage) is a row
+with `teacher_error`, its raw answer and reason `generate:teacher_error`.
+
+`dry_run: true` stops before the teacher starts and prints the number of prompts, the
+estimated prompt and completion tokens and the hours at `dry_run_tokens_per_s`.
+
+`validate` checks each generation: empty or outside word bounds, cut off at max_tokens,
+refusals and stock openings ("As an AI...", "Certainly! Here is..."), then the web path's
+own signals: Gopher repetition (filters/quality.py), language (filters/langid.py) and,
+with `edu_model`, the educational-value classifier (filters/edu.py). Rejected rows are
+kept with their reason (`validate:*`, `quality:*`, `langid:*`, `edu_score:*`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from generators.batch import load_checkpoints, run_checkpointed
+from generators.prompts import load_template
+from generators.teacher import ChatRequest, TeacherConfig, derive_seed
+from pipeline.io import iter_documents, write_json_atomic
+from pipeline.stage import GlobalStage, Stage, StageConfig, mark_dropped, set_column
+
+log = logging.getLogger("primer.generate")
+
+DONE_FILE = "_DONE"
+ADDS = (
+    "text", "teacher_model", "teacher_backend", "teacher_answer", "teacher_error",
+    "prompt_tokens", "completion_tokens", "finish_reason", "temperature", "top_p",
+    "max_tokens", "sample_seed",
+)  # fmt: skip
+
+
+class DryRun(Exception):
+    """`generate.dry_run` stopped the run after printing its estimate (not a failure)."""
+
+
+class GenerateConfig(StageConfig):
+    """Settings of the `generate` stage."""
+
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    max_tokens: int = Field(512, ge=16)
+    """Completion budget of a style without its own entry in `style_max_tokens`."""
+    style_max_tokens: dict[str, int] = {
+        "textbook": 768, "worked_examples": 768, "exercises": 640,
+        "socratic_dialogue": 640, "story": 512, "howto": 512,
+    }  # fmt: skip
+    """Per-style completion budgets (tokens)."""
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.95, gt=0, le=1)
+    seed: int = 0
+    """Per-request sampling seeds derive from this and the row id."""
+    request_batch: int = Field(16, ge=1)
+    """Requests per teacher call, and the checkpoint unit of a resumable run."""
+    retry_rounds: int = Field(1, ge=0)
+    dry_run: bool = False
+    dry_run_tokens_per_s: float = Field(2_000.0, gt=0)
+    """Aggregate completion tokens/s assumed for the dry run's time estimate."""
+
+
+def estimate(prompts: Sequence[str], budgets: Sequence[int], tokens_per_s: float) -> dict[str, Any]:
+    """Upper-bound token and time estimate for sending `prompts` (prompt tokens ~ chars/4)."""
+    prompt_tokens = int(sum(len(p) for p in prompts) / 4)
+    completion_tokens = int(sum(budgets))
+    hours = completion_tokens / tokens_per_s / 3600
+    return {
+        "prompts": len(prompts),
+        "prompt_tokens_est": prompt_tokens,
+        "completion_tokens_max": completion_tokens,
+        "tokens_per_s": tokens_per_s,
+        "hours_at_that_rate": round(hours, 3),
+    }
+
+
+class GenerateStage(GlobalStage):
+    """Teacher completions for every seed prompt; see the module docstring."""
+
+    name: ClassVar[str] = "generate"
+    version: ClassVar[int] = 1
+    Config: ClassVar[type[StageConfig]] = GenerateConfig
+    needs: ClassVar[tuple[str, ...]] = ("id", "prompt", "style", "template_id", "template_version")
+    adds: ClassVar[tuple[str, ...]] = ADDS
+
+    config: GenerateConfig
+
+    def _requests(self, inputs: Sequence[str]) -> list[ChatRequest]:
+        cfg = self.config
+        rows: list[dict] = []
+        cols = ("id", "prompt", "style", "template_id", "template_version")
+        for t in iter_documents(inputs, cfg.batch_rows, columns=cols):
+            rows += t.select(list(cols)).to_pylist()
+        rows.sort(key=lambda r: r["id"])
+        out = []
+        for r in rows:
+            template = load_template(f"{r['template_id']}_v{r['template_version']}")
+            system_text = template.system()
+            system = [{"role": "system", "content": system_text}] if system_text else []
+            out.append(
+                ChatRequest(
+                    id=r["id"],
+                    messages=[*system, {"role": "user", "content": r["prompt"]}],
+                    max_tokens=self.budget(r["style"]),
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    seed=derive_seed(cfg.seed, r["id"]),
+                )
+            )
+        return out
+
+    def budget(self, style: str | None) -> int:
+        return self.config.style_max_tokens.get(style or "", self.config.max_tokens)
+
+    def prepare(self, inputs: Sequence[str], state_dir: str, use_ray: bool) -> None:
+        cfg = self.config
+        self.state_dir = str(state_dir)
+        state = Path(state_dir)
+        if (state / DONE_FILE).is_file():
+            return
+        requests = self._requests(inputs)
+        if cfg.dry_run:
+            est = estimate(
+                ["\n".join(m["content"] for m in r.messages) for r in requests],
+                [r.max_tokens or cfg.max_tokens for r in requests],
+                cfg.dry_run_tokens_per_s,
+            )
+            raise DryRun(f"generate dry run: {json.dumps(est)}")
+        _, stats = run_checkpointed(
+            requests, state / "completions", cfg.teacher, batch_size=cfg.request_batch,
+            retry_rounds=cfg.retry_rounds, label=self.name,
+        )  # fmt: skip
+        log.info("generate: %s", json.dumps(stats))
+        write_json_atomic(state / DONE_FILE, stats)
+
+    def setup(self) -> None:
+        state = Path(self.state_dir or "")
+        if not (state / DONE_FILE).is_file():
+            raise RuntimeError(
+                f"generate: no finished completions in {self.state_dir!r}; run prepare() first"
+            )
+        self._done = load_checkpoints(state / "completions")
+
+    def process(self, table: pa.Table) -> pa.Table:
+        cfg = self.config
+        pos = pc.index_in(table["id"], value_set=self._done["id"])
+        got = self._done.take(pos)
+        ok = pc.is_null(got["error"])
+        table = set_column(
+            table, "text", pc.if_else(ok, got["text"], pa.scalar(None, pa.large_string()))
+        )
+        for dst, src in (
+            ("teacher_model", "model"), ("teacher_backend", "backend"), ("teacher_error", "error"),
+            ("prompt_tokens", "prompt_tokens"), ("completion_tokens", "completion_tokens"),
+            ("finish_reason", "finish_reason"),
+        ):  # fmt: skip
+            table = set_column(table, dst, got[src])
+        table = set_column(table, "teacher_answer", pc.if_else(ok, got["text"], got["raw"]))
+        n = len(table)
+        styles = table["style"].to_pylist()
+        table = set_column(table, "temperature", pa.array(np.full(n, cfg.temperature, np.float32)))
+        table = set_column(table, "top_p", pa.array(np.full(n, cfg.top_p, np.float32)))
+        table = set_column(
+            table, "max_tokens", pa.array([self.budget(s) for s in styles], pa.int32())
+        )
+        table = set_column(
+            table,
+            "sample_seed",
+            pa.array([derive_seed(cfg.seed, i) for i in table["id"].to_pylist()], pa.int64()),
+        )
+        missing = pc.is_null(pos)
+        return mark_dropped(
+            table, self.name,
+            [("not_generated", missing), ("teacher_error", pc.and_(pc.invert(missing), pc.invert(ok)))],
+        )  # fmt: skip
+
+
+# --- validate --------------------------------------------------------------------------------
+
+REFUSALS = [
+    r"\bas an ai\b", r"\bas a language model\b", r"\bi(?:'m| am) (?:sorry|unable|not able)\b",
+    r"\bi can(?:no|')t (?:help|assist|provide|write|do)\b", r"\bi (?:cannot|won't) (?:help|comply)\b",
+]  # fmt: skip
+STOCK_OPENINGS = [
+    r"^\s*(?:certainly|sure|of course|absolutely)[!,.]", r"^\s*here(?:'s| is) (?:a|an|the|your)\b",
+    r"^\s*great question", r"^\s*i(?:'d| would) be (?:happy|glad) to",
+]  # fmt: skip
+
+
+class ValidateConfig(StageConfig):
+    """Settings of the `validate` stage."""
+
+    min_words: int = Field(60, ge=0)
+    max_words: int = Field(5_000, ge=1)
+    drop_truncated: bool = True
+    """Drop generations cut off at max_tokens (finish_reason "length")."""
+    refusal_patterns: list[str] = REFUSALS
+    """Case-insensitive regexes anywhere in the first 300 characters: a refusal."""
+    stock_openings: list[str] = STOCK_OPENINGS
+    """Case-insensitive regexes at the start: a chatty stock opening."""
+    repetition: bool = True
+    """Gopher repetition rules (the web path's thresholds, filters/quality.py)."""
+    languages: list[str] = ["en"]
+    min_lang_score: float = Field(0.65, ge=0, le=1)
+    edu_model: str | None = None
+    """An edu_train model ("@edu_train/model.bin"); with it, `edu_score` is added and rows
+    under `min_edu_score` are dropped."""
+    min_edu_score: float = Field(1.5, ge=0, le=5)
+
+
+class ValidateStage(Stage):
+    """Checks of synthetic documents; see the module docstring."""
+
+    name: ClassVar[str] = "validate"
+    version: ClassVar[int] = 1
+    Config: ClassVar[type[StageConfig]] = ValidateConfig
+    needs: ClassVar[tuple[str, ...]] = ("text",)
+    adds: ClassVar[tuple[str, ...]] = (
+        "n_chars", "lang", "lang_score", "edu_score", "edu_int", "edu_phase1", "edu_phase2",
+    )  # fmt: skip
+    uses_model: ClassVar[bool] = True
+
+    config: ValidateConfig
+
+    def setup(self) -> None:
+        from filters.langid import LangIdStage
+        from filters.quality import QualityStage
+
+        cfg = self.config
+        self._refusal = re.compile("|".join(f"(?:{p})" for p in cfg.refusal_patterns), re.I)
+        self._stock = re.compile("|".join(f"(?:{p})" for p in cfg.stock_openings), re.I)
+        self._langid = LangIdStage(languages=cfg.languages, min_score=cfg.min_lang_score)
+        self._quality = (
+            QualityStage(gopher_quality=False, c4=False, fineweb=False) if cfg.repetition else None
+        )
+        self._edu = None
+        if cfg.edu_model:
+            from filters.edu import EduScoreStage
+
+            self._edu = EduScoreStage(
+                model=cfg.edu_model, phase1_min_score=cfg.min_edu_score,
+                phase2_min_score=max(cfg.min_edu_score, 2.5),
+            )  # fmt: skip
+
+    def process(self, table: pa.Table) -> pa.Table:
+        cfg = self.config
+        text = pc.fill_null(table["text"], "")
+        words = pc.list_value_length(pc.utf8_split_whitespace(text))
+        head = pc.utf8_slice_codeunits(text, 0, 300).to_pylist()
+        refusal = pa.array([bool(self._refusal.search(h)) for h in head])
+        stock = pa.array([bool(self._stock.search(h)) for h in head])
+        rules = [
+            ("empty", pc.equal(words, 0)),
+            ("too_short", pc.less(words, cfg.min_words)),
+            ("too_long", pc.greater(words, cfg.max_words)),
+            ("refusal", refusal),
+            ("stock_opening", stock),
+        ]
+        if cfg.drop_truncated and "finish_reason" in table.column_names:
+            rules.append(
+                ("truncated", pc.equal(pc.fill_null(table["finish_reason"], ""), "length"))
+            )
+        table = set_column(table, "n_chars", pc.utf8_length(text))
+        table = mark_dropped(table, self.name, rules)
+        table = self._langid(table)
+        if self._quality is not None:
+            table = self._quality(table)
+        if self._edu is not None:
+            table = self._edu(table)
+        return table
