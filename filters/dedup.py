@@ -208,6 +208,9 @@ def _collapse_ascii_whitespace(arr: pa.LargeStringArray) -> pa.LargeStringArray:
     new_off = np.zeros_like(off)
     n_out = 0
     for lo, hi in _doc_groups(off):
+        if off[hi] == off[lo]:  # only empty documents in this group
+            new_off[lo + 1 : hi + 1] = n_out
+            continue
         b = buf[off[lo] : off[hi]]
         o = off[lo : hi + 1] - off[lo]
         ws = _IS_WS[b]

@@ -332,3 +332,12 @@ def test_config_needs_exact_or_near():
         DedupConfig(exact=False, near=False)
     with pytest.raises(ValidationError, match="bands"):
         DedupConfig(bands=0)
+
+
+def test_normalise_takes_batches_that_start_with_empty_or_punctuation_only_text():
+    from filters.dedup import normalise
+
+    got = normalise(pa.array(["", "a"])).to_pylist()
+    assert got == ["", "a"]
+    assert normalise(pa.array([None, "A  b"])).to_pylist() == [None, "a b"]
+    assert normalise(pa.array(["!!!", "a   b", ""])).to_pylist() == ["", "a b", ""]
