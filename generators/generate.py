@@ -97,6 +97,7 @@ class GenerateStage(GlobalStage):
     Config: ClassVar[type[StageConfig]] = GenerateConfig
     needs: ClassVar[tuple[str, ...]] = ("id", "prompt", "style", "template_id", "template_version")
     adds: ClassVar[tuple[str, ...]] = ADDS
+    fingerprint_exclude = frozenset({"dry_run", "dry_run_tokens_per_s"})
 
     config: GenerateConfig
 
@@ -131,7 +132,7 @@ class GenerateStage(GlobalStage):
         cfg = self.config
         self.state_dir = str(state_dir)
         state = Path(state_dir)
-        if (state / DONE_FILE).is_file():
+        if (state / DONE_FILE).is_file() and not cfg.dry_run:
             return
         requests = self._requests(inputs)
         if cfg.dry_run:

@@ -16,6 +16,7 @@ import argparse
 import logging
 import sys
 
+from generators.generate import DryRun
 from pipeline import registry
 from pipeline.config import (
     ConfigError,
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             loaded = _stage_command(args)
             summary = run_recipe(loaded, args.output, None, args.ray_address, args.executor)
         print(format_summary(summary))
+        return 0
+    except DryRun as e:
+        print(str(e))
         return 0
     except ConfigError as e:
         print(f"primer: config error: {e}", file=sys.stderr)

@@ -87,7 +87,9 @@ class StageSpec:
             {
                 "stage": self.name,
                 "version": self.cls.version,
-                "config": self.config.model_dump(mode="json"),
+                "config": self.config.model_dump(
+                    mode="json", exclude=set(self.cls.fingerprint_exclude)
+                ),
             },
             sort_keys=True,
         )

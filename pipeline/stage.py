@@ -58,6 +58,9 @@ class Stage:
     """True when `setup()` loads something heavy: Ray runs the stage in an actor pool."""
     num_cpus: ClassVar[float] = 1.0
     num_gpus: ClassVar[float] = 0.0
+    fingerprint_exclude: ClassVar[frozenset[str]] = frozenset()
+    """Config keys that do not change the output (a dry-run switch): changing them must not
+    make the runner recompute the stage."""
     unwritten_reasons: ClassVar[frozenset[str]] = frozenset()
     """Drop reasons that are counted but whose rows are not written (a sampling stage's
     "not_sampled" would otherwise copy the whole corpus into its output)."""
