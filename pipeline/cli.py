@@ -93,7 +93,8 @@ def _list_stages() -> None:
         print(f"{name}_v{cls.version}: {doc}")
         print(f"  needs: {', '.join(cls.needs) or '-'}   adds: {', '.join(cls.adds) or '-'}")
         for key, f in cls.Config.model_fields.items():
-            print(f"    {key} = {f.default!r}")
+            default = f.get_default(call_default_factory=True)
+            print(f"    {key} = (required)" if f.is_required() else f"    {key} = {default!r}")
         print()
 
 

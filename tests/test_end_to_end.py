@@ -36,17 +36,28 @@ def _all_rows(run: Path) -> dict[str, list[tuple]]:
 
 
 def test_quickstart_on_ray(tmp_path, ray_session):
-    summary = run_recipe(load_recipe(QUICKSTART), output=tmp_path / "run")
+    # The quickstart as shipped, with the teacher's work cut down for the test's time budget.
+    small = [
+        "stages.edu_annotate.sample_size=6",
+        "stages.seeds.per_style={textbook: 1, worked_examples: 1, story: 1}",
+        "stages.generate.max_tokens=48",
+        "stages.validate.min_words=10",
+    ]
+    summary = run_recipe(load_recipe(QUICKSTART, overrides=small), output=tmp_path / "run")
     stages = {s["stage"]: s for s in summary["stages"]}
-    assert list(stages) == [*STAGES, "edu_annotate", "edu_train", "edu_score"]
+    assert list(stages) == [
+        *STAGES, "edu_annotate", "edu_train", "edu_score",
+        "seeds", "generate", "validate", "synth_dedup", "decontaminate",
+    ]  # fmt: skip
 
     # 500 FineWeb + 20 CCNet + 22 WARC captures + the whirlwind WARC page and its WET twin.
     assert stages["extract"]["rows_in"] >= 540
     for prev, nxt in zip(STAGES, STAGES[1:], strict=False):
         assert stages[nxt]["rows_in"] == stages[prev]["rows_out"]
-    for s in stages.values():
+    for name, s in stages.items():
         assert s["rows_in"] - s["rows_out"] == sum(s["dropped"].values())
-        assert not s["guardrail"]["exceeded"], s
+        # validate judges 3 tiny generations of a 135M model here: any share may go
+        assert name == "validate" or not s["guardrail"]["exceeded"], s
     assert any(r.startswith("quality:") for r in stages["quality"]["dropped"])
 
     # annotate -> train -> score -> filter: the sample is rated by the local teacher, the
@@ -54,7 +65,7 @@ def test_quickstart_on_ray(tmp_path, ray_session):
     assert (
         stages["edu_annotate"]["rows_out"]
         + stages["edu_annotate"]["dropped"].get("edu_annotate:teacher_error", 0)
-        == 16
+        == 6
     )
     metrics = json.loads((tmp_path / "run/edu_train/metrics.json").read_text())
     cv = metrics["cross_validation"]
@@ -65,6 +76,15 @@ def test_quickstart_on_ray(tmp_path, ray_session):
         pq.read_table(f) for f in (tmp_path / "run/edu_score").glob("*.parquet")
     )
     assert scored["edu_score"].null_count == 0 and pa.compute.sum(scored["edu_phase2"]).as_py() > 0
+
+    # seeds -> generate -> validate -> synth_dedup, with lineage on every synthetic row.
+    assert stages["seeds"]["rows_out"] == stages["generate"]["rows_in"] == 3
+    gen = pa.concat_tables(pq.read_table(f) for f in (tmp_path / "run/generate").glob("*.parquet"))
+    for r in gen.to_pylist():
+        assert r["teacher_model"] and r["template_id"] == "synth" and r["seed_id"] and r["style"]
+        assert r["teacher_error"] is None and r["completion_tokens"] <= 48
+    assert stages["synth_dedup"]["rows_in"] == stages["validate"]["rows_out"]
+    assert stages["decontaminate"]["rows_in"] == stages["synth_dedup"]["rows_out"]
 
     final = pa.concat_tables(pq.read_table(f) for f in (tmp_path / "run/dedup").glob("*.parquet"))
     kept = final.filter(pa.compute.is_null(final["drop_reason"]))
