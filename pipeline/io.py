@@ -47,6 +47,9 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
+_NO_DICTIONARY = frozenset({"text", "html", "seed_text", "prompt", "teacher_answer"})
+
+
 class AtomicParquetWriter:
     """Stream batches into `path` through a temp file; `close()` renames it into place.
 
@@ -65,7 +68,12 @@ class AtomicParquetWriter:
     def write(self, table: pa.Table) -> None:
         table = conform(table)
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self._tmp, table.schema, compression=self._compression)
+            # Dictionary-encoding document text only costs time: texts rarely repeat in a
+            # row group (benchmarks/edu_score.py: write 47 -> 39 us/doc, same size).
+            dictionary = [n for n in table.schema.names if n not in _NO_DICTIONARY]
+            self._writer = pq.ParquetWriter(
+                self._tmp, table.schema, compression=self._compression, use_dictionary=dictionary
+            )
         elif not table.schema.equals(self._writer.schema, check_metadata=False):
             table = table.select(self._writer.schema.names).cast(self._writer.schema)
         self._writer.write_table(table, row_group_size=max(len(table), 1))

@@ -28,7 +28,13 @@ def test_quickstart_loads_with_inputs_relative_to_the_recipe():
         "edu_annotate",
         "edu_train",
         "edu_score",
+        "seeds",
+        "generate",
+        "validate",
+        "synth_dedup",
+        "decontaminate",
     ]
+    assert loaded.stages[-2].cls.name == "dedup"
     assert all(p.startswith(str(REPO)) for p in loaded.stages[0].inputs)
 
 
