@@ -317,14 +317,46 @@ def load_items(sources: Sequence[str | Path]) -> list[Item]:
     dataset go through the same per-format functions (`gsm8k_items(ds, "gsm8k", "test")`).
     """
     items: list[Item] = []
-    for path in benchmark_files(sources):
+    hub = [str(s) for s in sources if str(s).startswith("hf:") or _is_saved_dataset(s)]
+    for path in benchmark_files([s for s in sources if str(s) not in hub]):
         records = _read_records(path)
         if not records:
             continue
         fmt = _format_of(records[0], str(path))
         benchmark, split = _names(path, fmt)
         items.extend(fmt.items(records, benchmark, split))
+    for source in hub:
+        records, benchmark, split = _dataset_records(source)
+        if records:
+            fmt = _format_of(records[0], source)
+            items.extend(
+                fmt.items(records, fmt.name if fmt.name != "foundry" else benchmark, split)
+            )
     return items
+
+
+def _is_saved_dataset(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and any((p / n).exists() for n in ("dataset_info.json", "state.json"))
+
+
+def _dataset_records(source: str) -> tuple[list[dict], str, str]:
+    """Rows of "hf:NAME[:CONFIG]:SPLIT" (e.g. "hf:openai/gsm8k:main:test", read through
+    `datasets.load_dataset`, from the hub or its cache) or of a `save_to_disk` folder,
+    with the benchmark name and split they get in item ids."""
+    import datasets
+
+    if source.startswith("hf:"):
+        parts = source[3:].split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"decontaminate.benchmarks: {source!r} is not hf:NAME[:CONFIG]:SPLIT")
+        name, config, split = parts[0], (parts[1] if len(parts) == 3 else None), parts[-1]
+        ds = datasets.load_dataset(name, config, split=split)
+        return list(ds), name.split("/")[-1], split
+    ds = datasets.load_from_disk(source)
+    if isinstance(ds, datasets.DatasetDict):
+        return [r for split in ds for r in ds[split]], Path(source).name, "+".join(ds)
+    return list(ds), Path(source).name, "test"
 
 
 # --- hashing --------------------------------------------------------------------------------
@@ -740,7 +772,8 @@ class DecontamConfig(StageConfig):
 
     benchmarks: list[str]
     """Benchmark test sets: a folder laid out like shared/data/benchmarks (searched for
-    .jsonl, .jsonl.gz and .csv files) or a list of files or folders. Required."""
+    .jsonl, .jsonl.gz and .csv files), files, `datasets.save_to_disk` folders, or hub
+    datasets as "hf:NAME[:CONFIG]:SPLIT" (e.g. "hf:openai/gsm8k:main:test"). Required."""
 
     ngram: int = Field(13, ge=4, le=64)
     """Words per n-gram (GPT-3 and lm-evaluation-harness: 13; Llama 3: 8)."""
@@ -801,16 +834,17 @@ _INDEX_CACHE: dict[tuple, NgramIndex] = {}
 def load_index(config: DecontamConfig) -> NgramIndex:
     """The index for `config`, built once per process (a Ray actor is a process) and reused
     while the benchmark files are unchanged."""
-    files = benchmark_files(config.benchmarks)
+    hub = [s for s in config.benchmarks if s.startswith("hf:") or _is_saved_dataset(s)]
+    files = benchmark_files([s for s in config.benchmarks if s not in hub])
     key = (
-        tuple(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files),
+        tuple(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files) + tuple(hub),
         config.ngram,
         config.short_min_words,
         config.max_items_per_ngram,
     )
     if key not in _INDEX_CACHE:
         t0 = time.perf_counter()
-        items = load_items(files)
+        items = load_items([*files, *hub])
         load_s = time.perf_counter() - t0
         index = build_index(items, config.ngram, config.short_min_words, config.max_items_per_ngram)
         index.stats["load_seconds"] = round(load_s, 3)

@@ -473,3 +473,19 @@ def test_runs_under_the_runner_with_drop_reasons_and_a_hit_report(real_stage, it
         "top_items": [("gsm8k/test:17", 1)],
     }
     assert set(report["benchmarks"]) == {"gsm8k", "arc_easy"}
+
+
+def test_benchmarks_from_a_hugging_face_dataset_folder(tmp_path, bench_dir):
+    import datasets
+
+    rows = [
+        json.loads(x) for x in (bench_dir / "gsm8k" / "test.jsonl").read_text().splitlines()[:20]
+    ]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "gsm8k_hub"))
+    items = load_items([str(tmp_path / "gsm8k_hub")])
+    assert len(items) == 20 and items[3].id == "gsm8k/test:3"
+    stage = DecontaminateStage(benchmarks=[str(tmp_path / "gsm8k_hub")])
+    doc = "Some page. " + rows[5]["question"] + " More text follows here."
+    out = stage(pa.table({"id": ["d"], "text": pa.array([doc], pa.large_string())}))
+    assert out["drop_reason"].to_pylist() == ["decontaminate:contaminated"]
+    assert json.loads(out["contam_items"][0].as_py()) == ["gsm8k/test:5"]
