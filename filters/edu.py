@@ -625,6 +625,25 @@ def _stage_files(path: str) -> list[str]:
     return expand_inputs([path])
 
 
+def _fit_fasttext(train_path: str, params: dict[str, Any], model_path: str) -> float:
+    """Train and save a supervised fastText model; returns the learning rate used. A run that
+    diverges ("Encountered NaN") is retried at half the learning rate, up to 3 times."""
+    import fasttext
+
+    params = dict(params)
+    for _ in range(4):
+        try:
+            fasttext.train_supervised(train_path, verbose=0, **params).save_model(model_path)
+            return params["lr"]
+        except RuntimeError as e:
+            if "NaN" not in str(e):
+                raise
+            params["lr"] /= 2
+    raise RuntimeError(
+        f"edu_train: fastText diverged down to lr {params['lr'] * 2}; lower edu_train.lr"
+    )
+
+
 class EduTrainStage(ArtifactStage):
     """fastText on educational-value labels -> model.bin + metrics.json; see the module."""
 
@@ -727,33 +746,32 @@ class EduTrainStage(ArtifactStage):
         return table, report
 
     def _train(self, table: pa.Table, work: Path) -> Any:
-        import fasttext
+        """fastText on `table` (text, label), trained in a fresh spawned process.
+
+        In a long-lived process fastText's training is not reproducible here: after other
+        native libraries ran in it (llama.cpp, Ray), the same data and seed gave models up to
+        0.15 apart and sometimes diverged. A fresh process gives the same model every time.
+        """
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
         cfg = self.config
         lines = fasttext_lines(table["text"], cfg.lowercase, cfg.max_chars)
         path = work / f".train-{os.getpid()}.txt"
+        model_path = work / f".model-{os.getpid()}.bin"
         with open(path, "w", encoding="utf-8") as f:
             for label, line in zip(table["label"].to_pylist(), lines, strict=True):
                 f.write(f"__label__{label} {line}\n")
-        params = self.config.hyperparameters()
         try:
-            for _ in range(4):
-                try:
-                    model = fasttext.train_supervised(str(path), verbose=0, **params)
-                    self.lr_used = params["lr"]
-                    return model
-                except RuntimeError as e:  # "Encountered NaN": the step size diverged
-                    if "NaN" not in str(e):
-                        raise
-                    log.warning(
-                        "edu_train: fastText diverged at lr %s; retrying at half", params["lr"]
-                    )
-                    params["lr"] /= 2
-            raise RuntimeError(
-                f"edu_train: fastText diverged down to lr {params['lr'] * 2}; lower edu_train.lr"
-            )
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                self.lr_used = pool.submit(
+                    _fit_fasttext, str(path), cfg.hyperparameters(), str(model_path)
+                ).result()
+            return load_fasttext(model_path)
         finally:
             path.unlink(missing_ok=True)
+            model_path.unlink(missing_ok=True)
 
     def _predict(self, model: Any, table: pa.Table) -> np.ndarray:
         cfg = self.config

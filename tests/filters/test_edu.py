@@ -213,6 +213,18 @@ def test_the_classifier_ranks_by_educational_value_better_than_length(trained):
     assert len(m["data"]["sha256"]) == 64 and m["labels"] == [0, 1, 2, 3, 4]
 
 
+def test_training_is_reproducible(trained, tmp_path):
+    # Training runs in a fresh process: the same data and seed give the same model bytes,
+    # whatever else ran in this process before (the local teacher did, above).
+    for d in ("a", "b"):
+        EduTrainStage(label_files=[str(ANNOTATIONS)], cv_folds=0).build(
+            FINEWEB, str(tmp_path / d), False
+        )
+    assert (tmp_path / "a/model.bin").read_bytes() == (tmp_path / "b/model.bin").read_bytes()
+    m = json.loads((tmp_path / "a/metrics.json").read_text())
+    assert m["held_out"] == json.loads((trained / "metrics.json").read_text())["held_out"]
+
+
 def test_labels_from_an_hf_dataset_with_text_and_from_proxy_reference_text(tmp_path):
     import datasets
 
@@ -267,7 +279,7 @@ def test_edu_score_is_the_expected_rating_and_thresholds_make_the_phases(trained
     line = docs[0]["text"][:3000].lower().replace("\n", " ")
     labels, probs = model.predict(line, k=-1)
     assert score[0] == pytest.approx(
-        sum(int(lbl[9:]) * p for lbl, p in zip(labels, probs, strict=True)), abs=1e-5
+        sum(int(lbl[9:]) * p for lbl, p in zip(labels, probs, strict=True)), abs=1e-4
     )
     assert ((score >= 0) & (score <= 5)).all()
     assert out["edu_int"].to_pylist() == np.clip(np.rint(score), 0, 5).astype(int).tolist()
