@@ -80,7 +80,17 @@ from pydantic import Field, field_validator, model_validator
 
 # dedup's normaliser and its n-gram hash building blocks: decontamination must see text
 # exactly as dedup does, and hash an n-gram the same way (here kept 64 bits wide).
-from filters.dedup import _LEN_MIX, _POLY, _buffers, _doc_groups, _fmix64, _powers, normalise
+from filters.dedup import (
+    _LEN_MIX,
+    _POLY,
+    _buffers,
+    _doc_groups,
+    _fmix64,
+    _powers,
+    normalise,
+    word_bounds,
+)
+from pipeline.readers import is_saved_dataset
 from pipeline.stage import Stage, StageConfig, mark_dropped, set_column
 
 REASON = "contaminated"
@@ -317,7 +327,7 @@ def load_items(sources: Sequence[str | Path]) -> list[Item]:
     dataset go through the same per-format functions (`gsm8k_items(ds, "gsm8k", "test")`).
     """
     items: list[Item] = []
-    hub = [str(s) for s in sources if str(s).startswith("hf:") or _is_saved_dataset(s)]
+    hub = [str(s) for s in sources if str(s).startswith("hf:") or is_saved_dataset(s)]
     for path in benchmark_files([s for s in sources if str(s) not in hub]):
         records = _read_records(path)
         if not records:
@@ -333,11 +343,6 @@ def load_items(sources: Sequence[str | Path]) -> list[Item]:
                 fmt.items(records, fmt.name if fmt.name != "foundry" else benchmark, split)
             )
     return items
-
-
-def _is_saved_dataset(path: str | Path) -> bool:
-    p = Path(path)
-    return p.is_dir() and any((p / n).exists() for n in ("dataset_info.json", "state.json"))
 
 
 def _dataset_records(source: str) -> tuple[list[dict], str, str]:
@@ -378,18 +383,7 @@ class _Words:
 
     @classmethod
     def of(cls, buf: np.ndarray, off: np.ndarray) -> _Words:
-        size = len(buf)
-        nonempty = off[1:] > off[:-1]
-        spaces = np.flatnonzero(buf == 32)
-        mark = np.zeros(size + 1, bool)
-        mark[spaces + 1] = True
-        mark[off[:-1][nonempty]] = True
-        word_start = np.flatnonzero(mark)
-        mark[:] = False
-        mark[spaces] = True
-        mark[off[1:][nonempty]] = True
-        word_end = np.flatnonzero(mark)
-        return cls(buf, word_start, word_end, np.searchsorted(word_start, off))
+        return cls(buf, *word_bounds(buf, off))
 
     @property
     def n_words(self) -> np.ndarray:
@@ -834,7 +828,7 @@ _INDEX_CACHE: dict[tuple, NgramIndex] = {}
 def load_index(config: DecontamConfig) -> NgramIndex:
     """The index for `config`, built once per process (a Ray actor is a process) and reused
     while the benchmark files are unchanged."""
-    hub = [s for s in config.benchmarks if s.startswith("hf:") or _is_saved_dataset(s)]
+    hub = [s for s in config.benchmarks if s.startswith("hf:") or is_saved_dataset(s)]
     files = benchmark_files([s for s in config.benchmarks if s not in hub])
     key = (
         tuple(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files) + tuple(hub),

@@ -277,6 +277,23 @@ def _powers(n: int) -> np.ndarray:
     return np.multiply.accumulate(pw, out=pw)
 
 
+def word_bounds(buf: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Byte offsets where each word of normalised documents (single spaces, trimmed) starts
+    and ends, and per document the index of its first word: document d has words
+    [first_word[d], first_word[d + 1])."""
+    nonempty = off[1:] > off[:-1]
+    spaces = np.flatnonzero(buf == 32)
+    mark = np.zeros(len(buf) + 1, bool)
+    mark[spaces + 1] = True
+    mark[off[:-1][nonempty]] = True
+    word_start = np.flatnonzero(mark)
+    mark[:] = False
+    mark[spaces] = True
+    mark[off[1:][nonempty]] = True
+    word_end = np.flatnonzero(mark)
+    return word_start, word_end, np.searchsorted(word_start, off)
+
+
 def shingle_hashes(buf: np.ndarray, off: np.ndarray, ngram: int) -> tuple[np.ndarray, np.ndarray]:
     """32-bit hashes (held in uint64) of every word n-gram of normalised documents.
 
@@ -285,17 +302,7 @@ def shingle_hashes(buf: np.ndarray, off: np.ndarray, ngram: int) -> tuple[np.nda
     than `ngram` words has one shingle of all its words; an empty one has none.
     """
     n_docs, size = len(off) - 1, len(buf)
-    nonempty = off[1:] > off[:-1]
-    spaces = np.flatnonzero(buf == 32)
-    mark = np.zeros(size + 1, bool)
-    mark[spaces + 1] = True
-    mark[off[:-1][nonempty]] = True
-    word_start = np.flatnonzero(mark)
-    mark[:] = False
-    mark[spaces] = True
-    mark[off[1:][nonempty]] = True
-    word_end = np.flatnonzero(mark)
-    first_word = np.searchsorted(word_start, off)  # document d has words [fw[d], fw[d+1])
+    word_start, word_end, first_word = word_bounds(buf, off)
     n_words = np.diff(first_word)
     n_sh = np.where(n_words > 0, np.maximum(n_words - ngram + 1, 1), 0)
     sh_off = np.zeros(n_docs + 1, np.int64)

@@ -61,6 +61,7 @@ from pydantic import Field, field_validator, model_validator
 
 from generators.teacher import ChatRequest, TeacherConfig
 from pipeline.io import expand_inputs, iter_documents, write_json_atomic
+from pipeline.readers import is_saved_dataset
 from pipeline.stage import ArtifactStage, GlobalStage, Stage, StageConfig, mark_dropped, set_column
 
 log = logging.getLogger("primer.edu")
@@ -574,7 +575,7 @@ def _read_label_table(source: str, cfg: EduTrainConfig) -> pa.Table:
 
         name, _, split = source[3:].partition(":")
         table = datasets.load_dataset(name, split=split or "train").data.table
-    elif _is_hf_folder(source):
+    elif is_saved_dataset(source):
         import datasets
 
         table = datasets.load_from_disk(source).data.table
@@ -605,14 +606,6 @@ def _read_label_table(source: str, cfg: EduTrainConfig) -> pa.Table:
             "text": col(cfg.text_column, pa.large_string()),
             "score": col(cfg.score_column, pa.float64()),
         }
-    )
-
-
-def _is_hf_folder(path: str) -> bool:
-    """A folder written by `datasets.save_to_disk`."""
-    p = Path(path)
-    return p.is_dir() and any(
-        (p / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json")
     )
 
 
@@ -664,7 +657,7 @@ class EduTrainStage(ArtifactStage):
             rows, by_id, rejected = [], {}, 0
             sources = [
                 f for src in cfg.label_files
-                for f in ([src] if src.startswith("hf:") or _is_hf_folder(src) else expand_inputs([src]))
+                for f in ([src] if src.startswith("hf:") or is_saved_dataset(src) else expand_inputs([src]))
             ]  # fmt: skip
             for f in sources:
                 t = _read_label_table(f, cfg)

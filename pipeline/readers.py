@@ -626,6 +626,14 @@ def read_parquet(
         offset += batch.num_rows
 
 
+def is_saved_dataset(path: str | os.PathLike[str]) -> bool:
+    """A folder written by `datasets` `save_to_disk` (a Dataset or a DatasetDict)."""
+    p = Path(path)
+    return p.is_dir() and any(
+        (p / f).exists() for f in ("state.json", "dataset_dict.json", "dataset_info.json")
+    )
+
+
 def iter_hf_dataset(
     name_or_path: str,
     split: str = "train",
@@ -643,9 +651,7 @@ def iter_hf_dataset(
     import datasets
 
     p = Path(name_or_path)
-    if p.is_dir() and any(
-        (p / f).exists() for f in ("state.json", "dataset_dict.json", "dataset_info.json")
-    ):
+    if is_saved_dataset(p):
         ds: Any = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
