@@ -60,7 +60,7 @@ from filters.decontam import (  # noqa: E402
     load_items,
 )
 from tests.conftest import SAMPLE, SHARED, fineweb_docs  # noqa: E402
-from tests.filters.test_decontam import _FORMS, _plant  # noqa: E402
+from tests.filters.test_decontam import _FORMS, planted_docs  # noqa: E402
 
 BENCH = SHARED / "benchmarks"
 PEER = REPO / ".bench" / "lm_eval_site" / "lm_eval" / "decontamination" / "janitor.py"
@@ -151,22 +151,6 @@ def measure_build(which: str) -> dict[str, Any]:
 
 
 # --- recall and false positives -----------------------------------------------------------------
-
-
-def planted_docs(items: dict[str, Item]) -> tuple[list[str], list[tuple[str, str]]]:
-    """The test's planted documents: (texts, [(form, item id)])."""
-    rng = np.random.default_rng(7)
-    chosen = []
-    for prefix, n in (("gsm8k/", 60), ("mmlu/", 70), ("arc_", 45), ("humaneval/", 25)):
-        ids = sorted(i for i in items if i.startswith(prefix))
-        chosen += [ids[j] for j in rng.choice(len(ids), size=n, replace=False)]
-    hosts = [d["text"] for d in fineweb_docs()]
-    texts, meta = [], []
-    for form, render in _FORMS.items():
-        for k, item_id in enumerate(chosen):
-            texts.append(_plant(hosts[k % len(hosts)], render(items[item_id], rng), rng))
-            meta.append((form, item_id))
-    return texts, meta
 
 
 def clean_web_docs() -> tuple[list[str], list[str]]:

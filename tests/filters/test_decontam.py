@@ -372,10 +372,9 @@ def _plant(host: str, snippet: str, rng: np.random.Generator) -> str:
     return "\n".join([*lines[:at], snippet, *lines[at:]])
 
 
-@pytest.fixture(scope="module")
-def planted(real_stage, items) -> dict[str, dict[str, float]]:
-    """200 real items (60 GSM8K, 70 MMLU, 45 ARC, 25 HumanEval) planted into real FineWeb
-    documents in each form -> recall per form, overall and per benchmark."""
+def planted_docs(items: dict[str, Item]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The planted documents: (texts, [(form, item id)]), the same in the test and in
+    benchmarks/decontam_quality.py."""
     rng = np.random.default_rng(7)
     chosen = []
     for prefix, n in (("gsm8k/", 60), ("mmlu/", 70), ("arc_", 45), ("humaneval/", 25)):
@@ -387,6 +386,14 @@ def planted(real_stage, items) -> dict[str, dict[str, float]]:
         for k, item_id in enumerate(chosen):
             texts.append(_plant(hosts[k % len(hosts)], render(items[item_id], rng), rng))
             meta.append((form, item_id))
+    return texts, meta
+
+
+@pytest.fixture(scope="module")
+def planted(real_stage, items) -> dict[str, dict[str, float]]:
+    """200 real items (60 GSM8K, 70 MMLU, 45 ARC, 25 HumanEval) planted into real FineWeb
+    documents in each form -> recall per form, overall and per benchmark."""
+    texts, meta = planted_docs(items)
     out = real_stage(pa.table({"id": [str(i) for i in range(len(texts))], "text": texts}))
     found = [json.loads(x) if x else [] for x in out["contam_items"].to_pylist()]
     recall: dict[str, dict[str, float]] = {}
