@@ -24,6 +24,8 @@ import difflib
 import hashlib
 import json
 import os
+import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -107,6 +109,29 @@ class LoadedRecipe:
         return Path(self.recipe.output or f"runs/{self.recipe.name}")
 
 
+def stage_refs(value: Any) -> list[str]:
+    """Every "@stage[/file]" string in a config value, nested lists and mappings included
+    (a mixture's sources name their inputs this way)."""
+    if isinstance(value, str):
+        return [value] if value.startswith("@") else []
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in stage_refs(v)]
+    if isinstance(value, list | tuple):
+        return [r for v in value for r in stage_refs(v)]
+    return []
+
+
+def replace_refs(value: Any, resolve: Callable[[str], str]) -> Any:
+    """`value` with every "@stage[/file]" string replaced by `resolve(ref)`."""
+    if isinstance(value, str):
+        return resolve(value) if value.startswith("@") else value
+    if isinstance(value, dict):
+        return {k: replace_refs(v, resolve) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [replace_refs(v, resolve) for v in value]
+    return value
+
+
 def parse_value(text: str) -> Any:
     """`--set` values are YAML scalars or flow collections: 3, 0.5, true, [en, fr], null."""
     try:
@@ -132,12 +157,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _model_at(model: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel]:
+    """The nested model a validation error's location points into (phases.0.sources.1)."""
+    for key in loc:
+        if isinstance(key, int) or key not in model.model_fields:
+            continue
+        inner = [model.model_fields[key].annotation]
+        while inner:
+            t = inner.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                model = t
+                break
+            inner.extend(typing.get_args(t))
+    return model
+
+
 def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel]) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in (prefix, *err["loc"]) if x != "")
         if err["type"] == "extra_forbidden":
-            known = list(model.model_fields)
+            known = list(_model_at(model, err["loc"][:-1]).model_fields)
             close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
             hint = (
                 f" (did you mean {close[0]!r}?)" if close else f"; valid keys: {', '.join(known)}"
@@ -195,12 +235,8 @@ def load_recipe(
         if isinstance(inputs, str):
             inputs = [inputs]
         earlier = [spec.name for spec in specs]
-        for ref in [*(inputs or []), *(v for v in body.values() if isinstance(v, str))]:
-            if (
-                isinstance(ref, str)
-                and ref.startswith("@")
-                and ref[1:].split("/")[0] not in earlier
-            ):
+        for ref in [*(inputs or []), *stage_refs(body)]:
+            if ref.startswith("@") and ref[1:].split("/")[0] not in earlier:
                 raise ConfigError(
                     f"stages.{name}: {ref!r} refers to no earlier stage; "
                     f"earlier stages: {', '.join(earlier) or 'none'}"

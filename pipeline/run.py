@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, LoadedRecipe, StageSpec
+from pipeline.config import ConfigError, LoadedRecipe, StageSpec, replace_refs, stage_refs
 from pipeline.io import expand_inputs, read_json, write_json_atomic
 from pipeline.runner import _now, output_files, run_stage
 from pipeline.stage import Stage
@@ -54,13 +54,16 @@ def _fingerprint_of(out_root: Path, stage: str) -> str:
 
 def resolve_refs(spec: StageSpec, out_root: Path) -> tuple[Stage, list[str]]:
     """Build the stage with "@stage/file" config values turned into paths in this run."""
-    updates, refs = {}, []
-    for key, value in spec.config.model_dump().items():
-        if isinstance(value, str) and value.startswith("@"):
-            stage, _, rest = value[1:].partition("/")
-            updates[key] = str(out_root / stage / rest) if rest else str(out_root / stage)
-            refs.append(stage)
-    config = spec.config.model_copy(update=updates) if updates else spec.config
+    raw = spec.config.model_dump()
+    refs = list(dict.fromkeys(r[1:].partition("/")[0] for r in stage_refs(raw)))
+    if not refs:
+        return spec.cls(spec.config), []
+
+    def path_of(ref: str) -> str:
+        stage, _, rest = ref[1:].partition("/")
+        return str(out_root / stage / rest) if rest else str(out_root / stage)
+
+    config = spec.cls.Config.model_validate(replace_refs(raw, path_of))
     return spec.cls(config), refs
 
 
@@ -139,6 +142,33 @@ def write_run_summary(
             }
             | {"attempts": len(m["attempts"])}
         )
+    artifacts = {}
+    for spec in loaded.stages:
+        mpath = out_root / spec.name / "_manifest.json"
+        if spec.cls.name == "mixture" and (out_root / spec.name / "manifest.json").is_file():
+            mix = read_json(out_root / spec.name / "manifest.json")
+            artifacts[spec.name] = {
+                "kind": "mixture",
+                "tokenizer": mix["tokenizer"]["name"],
+                "seq_len": mix["seq_len"],
+                "phases": [
+                    {
+                        "name": p["name"],
+                        "tokens": p["tokens"],
+                        "documents": p["documents"],
+                        "sources": [
+                            {k: src[k] for k in ("name", "tokens", "documents", "epochs")}
+                            for src in p["sources"]
+                        ],
+                    }
+                    for p in mix["phases"]
+                ],
+            }
+        elif spec.cls.name == "train_smoke" and mpath.is_file():
+            art = read_json(mpath).get("artifact", {})
+            artifacts[spec.name] = {"kind": "train_smoke"} | {
+                k: art[k] for k in ("steps", "first_loss", "last_loss", "loss_fell") if k in art
+            }
     summary = {
         "recipe": loaded.recipe.name,
         "recipe_path": str(loaded.path) if loaded.path else None,
@@ -146,6 +176,7 @@ def write_run_summary(
         "runs": runs,
         "wall_seconds_all_runs": round(sum(r["wall_seconds"] for r in runs), 3),
         "stages": stages,
+        "artifacts": artifacts,
     }
     write_json_atomic(out_root / "run_summary.json", summary)
     return summary
@@ -166,6 +197,28 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  {s['stage']:<14}{s['rows_in']:>12,}{s['rows_out']:>12,}{dropped:>10,}"
             f"{s['wall_seconds']:>10.1f}  {reasons}{flag}"
         )
+    for name, art in summary.get("artifacts", {}).items():
+        if art["kind"] == "mixture":
+            lines += [
+                "",
+                f"  {name}: tokens per phase and source ({art['tokenizer']}, seq_len {art['seq_len']})",
+            ]
+            for p in art["phases"]:
+                lines.append(
+                    f"    {p['name']:<14}{p['tokens']:>14,} tokens {p['documents']:>10,} docs"
+                )
+                for src in p["sources"]:
+                    share = src["tokens"] / p["tokens"] if p["tokens"] else 0.0
+                    lines.append(
+                        f"      {src['name']:<12}{src['tokens']:>14,} tokens {src['documents']:>10,} docs"
+                        f"  {share:>6.1%}  {src['epochs']:.2f} epochs"
+                    )
+        elif art["kind"] == "train_smoke" and "first_loss" in art:
+            lines += [
+                "",
+                f"  {name}: {art['steps']} steps, loss {art['first_loss']:.3f} -> {art['last_loss']:.3f}"
+                f" ({'fell' if art['loss_fell'] else 'DID NOT FALL'})",
+            ]
     lines.append("")
     lines.append(f"  details: {Path(summary['output']) / 'run_summary.json'}")
     return "\n".join(lines)

@@ -33,8 +33,10 @@ def test_quickstart_loads_with_inputs_relative_to_the_recipe():
         "validate",
         "synth_dedup",
         "decontaminate",
+        "mixture",
+        "train_smoke",
     ]
-    assert loaded.stages[-2].cls.name == "dedup"
+    assert loaded.stages[-4].cls.name == "dedup"
     assert all(p.startswith(str(REPO)) for p in loaded.stages[0].inputs)
 
 
