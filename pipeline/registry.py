@@ -25,6 +25,8 @@ _STAGES: dict[str, str] = {
     "generate": "generators.generate:GenerateStage",
     "validate": "generators.generate:ValidateStage",
     "decontaminate": "filters.decontam:DecontaminateStage",
+    "mixture": "pipeline.mixture:MixtureStage",
+    "train_smoke": "pipeline.train_smoke:TrainSmokeStage",
 }
 
 
