@@ -3,11 +3,14 @@
     primer run configs/quickstart.yaml [--output DIR] [--stages a,b] [--set k=v ...] [--ray-address ADDR]
     primer stage NAME --input PATH_OR_GLOB... --output DIR [--set key=value ...]
     primer stages
+    primer train-smoke RUN_DIR [--steps 40] [--model phi3_tiny] [--seq-len 256] [--batch-size 4]
 
 `run` executes a recipe's stages in order, resuming finished parts. `stage` runs one stage
 on given files into DIR/<stage>/ (what DAG tasks and debugging use); Parquet inputs written
 by an earlier Primer stage are read as such (kept rows only, all columns). `stages` lists
-every stage with its config keys and defaults. Bad config fails before any work.
+every stage with its config keys and defaults. `train-smoke` trains a tiny Phi-3-architecture
+model on a run's mixture shards (RUN_DIR/mixture) and fails if the loss does not fall. Bad
+config fails before any work.
 """
 
 from __future__ import annotations
@@ -66,7 +69,58 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--executor", choices=["ray", "local"], default="ray")
 
     sub.add_parser("stages", help="list stages with their config keys and defaults")
+
+    t = sub.add_parser(
+        "train-smoke",
+        help="train a tiny Phi-3 on a run's mixture shards; fail if loss does not fall",
+    )
+    t.add_argument("run", help="a run folder (its mixture/ is read) or a mixture folder")
+    t.add_argument("--model", default="phi3_tiny", help="phi3_tiny, phi3_mini or a model YAML")
+    t.add_argument("--steps", type=int, default=40)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--seq-len", type=int, default=256, help="window length (re-windows the shards)")
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--output", help="folder for metrics.json (default RUN/train_smoke_cli)")
     return p
+
+
+def _train_smoke_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.train_smoke import ModelConfigError, TrainSmokeError, train_smoke_from_mixture
+
+    run = Path(args.run)
+    mixture = run if (run / "manifest.json").is_file() else run / "mixture"
+    if not (mixture / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"{args.run}: no mixture manifest (looked for {mixture}/manifest.json)"
+        )
+    out = Path(args.output) if args.output else mixture.parent / "train_smoke_cli"
+    try:
+        m = train_smoke_from_mixture(
+            mixture,
+            model=args.model,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            lr=args.lr,
+            threads=args.threads,
+            seed=args.seed,
+            out_dir=out,
+        )
+    except TrainSmokeError as e:
+        print(f"primer: train-smoke failed: {e}", file=sys.stderr)
+        return 1
+    except (ModelConfigError, ValueError) as e:  # a bad model YAML, a bad or stale manifest
+        print(f"primer: train-smoke: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"train-smoke: {m['steps']} steps, loss {m['first_loss']:.3f} -> {m['last_loss']:.3f}, "
+        f"{m['tokens_per_s']:,.0f} tokens/s, {m['parameters']:,} parameters; {out / 'metrics.json'}"
+    )
+    return 0
 
 
 def _stage_command(args: argparse.Namespace) -> LoadedRecipe:
@@ -109,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stages":
             _list_stages()
             return 0
+        if args.command == "train-smoke":
+            return _train_smoke_command(args)
         from pipeline.run import format_summary, run_recipe
 
         if args.command == "run":
