@@ -379,7 +379,11 @@ def draw(
 
 
 class MixtureStage(ArtifactStage):
-    """Budgets, tokens and Megatron shards for each phase, and `manifest.json`."""
+    """Budgets, tokens and Megatron shards for each phase, and `manifest.json`.
+
+    In the run summary, rows in are the documents available to the sources (summed over
+    sources), kept those drawn at least once, and `mixture:not_drawn` those a budget left out.
+    """
 
     name: ClassVar[str] = "mixture"
     Config: ClassVar[type[StageConfig]] = MixtureConfig
@@ -419,7 +423,7 @@ class MixtureStage(ArtifactStage):
         # -- 2. allocate ----------------------------------------------------------------
         from pipeline.shards import IndexedDataset
 
-        phases_out, rows_in, written = [], 0, 0
+        phases_out, rows_in, used = [], 0, 0  # documents available / drawn at least once
         for pi, phase in enumerate(cfg.phases):
             plans, lengths = [], []
             for src in phase.sources:
@@ -439,6 +443,7 @@ class MixtureStage(ArtifactStage):
                 offsets = np.cumsum([0, *map(len, ls)])
                 flat = np.concatenate(ls) if ls else np.empty(0, np.int32)
                 idx, take = draw(flat.astype(np.int64), plan.tokens, rng)
+                used += len(np.unique(idx))
                 part = np.searchsorted(offsets, idx, side="right") - 1
                 picks.append(
                     np.stack([np.full(len(idx), si), part, idx - offsets[part], take], axis=1)
@@ -446,7 +451,6 @@ class MixtureStage(ArtifactStage):
             order = np.concatenate(picks)
             order = order[rng.permutation(len(order))]
             shards = self._write_phase(out / phase.name, order, phase, parts, tokenizer.eos_id)
-            written += len(order)
             tokens = sum(s["tokens"] for s in shards)
             if tokens != budget:
                 raise AssertionError(f"phase {phase.name}: wrote {tokens} tokens, planned {budget}")
@@ -483,7 +487,8 @@ class MixtureStage(ArtifactStage):
         write_json_atomic(out / "manifest.json", manifest)
         return {
             "rows_in": rows_in,
-            "rows_out": written,
+            "rows_out": used,
+            "dropped": {"mixture:not_drawn": rows_in - used} if rows_in > used else {},
             "tokens": {p["name"]: p["tokens"] for p in phases_out},
             "tokens_per_source": {
                 p["name"]: {s["name"]: s["tokens"] for s in p["sources"]} for p in phases_out
