@@ -42,12 +42,14 @@ def test_quickstart_on_ray(tmp_path, ray_session):
         "stages.seeds.per_style={textbook: 1, worked_examples: 1, story: 1}",
         "stages.generate.max_tokens=48",
         "stages.validate.min_words=10",
+        "stages.train_smoke.steps=12",
     ]
     summary = run_recipe(load_recipe(QUICKSTART, overrides=small), output=tmp_path / "run")
     stages = {s["stage"]: s for s in summary["stages"]}
     assert list(stages) == [
         *STAGES, "edu_annotate", "edu_train", "edu_score",
         "seeds", "generate", "validate", "synth_dedup", "decontaminate",
+        "mixture", "train_smoke",
     ]  # fmt: skip
 
     # 500 FineWeb + 20 CCNet + 22 WARC captures + the whirlwind WARC page and its WET twin.
@@ -85,6 +87,24 @@ def test_quickstart_on_ray(tmp_path, ray_session):
         assert r["teacher_error"] is None and r["completion_tokens"] <= 48
     assert stages["synth_dedup"]["rows_in"] == stages["validate"]["rows_out"]
     assert stages["decontaminate"]["rows_in"] == stages["synth_dedup"]["rows_out"]
+
+    # the mixture: Phi-3 tokens in Megatron shards, synthetic data in phase 2, a smoke train
+    from pipeline.shards import IndexedDataset
+
+    mix = json.loads((tmp_path / "run/mixture/manifest.json").read_text())
+    assert mix["tokenizer"]["name"] == "phi3" and mix["tokenizer"]["eos_id"] == 32000
+    phase1, phase2 = mix["phases"]
+    assert phase1["tokens"] == 200_000 and {s["name"] for s in phase1["sources"]} == {"web"}
+    assert {s["name"] for s in phase2["sources"]} == {"web_edu", "synthetic"}
+    for phase in mix["phases"]:
+        assert phase["tokens"] == sum(
+            IndexedDataset(tmp_path / "run/mixture" / sh["prefix"]).num_tokens
+            for sh in phase["shards"]
+        )
+        for src in phase["sources"]:
+            assert abs(src["tokens"] - src["weight"] * phase["tokens"]) <= 0.01 * phase["tokens"]
+    assert summary["artifacts"]["train_smoke"]["loss_fell"]
+    assert "tokens per phase and source" in format_summary(summary)
 
     final = pa.concat_tables(pq.read_table(f) for f in (tmp_path / "run/dedup").glob("*.parquet"))
     kept = final.filter(pa.compute.is_null(final["drop_reason"]))
