@@ -106,7 +106,7 @@ class LoadedRecipe:
 
     @property
     def output(self) -> Path:
-        return Path(self.recipe.output or f"runs/{self.recipe.name}")
+        return Path(os.path.expandvars(self.recipe.output or f"runs/{self.recipe.name}"))
 
 
 def stage_refs(value: Any) -> list[str]:
@@ -245,12 +245,7 @@ def load_recipe(
         if refs and len(refs) != len(inputs):
             raise ConfigError(f"stages.{name}.input: mix of @stage references and files")
         if inputs is not None and not refs:
-            inputs = [
-                os.path.expandvars(str(Path(base, p).expanduser()))
-                if not Path(p).is_absolute()
-                else p
-                for p in inputs
-            ]
+            inputs = [str(Path(base, Path(os.path.expandvars(p)).expanduser())) for p in inputs]
             if check_inputs:
                 from pipeline.io import expand_inputs
 

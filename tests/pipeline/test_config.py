@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -112,3 +114,14 @@ def test_a_stage_runs_twice_under_another_name(tmp_path):
     assert (again.name, again.cls.name, again.config.ngram) == ("dedup_again", "dedup", 3)
     with pytest.raises(ConfigError, match="stages.oops: unknown stage 'dedupp'"):
         load_recipe(raw={"name": "x", "stages": {"oops": {"stage": "dedupp", "input": [str(src)]}}})
+
+
+def test_production_recipe_validates_with_paths_from_the_environment(monkeypatch):
+    monkeypatch.setenv("PRIMER_CC", "/mnt/cc")
+    monkeypatch.setenv("PRIMER_RUNS", "/mnt/runs")
+    loaded = load_recipe(REPO / "configs" / "phi3_mini.yaml", check_inputs=False)
+    assert loaded.output == Path("/mnt/runs/phi3_mini")
+    assert loaded.stages[0].inputs == ["/mnt/cc/**/*.warc.gz"]
+    assert [s.name for s in loaded.stages][-2:] == ["mixture", "train_smoke"]
+    mixture = loaded.stages[-2].config
+    assert sum(p.tokens for p in mixture.phases) == 3_300_000_000_000  # Phi-3-mini's 3.3T
