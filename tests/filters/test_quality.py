@@ -406,3 +406,13 @@ def test_vectorised_signals_match_a_per_document_reference():
     for doc, row in zip(docs, got, strict=True):
         for name, want in _reference(doc).items():
             assert row[name] == pytest.approx(want, rel=1e-5, abs=1e-6), (name, doc)
+
+
+def test_documents_over_max_chars_are_dropped_before_any_signal():
+    ok = "The cat sat on the mat and looked at the dog. " * 20
+    table = pa.table({"id": ["long", "ok"], "text": ["word " * 250_001, ok]})
+    out = QualityStage(max_chars=1_000_000)(table)
+    assert out["drop_reason"].to_pylist()[0] == "quality:too_long"
+    assert out["q_n_words"].to_pylist()[0] is None
+    assert out["q_n_words"].to_pylist()[1] == 220
+    assert QualityStage(max_chars=2_000_000)(table)["drop_reason"][0].as_py() != "quality:too_long"
