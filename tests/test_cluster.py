@@ -1,0 +1,120 @@
+"""Submitting a recipe to a Ray cluster as a Ray job, exactly as the README documents it.
+
+A Ray head is started in the test on 127.0.0.1 (`ray start --head --block`, in its own
+process group so that stopping it touches no other Ray on the machine), the recipe goes in
+with `ray job submit --working-dir .`, and the head is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A one-node Ray cluster on 127.0.0.1 with its job server and token authentication;
+    yields the dashboard URL and the environment a client needs (the token)."""
+    if not (BIN / "ray").is_file():
+        pytest.skip("the ray CLI is not installed in this environment")
+    port, dash = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Token auth, as the README sets it up: the same token on every node and client
+        # (here in the environment, so no ~/.ray/auth_token is written).
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"), "start", "--head", "--block",
+            "--node-ip-address=127.0.0.1", f"--port={port}",
+            "--num-cpus=2", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                break
+        except urllib.error.HTTPError:
+            break  # up, and asking for Ray's auth token (on by default since Ray 2.59)
+        except OSError:
+            pass
+        if head.poll() is not None or time.monotonic() > deadline:
+            head.kill()
+            pytest.fail(f"ray head did not start: {head.stderr.read().decode()[-2000:]}")
+        time.sleep(0.5)
+    try:
+        yield url, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+
+
+def test_ray_job_submit_runs_a_recipe_on_the_cluster(ray_head, tmp_path):
+    url, env = ray_head
+    recipe = {
+        "name": "cluster",
+        "executor": "ray",
+        "stages": {
+            "extract": {"input": [str(REPO / "data/sample/ccnet-*.jsonl.gz")]},
+            "quality": {"max_drop_fraction": 1.0},
+        },
+    }
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    out = tmp_path / "run"  # on one machine, every node sees it; on a cluster: shared storage
+    # The README's command, verbatim but for the paths.
+    cmd = [
+        str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO),
+        "--runtime-env-json", json.dumps({"env_vars": {"OMP_NUM_THREADS": "1"}}),
+        "--", "python", "-m", "pipeline.cli", "run", str(path), "--output", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout.lower()
+    summary = json.loads((out / "run_summary.json").read_text())
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert list(stages) == ["extract", "quality"]
+    assert stages["extract"]["rows_in"] == 20  # the 20 CCNet documents of the sample
+    assert stages["quality"]["rows_in"] == stages["extract"]["rows_out"]
+    # the driver ran on the cluster and joined it rather than starting a Ray of its own
+    assert "Primer run 'cluster'" in done.stdout
