@@ -35,7 +35,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # address="local": always a fresh local Ray, never a cluster some other `ray start`
+        # left running on this machine (join one with --ray-address or RAY_ADDRESS).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     # Ray Data logs every dataset's plan at INFO; Primer's own progress lines say enough.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
@@ -109,6 +111,20 @@ def run_recipe(
         run_stage(stage, files, out_root, use_ray, upstream, spec.fingerprint(), name=spec.name)
 
     summary = write_run_summary(out_root, loaded, started, time.monotonic() - t0)
+    # report.html is a view of files already committed: failing a finished run over it would
+    # make a scheduler re-run good work, so an error is logged loudly and the run succeeds.
+    try:
+        from pipeline.report import write_report
+
+        log.info("report: %s", write_report(out_root))
+    except Exception:
+        log.error(
+            "report.html was NOT written for %s (the run's data and run_summary.json are "
+            "complete); retry with: python -m pipeline.report %s",
+            out_root,
+            out_root,
+            exc_info=True,
+        )
     return summary
 
 

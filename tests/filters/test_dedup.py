@@ -73,16 +73,9 @@ def clusters_of(texts: dict[str, str | None], **config) -> dict[str, tuple[str, 
 
 
 @pytest.fixture(scope="session")
-def ray_ctx():
-    """A local Ray with 2 CPUs, started once (reuses one already running)."""
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    if started:
-        ray.shutdown()
+def ray_ctx(ray_session):
+    """The session's local Ray (tests/conftest.py)."""
+    return ray_session
 
 
 # --- normalisation and hashes --------------------------------------------------------------
