@@ -31,6 +31,27 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def quickstart_run(ray_session, tmp_path_factory) -> tuple[Path, dict]:
+    """The quickstart recipe as shipped, on the real local Ray, with the teacher's work cut
+    down for the test's time budget: run ONCE per session (about 3 minutes) and shared by the
+    end-to-end test, the report tests and the notebook tests. Returns (run folder, summary);
+    read it, never write into it."""
+    from pipeline.config import load_recipe
+    from pipeline.run import run_recipe
+
+    small = [
+        "stages.edu_annotate.sample_size=6",
+        "stages.seeds.per_style={textbook: 1, worked_examples: 1, story: 1}",
+        "stages.generate.max_tokens=48",
+        "stages.validate.min_words=10",
+        "stages.train_smoke.steps=12",
+    ]
+    run_dir = tmp_path_factory.mktemp("quickstart") / "run"
+    loaded = load_recipe(REPO / "configs" / "quickstart.yaml", overrides=small)
+    return run_dir, run_recipe(loaded, output=run_dir)
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared real data not found at {SHARED}")

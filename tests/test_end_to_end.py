@@ -20,7 +20,6 @@ from pipeline.io import read_json
 from pipeline.run import format_summary, run_recipe
 from tests.conftest import REPO, fineweb_docs, write_jsonl_parts
 
-QUICKSTART = REPO / "configs" / "quickstart.yaml"
 STAGES = ["extract", "langid", "quality", "dedup"]
 
 
@@ -35,16 +34,10 @@ def _all_rows(run: Path) -> dict[str, list[tuple]]:
     return out
 
 
-def test_quickstart_on_ray(tmp_path, ray_session):
-    # The quickstart as shipped, with the teacher's work cut down for the test's time budget.
-    small = [
-        "stages.edu_annotate.sample_size=6",
-        "stages.seeds.per_style={textbook: 1, worked_examples: 1, story: 1}",
-        "stages.generate.max_tokens=48",
-        "stages.validate.min_words=10",
-        "stages.train_smoke.steps=12",
-    ]
-    summary = run_recipe(load_recipe(QUICKSTART, overrides=small), output=tmp_path / "run")
+def test_quickstart_on_ray(quickstart_run):
+    # The quickstart as shipped, with the teacher's work cut down for the test's time budget
+    # (tests/conftest.py: run once per session, shared with the report and notebook tests).
+    run, summary = quickstart_run
     stages = {s["stage"]: s for s in summary["stages"]}
     assert list(stages) == [
         *STAGES, "edu_annotate", "edu_train", "edu_score",
@@ -69,19 +62,17 @@ def test_quickstart_on_ray(tmp_path, ray_session):
         + stages["edu_annotate"]["dropped"].get("edu_annotate:teacher_error", 0)
         == 6
     )
-    metrics = json.loads((tmp_path / "run/edu_train/metrics.json").read_text())
+    metrics = json.loads((run / "edu_train/metrics.json").read_text())
     cv = metrics["cross_validation"]
     assert cv["spearman"] > cv["baseline_length"]["spearman"]
-    assert (tmp_path / "run/edu_train/model.bin").stat().st_size > 0
+    assert (run / "edu_train/model.bin").stat().st_size > 0
     assert stages["edu_score"]["rows_in"] == stages["dedup"]["rows_out"]
-    scored = pa.concat_tables(
-        pq.read_table(f) for f in (tmp_path / "run/edu_score").glob("*.parquet")
-    )
+    scored = pa.concat_tables(pq.read_table(f) for f in (run / "edu_score").glob("*.parquet"))
     assert scored["edu_score"].null_count == 0 and pa.compute.sum(scored["edu_phase2"]).as_py() > 0
 
     # seeds -> generate -> validate -> synth_dedup, with lineage on every synthetic row.
     assert stages["seeds"]["rows_out"] == stages["generate"]["rows_in"] == 3
-    gen = pa.concat_tables(pq.read_table(f) for f in (tmp_path / "run/generate").glob("*.parquet"))
+    gen = pa.concat_tables(pq.read_table(f) for f in (run / "generate").glob("*.parquet"))
     for r in gen.to_pylist():
         assert r["teacher_model"] and r["template_id"] == "synth" and r["seed_id"] and r["style"]
         assert r["teacher_error"] is None and r["completion_tokens"] <= 48
@@ -91,27 +82,26 @@ def test_quickstart_on_ray(tmp_path, ray_session):
     # the mixture: Phi-3 tokens in Megatron shards, synthetic data in phase 2, a smoke train
     from pipeline.shards import IndexedDataset
 
-    mix = json.loads((tmp_path / "run/mixture/manifest.json").read_text())
+    mix = json.loads((run / "mixture/manifest.json").read_text())
     assert mix["tokenizer"]["name"] == "phi3" and mix["tokenizer"]["eos_id"] == 32000
     phase1, phase2 = mix["phases"]
     assert phase1["tokens"] == 200_000 and {s["name"] for s in phase1["sources"]} == {"web"}
     assert {s["name"] for s in phase2["sources"]} == {"web_edu", "synthetic"}
     for phase in mix["phases"]:
         assert phase["tokens"] == sum(
-            IndexedDataset(tmp_path / "run/mixture" / sh["prefix"]).num_tokens
-            for sh in phase["shards"]
+            IndexedDataset(run / "mixture" / sh["prefix"]).num_tokens for sh in phase["shards"]
         )
         for src in phase["sources"]:
             assert abs(src["tokens"] - src["weight"] * phase["tokens"]) <= 0.01 * phase["tokens"]
     assert summary["artifacts"]["train_smoke"]["loss_fell"]
     assert "tokens per phase and source" in format_summary(summary)
 
-    final = pa.concat_tables(pq.read_table(f) for f in (tmp_path / "run/dedup").glob("*.parquet"))
+    final = pa.concat_tables(pq.read_table(f) for f in (run / "dedup").glob("*.parquet"))
     kept = final.filter(pa.compute.is_null(final["drop_reason"]))
     assert set(kept["lang"].to_pylist()) == {"en"}
     assert min(kept["lang_score"].to_pylist()) >= 0.65
     assert len(set(kept["id"].to_pylist())) == len(kept)
-    assert (tmp_path / "run/run_summary.json").is_file()
+    assert (run / "run_summary.json").is_file()
     text = format_summary(summary)
     assert "dedup" in text and "rows in" in text
 
