@@ -237,6 +237,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             ]
     lines.append("")
     lines.append(f"  details: {Path(summary['output']) / 'run_summary.json'}")
+    if (Path(summary["output"]) / "report.html").is_file():
+        lines.append(f"  report:  {Path(summary['output']) / 'report.html'}")
     return "\n".join(lines)
 
 
