@@ -35,6 +35,7 @@ text, so their near-duplicate recall is poor: a known limitation, as for FineWeb
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -90,6 +91,9 @@ _POLY = np.uint64(0x9E3779B97F4A7C15)  # odd, so invertible mod 2^64
 _LEN_MIX = np.uint64(0xC2B2AE3D27D4EB4F)
 
 
+log = logging.getLogger("primer")
+
+
 class DedupConfig(StageConfig):
     """Dedup settings. Defaults are FineWeb's (datatrove `MinhashConfig`): word 5-grams,
     14 bands of 8 rows, seed 1. With b bands of r rows, a pair with Jaccard similarity s
@@ -125,6 +129,11 @@ class DedupConfig(StageConfig):
 
     num_partitions: int = Field(32, ge=1)
     """Ray mode: hash partitions of the (band, key) shuffle; raise it with the corpus size."""
+
+    ray_min_rows: int = Field(50_000, ge=0)
+    """Ray mode: inputs (Parquet stage outputs) with fewer rows than this get their clusters
+    computed in the driver, the in-process path (identical clusters, tested): Ray Data's
+    groupby and join cost ~10 s of fixed start-up, more than a small input's whole work."""
 
     @model_validator(mode="after")
     def _something_to_do(self) -> DedupConfig:
@@ -566,6 +575,18 @@ def _prepare_ray(inputs: Sequence[str], config: DedupConfig) -> pa.Table:
 # --- the stage ---------------------------------------------------------------------------------
 
 
+def _rows_below(items: list, limit: int) -> bool:
+    """Whether `items`, all Parquet files, hold fewer than `limit` rows (footers only)."""
+    total = 0
+    for item in items:
+        if not (isinstance(item, str | os.PathLike) and str(item).endswith(".parquet")):
+            return False
+        total += pq.ParquetFile(item).metadata.num_rows
+        if total >= limit:
+            return False
+    return True
+
+
 class DedupStage(GlobalStage):
     """Exact + MinHash-LSH dedup: one document kept per cluster, the rest marked dropped.
 
@@ -582,6 +603,7 @@ class DedupStage(GlobalStage):
     Config: ClassVar[type[StageConfig]] = DedupConfig
     needs: ClassVar[tuple[str, ...]] = ("id", "text")
     adds: ClassVar[tuple[str, ...]] = ("text_hash", "dup_cluster", "dup_cluster_size")
+    fingerprint_exclude: ClassVar[frozenset[str]] = frozenset({"ray_min_rows"})
 
     config: DedupConfig
 
@@ -608,6 +630,10 @@ class DedupStage(GlobalStage):
                 return
             done.unlink()
         state.mkdir(parents=True, exist_ok=True)
+        if use_ray and _rows_below(items, self.config.ray_min_rows):
+            log.info("dedup: fewer than %d input rows; clusters computed in the driver",
+                     self.config.ray_min_rows)  # fmt: skip
+            use_ray = False
         if use_ray:
             if not items or not all(isinstance(p, str | os.PathLike) for p in items):
                 raise TypeError("dedup.prepare(use_ray=True) takes a non-empty list of file paths")

@@ -260,7 +260,8 @@ def test_in_process_and_ray_prepare_give_identical_clusters(tmp_path, ray_ctx):
     tables = {}
     for use_ray in (False, True):
         state = tmp_path / f"state-{use_ray}"
-        DedupStage(num_partitions=2).prepare(paths, str(state), use_ray=use_ray)
+        # ray_min_rows=0: the Ray Data path even for this small input
+        DedupStage(num_partitions=2, ray_min_rows=0).prepare(paths, str(state), use_ray=use_ray)
         assert (state / "_DONE").is_file()
         tables[use_ray] = pq.read_table(state / "clusters.parquet")
     assert tables[False].equals(tables[True])
@@ -269,6 +270,13 @@ def test_in_process_and_ray_prepare_give_identical_clusters(tmp_path, ray_ctx):
         for r in tables[True].to_pylist()
     }
     assert got == EXPECTED
+
+
+def test_small_inputs_skip_ray_data(tmp_path, caplog):
+    paths, _ = _write_parts(tmp_path)
+    caplog.set_level("INFO", logger="primer")
+    DedupStage().prepare(paths, str(tmp_path / "state"), use_ray=True)  # no Ray needed
+    assert "clusters computed in the driver" in caplog.text
 
 
 def test_stage_marks_duplicates_in_every_part(tmp_path):
