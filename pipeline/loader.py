@@ -51,9 +51,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.mixture import MANIFEST_FORMAT
 from pipeline.shards import IndexedDataset
 
-MANIFEST_FORMAT = "primer-mixture/1"
 STATE_FORMAT = "primer-loader-state/1"
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's default ignore_index
 
