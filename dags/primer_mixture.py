@@ -1,0 +1,13 @@
+"""Airflow DAG `primer_mixture`: mixture -> train_smoke (the recipe's stages after decontaminate).
+
+Scheduled on the Assets of what it mixes: `edu_score` (web) and `decontaminate`
+(synthetic); it runs once both have been updated since its last run.
+"""
+
+from primer_dag_factory import primer_dag
+
+mixture = primer_dag(
+    "primer_mixture",
+    after="decontaminate",
+    description="Primer mixture: Phi-3 tokens into two-phase Megatron shards, then a smoke train",
+)
