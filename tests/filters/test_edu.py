@@ -297,7 +297,7 @@ def test_primer_stage_edu_score_scores_any_jsonl(trained, tmp_path):
     src.write_text("\n".join(json.dumps({"text": d["text"]}) for d in fineweb_docs(20)) + "\n")
     cmd = [sys.executable, "-m", "pipeline.cli", "stage", "edu_score", "--input", str(src),
            "--output", str(tmp_path / "out"), "--set", f"model={trained / 'model.bin'}",
-           "--set", "drop_below_phase1=false"]  # fmt: skip
+           "--set", "drop_below_phase1=false", "--executor", "local"]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=120)
     [part] = (tmp_path / "out" / "edu_score").glob("in-*.parquet")
     out = pq.read_table(part)
