@@ -41,6 +41,15 @@ def ray_head(tmp_path):
     if not (BIN / "ray").is_file():
         pytest.skip("the ray CLI is not installed in this environment")
     port, dash = _free_port(), _free_port()
+    # Every port of its own: the test session's local Ray already holds Ray's defaults
+    # (the dashboard agent's 52365 among them), and a head whose agent cannot bind never
+    # accepts jobs ("No available agent to submit job").
+    agent_ports = [
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+    ]
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -58,7 +67,7 @@ def ray_head(tmp_path):
             "--node-ip-address=127.0.0.1", f"--port={port}",
             "--num-cpus=2", "--include-dashboard=true",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-            "--disable-usage-stats",
+            "--disable-usage-stats", *agent_ports,
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -113,7 +122,7 @@ def test_ray_job_submit_runs_a_recipe_on_the_cluster(ray_head, tmp_path):
         "--runtime-env-json", json.dumps({"env_vars": {"OMP_NUM_THREADS": "1"}}),
         "--", "python", "-m", "pipeline.cli", "run", str(path), "--output", str(out),
     ]  # fmt: skip
-    for _ in range(30):  # the job agent comes up a few seconds after the dashboard
+    for _ in range(60):  # the job agent comes up a few seconds after the dashboard
         done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
         if "No available agent to submit job" not in done.stderr:
             break
