@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 def _train_smoke_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.train_smoke import ModelConfigError, TrainSmokeError, train_smoke_from_mixture
+    from pipeline.train_smoke import ModelConfigError, TrainSmokeError, TrainSmokeStage
 
     run = Path(args.run)
     mixture = run if (run / "manifest.json").is_file() else run / "mixture"
@@ -99,8 +99,8 @@ def _train_smoke_command(args: argparse.Namespace) -> int:
         )
     out = Path(args.output) if args.output else mixture.parent / "train_smoke_cli"
     try:
-        m = train_smoke_from_mixture(
-            mixture,
+        m = TrainSmokeStage(
+            mixture=str(mixture),
             model=args.model,
             steps=args.steps,
             batch_size=args.batch_size,
@@ -108,8 +108,7 @@ def _train_smoke_command(args: argparse.Namespace) -> int:
             lr=args.lr,
             threads=args.threads,
             seed=args.seed,
-            out_dir=out,
-        )
+        ).train(out)
     except TrainSmokeError as e:
         print(f"primer: train-smoke failed: {e}", file=sys.stderr)
         return 1

@@ -563,9 +563,10 @@ class TrainSmokeStage(ArtifactStage):
     Config: ClassVar[type[StageConfig]] = TrainSmokeConfig
     config: TrainSmokeConfig
 
-    def build(self, inputs: Sequence[str], out_dir: str, use_ray: bool) -> dict[str, Any]:
+    def train(self, out_dir: str | Path) -> dict[str, Any]:
+        """Run the smoke with this config (the stage and `primer train-smoke` both do)."""
         cfg = self.config
-        m = train_smoke_from_mixture(
+        return train_smoke_from_mixture(
             cfg.mixture,
             model=cfg.model,
             steps=cfg.steps,
@@ -576,6 +577,10 @@ class TrainSmokeStage(ArtifactStage):
             seed=cfg.seed,
             out_dir=out_dir,
         )
+
+    def build(self, inputs: Sequence[str], out_dir: str, use_ray: bool) -> dict[str, Any]:
+        cfg = self.config
+        m = self.train(out_dir)
         return {"rows_in": m["steps"] * cfg.batch_size} | {
             k: m[k]
             for k in (
