@@ -35,6 +35,8 @@ from typing import Any
 
 import polars as pl
 
+from pipeline.io import column_base
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = "runs/quickstart"
 
@@ -98,6 +100,17 @@ def open_run(path: str | os.PathLike | None = None) -> Run:
 def _read_json(path: Path) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def _scan_part(path: Path) -> pl.LazyFrame:
+    """One stage part, lazily; a column part side by side with its base's kept rows (the
+    readers in pipeline/io.py also check the ids row by row; this view trusts the base's
+    recorded size, checked when the part is opened)."""
+    found = column_base(path)
+    if found is None:
+        return pl.scan_parquet(path)
+    base = _scan_part(found[0]).filter(pl.col("drop_reason").is_null()).drop("drop_reason")
+    return pl.concat([base, pl.scan_parquet(path).drop("id")], how="horizontal")
 
 
 def _spread(items: list[Path], k: int | None) -> list[Path]:
@@ -295,9 +308,11 @@ class Run:
             raise MissingData(
                 f"{self.path / name} has no Parquet parts (stage kind: {self.kind(name)})"
             )
-        lf = pl.scan_parquet(
-            _spread(files, max_parts), missing_columns="insert", extra_columns="ignore"
-        )
+        files = _spread(files, max_parts)
+        if any(column_base(f) for f in files):  # column parts: each joined with its base
+            lf = pl.concat([_scan_part(f) for f in files], how="diagonal_relaxed")
+        else:
+            lf = pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore")
         if kept_only:
             lf = lf.filter(pl.col("drop_reason").is_null())
         if columns is not None:
@@ -387,7 +402,7 @@ class Run:
         for name in reversed(self.stages):
             if self.kind(name) == "artifact" or not self.files(name):
                 continue
-            have = set(pl.scan_parquet(self.files(name)[0]).collect_schema().names())
+            have = set(_scan_part(self.files(name)[0]).collect_schema().names())
             if {"teacher_model", "seed_id", "sample_seed"} <= have:
                 return name
         return None

@@ -38,7 +38,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io import AtomicParquetWriter, iter_parquet, read_json, write_json_atomic
+from pipeline.io import (
+    AtomicParquetWriter,
+    column_part_metadata,
+    iter_parquet,
+    read_json,
+    stage_schema,
+    write_json_atomic,
+)
 from pipeline.progress import Progress
 from pipeline.schema import READ_COLUMNS, schema_for
 from pipeline.stage import ArtifactStage, GlobalStage, Stage
@@ -114,13 +121,16 @@ def input_fingerprint(parts: Sequence[Part]) -> str:
 
 def _input_columns(part: Part) -> list[str]:
     if part.from_stage:
-        return pq.read_schema(part.source).names
+        return stage_schema(part.source).names
     return list(READ_COLUMNS)
 
 
-def _iter_input(part: Part, batch_rows: int) -> Iterator[pa.Table]:
+def _iter_input(
+    part: Part, batch_rows: int, columns: Sequence[str] | None = None
+) -> Iterator[pa.Table]:
+    """The part's rows to process; `columns` (stage outputs only) reads just those."""
     if part.from_stage:
-        yield from iter_parquet(part.source, batch_rows=batch_rows, kept_only=True)
+        yield from iter_parquet(part.source, batch_rows=batch_rows, columns=columns)
     else:
         from pipeline.readers import iter_batches
 
@@ -138,12 +148,22 @@ def process_part(stage: Stage, part: Part, out_dir: Path, fingerprint: str) -> d
     """Run `stage` over one part and commit its output; returns the part's counts."""
     t0 = time.monotonic()
     batch_rows = stage.config.batch_rows
-    schema = schema_for({*_input_columns(part), *stage.adds, "drop_reason"})
-    writer = AtomicParquetWriter(out_dir / f"{part.name}.parquet")
+    path = out_dir / f"{part.name}.parquet"
+    read: list[str] | None = None
+    if stage.annotates and part.from_stage:
+        # A column part: read only what the stage needs, write only what it adds.
+        if stage.unwritten_reasons:
+            raise TypeError(f"stage {stage.name!r} annotates, so it must write every row")
+        read = ["id", *stage.needs]
+        schema = schema_for({"id", *stage.adds, "drop_reason"})
+        writer = AtomicParquetWriter(path, metadata=column_part_metadata(path, part.source))
+    else:
+        schema = schema_for({*_input_columns(part), *stage.adds, "drop_reason"})
+        writer = AtomicParquetWriter(path)
     rows_in = 0
     dropped: Counter[str] = Counter()
     try:
-        for table in _iter_input(part, batch_rows):
+        for table in _iter_input(part, batch_rows, read):
             rows_in += len(table)
             if "drop_reason" in table.column_names and table["drop_reason"].null_count < len(table):
                 # Rows a reader already rejected (bad records) pass through, counted.

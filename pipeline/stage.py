@@ -61,6 +61,11 @@ class Stage:
     fingerprint_exclude: ClassVar[frozenset[str]] = frozenset()
     """Config keys that do not change the output (a dry-run switch): changing them must not
     make the runner recompute the stage."""
+    annotates: ClassVar[bool] = False
+    """True when the stage only adds columns (`adds`, `drop_reason`) to rows it reads whole,
+    from `needs` alone: over a previous stage's part it then writes a column part (`id`,
+    its columns, `drop_reason`) that readers join with that part (pipeline/io.py), instead
+    of copying every document's text."""
     unwritten_reasons: ClassVar[frozenset[str]] = frozenset()
     """Drop reasons that are counted but whose rows are not written (a sampling stage's
     "not_sampled" would otherwise copy the whole corpus into its output)."""
