@@ -159,7 +159,7 @@ def prepare_input(docs: int, parts: int) -> list[str]:
 
     from pipeline.schema import schema_for
 
-    folder = BENCH / f"edu_input_{docs}x{parts}"
+    folder = BENCH / f"edu_input_{docs}x{parts}.v2"
     paths = [folder / f"part-{i:05d}.parquet" for i in range(parts)]
     if all(p.is_file() for p in paths):
         return [str(p) for p in paths]
@@ -180,9 +180,14 @@ def prepare_input(docs: int, parts: int) -> list[str]:
 
     def writer(lo: int, hi: int) -> Callable[[Path], None]:
         def write(tmp: Path) -> None:
-            # Like AtomicParquetWriter: zstd, one row group per batch the stage wrote.
+            # As AtomicParquetWriter writes a stage's part: zstd, text not dictionary-encoded,
+            # one row group per batch the stage wrote.
             pq.write_table(
-                table.slice(lo, hi - lo), tmp, compression="zstd", row_group_size=BATCH_ROWS
+                table.slice(lo, hi - lo),
+                tmp,
+                compression="zstd",
+                row_group_size=BATCH_ROWS,
+                use_dictionary=[n for n in table.column_names if n != "text"],
             )
 
         return write
