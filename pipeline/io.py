@@ -225,7 +225,7 @@ def _iter_column_part(
                 [*(b[n] for n in from_base if n != "drop_reason"), *(c[n] for n in own)],
                 names=[*(n for n in from_base if n != "drop_reason"), *own],
             )
-            if kept_only:
+            if kept_only and table["drop_reason"].null_count < len(table):
                 table = table.filter(pc.is_null(table["drop_reason"]))
             table = table.select(want).cast(out_schema)
             if len(table):
@@ -268,8 +268,8 @@ def iter_parquet(
         cols = [*cols, "drop_reason"]
     for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
         table = pa.Table.from_batches([batch])
-        if kept_only and "drop_reason" in names:
-            table = table.filter(pc.is_null(table["drop_reason"]))
+        if kept_only and "drop_reason" in names and table["drop_reason"].null_count < len(table):
+            table = table.filter(pc.is_null(table["drop_reason"]))  # copies: only when needed
         if len(table):
             yield table
 
