@@ -237,7 +237,12 @@ def _run_parts_ray(
         _PartWorker,
         fn_constructor_args=(stage, str(out_dir), fp),
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=workers),
+        # One call at a time per actor, run on the actor's own thread: a part is one whole
+        # task, so Ray Data's default single-thread wrapper (the UDF on a helper thread while
+        # the actor thread batches) only cost time, about a fifth per part here.
+        compute=ray.data.ActorPoolStrategy(
+            size=workers, max_concurrent_calls_per_actor=1, enable_true_multi_threading=True
+        ),
         num_cpus=stage.num_cpus,
         num_gpus=stage.num_gpus or None,
     )
