@@ -22,14 +22,10 @@ from filters.edu import (
     EduScoreStage,
     EduTrainStage,
     allocate,
-    expected_scores,
-    fasttext_inputs,
-    fasttext_lines,
-    load_fasttext,
-    predict_all,
     roc_auc,
     spearman,
 )
+from filters.fasttext_scorer import load_fasttext
 from generators.prompts import load_template
 from generators.teacher import LocalServerConfig, TeacherConfig
 from pipeline.runner import run_stage
@@ -294,31 +290,6 @@ def test_edu_score_is_the_expected_rating_and_thresholds_make_the_phases(trained
     assert (p1 == (score >= 1.2)).all() and (p2 == (score >= 1.6)).all() and not (p2 & ~p1).any()
     dropped = np.array([r is not None for r in out["drop_reason"].to_pylist()])
     assert (dropped == ~p1).all() and 0 < dropped.sum() < len(docs)
-
-
-def test_the_fast_predict_path_is_model_predict_exactly(trained):
-    """fasttext_inputs + predict_all (bytes straight to the native multilinePredict) give
-    exactly what model.predict gives over fasttext_lines, odd documents included."""
-    model = load_fasttext(trained / "model.bin")
-    odd = [
-        "",
-        "\n\n",
-        "Élève à l'école\r\nÜBER straße",
-        "tab\tsep\x0bvt\x0cff",
-        "x" * 5000,
-        "\u00a0 nbsp",
-    ]
-    texts = pa.array([d["text"] for d in fineweb_docs(200)] + odd + [None], pa.large_string())
-    for lowercase, max_chars in ((True, 3000), (False, None), (True, 7)):
-        lines = fasttext_lines(texts, lowercase, max_chars)
-        want_labels, want_probs = model.predict(lines, k=-1, threshold=0.0)
-        got_labels, got_probs = predict_all(model, fasttext_inputs(texts, lowercase, max_chars))
-        assert got_labels == want_labels
-        assert np.array_equal(np.asarray(got_probs), np.asarray(want_probs))
-        np.testing.assert_array_equal(
-            expected_scores(model, lines),
-            expected_scores(model, fasttext_inputs(texts, lowercase, max_chars)),
-        )
 
 
 def test_primer_stage_edu_score_scores_any_jsonl(trained, tmp_path):
