@@ -136,6 +136,9 @@ ROWS = (
     Row("stage/call", "EduScoreStage(table), in-process"),
     Row("stage/local-fasttext", "run_stage in-process, engine: fasttext"),
     Row("stage/local", "run_stage, in-process (Parquet I/O)"),
+    # Two of them at once, unpinned, each on half the input: what sharing the cores under
+    # the OS scheduler costs without Ray, to tell it apart from Ray's own overhead.
+    Row("stage/local-x2", "2 x run_stage at once, unpinned", pinned=False),
     # Both Ray rows come from one child: the session's first run, the fastest run after it.
     Row("stage/ray", "run_stage on Ray Data, 1st in session", pinned=False),
     Row("stage/ray-warm", "run_stage on Ray Data, later (recipe)", pinned=False, run_index=1),
@@ -342,7 +345,7 @@ def _runner_result(manifest: dict) -> tuple[int, int]:
     return manifest["rows_in"], manifest["rows_out"]
 
 
-def stage_local(paths: list[str], spec: dict, engine: str = "auto") -> dict:
+def stage_local(paths: list[str], spec: dict, engine: str = "auto", out: str = "local") -> dict:
     """run_stage in-process, a fresh stage and output folder each pass: the whole call timed,
     setup() (model load) included; the process's one-time imports fall in the first pass."""
     from filters.edu import EduScoreStage
@@ -351,7 +354,7 @@ def stage_local(paths: list[str], spec: dict, engine: str = "auto") -> dict:
     manifests: list[dict] = []
 
     def fresh() -> Iterator[tuple[Any, Path]]:
-        yield EduScoreStage(model=str(MODEL), engine=engine), _fresh_out("local")  # untimed
+        yield EduScoreStage(model=str(MODEL), engine=engine), _fresh_out(out)  # untimed
 
     def work(item: tuple[Any, Path]) -> tuple[int, int]:
         manifests.append(run_stage(item[0], paths, item[1], use_ray=False))
@@ -629,6 +632,7 @@ RUNNERS: dict[str, Callable[[list[str], dict], dict]] = {
     "stage/call": stage_call,
     "stage/local": stage_local,
     "stage/local-fasttext": lambda paths, spec: stage_local(paths, spec, "fasttext"),
+    "stage/local-half": lambda paths, spec: stage_local(paths, spec, out=f"local-{spec['half']}"),
     "stage/ray": stage_ray,
     "dt/fasttext": dt_fasttext,
     "diag/runner": runner_breakdown,
@@ -652,33 +656,71 @@ def child_main(spec: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def run_row(row: Row, paths: list[str], args: argparse.Namespace) -> dict:
-    if row.pinned:  # per-document rates: the first parts holding --pinned-docs rows are enough
-        per_part = args.docs / len(paths)
-        paths = paths[: max(1, round(min(args.pinned_docs, args.docs) / per_part))]
-    spec = {
-        "key": row.key,
+def _pinned_paths(paths: list[str], args: argparse.Namespace) -> list[str]:
+    """Per-document rates: the first parts holding --pinned-docs rows are enough."""
+    per_part = args.docs / len(paths)
+    return paths[: max(1, round(min(args.pinned_docs, args.docs) / per_part))]
+
+
+def _spec(key: str, paths: list[str], pinned: bool, args: argparse.Namespace, **extra) -> dict:
+    return {
+        "key": key,
         "paths": paths,
         "core": args.core,
-        "pinned": row.pinned,
+        "pinned": pinned,
         "ray_cpus": args.ray_cpus,
         "ray_runs": args.ray_runs,
         "passes": args.passes,
+        **extra,
     }
-    env = {**os.environ, **ONE_THREAD}
+
+
+def _start(spec: dict) -> subprocess.Popen:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    t0 = time.perf_counter()
+    env = {**os.environ, **ONE_THREAD}
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> dict:
     try:
-        proc = subprocess.run(
-            cmd, env=env, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT
-        )
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.timeout:.0f} s"}
-    found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        proc.kill()
+        proc.communicate()
+        return {"error": f"timed out after {timeout:.0f} s"}
+    found = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not found:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        tail = (stderr or stdout).strip().splitlines()[-5:]
         return {"error": " | ".join(tail) or f"exit status {proc.returncode}"}
-    result = json.loads(found[-1][len("RESULT ") :])
+    return json.loads(found[-1][len("RESULT ") :])
+
+
+def run_row(row: Row, paths: list[str], args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    if row.key == "stage/local-x2":
+        half = _pinned_paths(paths, args)
+        procs = [
+            _start(_spec("stage/local-half", half[i::2], False, args, passes=1, half=i))
+            for i in (0, 1)
+        ]
+        both = [_finish(p, args.timeout) for p in procs]
+        if any("error" in r for r in both):
+            return next(r for r in both if "error" in r)
+        return {
+            "docs": sum(r["docs"] for r in both),
+            "kept": sum(r["kept"] for r in both),
+            "wall_s": max(r["wall_s"] for r in both),
+            "cpu_s": sum(r["cpu_s"] for r in both),
+            "cores": 2,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in both),
+            "notes": {"docs_per_s_each": [round(r["docs"] / r["wall_s"]) for r in both]},
+            "elapsed_s": time.perf_counter() - t0,
+        }
+    if row.pinned:
+        paths = _pinned_paths(paths, args)
+    result = _finish(_start(_spec(row.key, paths, row.pinned, args)), args.timeout)
     result["elapsed_s"] = time.perf_counter() - t0
     return result
 
