@@ -28,8 +28,8 @@ document is scored. Three stages, as FineWeb-Edu and Phi-3 built their web filte
   probabilities, 0-5), `edu_int` (rounded), and the `edu_phase1` / `edu_phase2` flags from
   config thresholds; rows under the phase-1 threshold are dropped (`edu_score:below_phase1`)
   unless `drop_below_phase1` is off. The model loads once per Ray actor and scores a whole
-  batch in one call, through filters/fasttext_scorer.py (a fused kernel about 3x faster
-  than fastText's predict, to within 1e-5; `engine: fasttext` runs fastText's own).
+  batch in one call, through filters/fasttext_scorer.py (a fused kernel at about 2.3x
+  fastText's predict, equal to it within 1e-5; `engine: fasttext` runs fastText's own).
 
 Defaults were chosen by 5-fold cross-validation on the 500 rated FineWeb documents of
 data/annotations/ (softmax, 60 epochs, lr 0.5, dim 32, word bigrams, lower-cased first 3,000
@@ -745,9 +745,9 @@ class EduTrainStage(ArtifactStage):
             path.unlink(missing_ok=True)
             model_path.unlink(missing_ok=True)
 
-    def _predict(self, model: Any, table: pa.Table) -> np.ndarray:
+    def _predict(self, scorer: Scorer, table: pa.Table) -> np.ndarray:
         cfg = self.config
-        return expected_scores(make_scorer(model), table["text"], cfg.lowercase, cfg.max_chars)
+        return expected_scores(scorer, table["text"], cfg.lowercase, cfg.max_chars)
 
     def build(self, inputs: Sequence[str], out_dir: str, use_ray: bool) -> dict[str, Any]:
         cfg = self.config
@@ -767,12 +767,13 @@ class EduTrainStage(ArtifactStage):
         labels = data["label"].to_numpy()
 
         model = self._train(train, out)
+        scorer = make_scorer(model)
         lr_used = self.lr_used
         held_out = evaluate(
-            labels[is_test], self._predict(model, test), lengths[is_test], cfg.binary_threshold
+            labels[is_test], self._predict(scorer, test), lengths[is_test], cfg.binary_threshold
         )
         per_source = {
-            s: evaluate(labels[is_test & m], self._predict(model, test.filter(pa.array(m[is_test]))),
+            s: evaluate(labels[is_test & m], self._predict(scorer, test.filter(pa.array(m[is_test]))),
                         lengths[is_test & m], cfg.binary_threshold)
             for s in sorted(set(data["source"].to_pylist()))
             if (m := np.asarray(pc.equal(data["source"], s))).any() and (is_test & m).sum() >= 2
@@ -784,7 +785,7 @@ class EduTrainStage(ArtifactStage):
             for k in range(cfg.cv_folds):
                 m = fold == k
                 if m.any() and (~m).any():
-                    fm = self._train(data.filter(pa.array(~m)), out)
+                    fm = make_scorer(self._train(data.filter(pa.array(~m)), out))
                     pred[m] = self._predict(fm, data.filter(pa.array(m)))
             cv = {"folds": cfg.cv_folds, **evaluate(labels, pred, lengths, cfg.binary_threshold)}
 
@@ -896,7 +897,7 @@ class EduScoreConfig(StageConfig):
 
     engine: Engine = "auto"
     """How the model is run (filters/fasttext_scorer.py): "fused" (Primer's numba kernel,
-    ~3x faster than fastText's predict, equal to about 1e-5), "fasttext" (its own predict), or
+    about 2.3x fastText's predict, equal to about 1e-5), "fasttext" (its own predict), or
     "auto": fused where the model allows (softmax, no subwords, not quantized)."""
 
     @model_validator(mode="after")

@@ -26,7 +26,7 @@ bigram. Two engines compute the same numbers:
   adds up a line's rows in 32-bit floats, this engine in 64-bit over folded rows; about
   3e-6 in a probability on FineWeb documents, 1.3e-5 on a 6,000-token line
   (tests/filters/test_fasttext_scorer.py checks it against `model.predict` on real and odd
-  text). About 3x faster than predict here (`python -m benchmarks.edu_score`).
+  text). About 2.3x predict's rate here (`python -m benchmarks.edu_score`).
 - `fasttext`: fastText's native `multilinePredict` on the same lines (UTF-8 bytes made in
   Arrow, so no Python str is decoded per document), exactly `model.predict`.
 
@@ -151,16 +151,19 @@ class NativeScorer:
         return out
 
 
+def _vocabulary(model: Any) -> list[bytes]:
+    """The model's words as the bytes fastText holds (not all of them need be UTF-8)."""
+    return [w.encode("utf-8", "surrogateescape") for w in model.f.getVocab("surrogateescape")[0]]
+
+
 class FusedScorer:
-    """The fused numba engine; see the module docstring. Build with `FusedScorer.build`."""
+    """The fused numba engine; see the module docstring. `make_scorer` builds one."""
 
     engine = "fused"
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, words: list[bytes] | None = None) -> None:
         args = model.f.getArgs()
-        words = [
-            w.encode("utf-8", "surrogateescape") for w in model.f.getVocab("surrogateescape")[0]
-        ]
+        words = _vocabulary(model) if words is None else words
         vocab = pa.array(words, pa.large_binary())
         self._voffs = np.frombuffer(vocab.buffers()[1], np.int64, len(vocab) + 1)
         self._vdata = (
@@ -185,8 +188,9 @@ class FusedScorer:
         self.labels = list(model.get_labels())
 
     @staticmethod
-    def unsupported(model: Any) -> str | None:
-        """Why the fused engine cannot run `model`, or None when it can."""
+    def unsupported(model: Any, words: list[bytes] | None = None) -> str | None:
+        """Why the fused engine cannot run `model` (its `words`, when already read), or
+        None when it can."""
         args = model.f.getArgs()
         if model.is_quantized():
             return "the model is quantized (.ftz)"
@@ -198,9 +202,11 @@ class FusedScorer:
             return f"it uses character n-grams (maxn {args.maxn})"
         if args.wordNgrams > 1 and args.bucket <= 0:
             return "it has word n-grams but no buckets"
-        nwords = len(model.get_words(on_unicode_error="replace"))
-        if nwords >= _MAX_WORDS:
-            return f"its vocabulary has {nwords:,} words (the fused engine takes < {_MAX_WORDS:,})"
+        words = _vocabulary(model) if words is None else words
+        if len(words) >= _MAX_WORDS:
+            return (
+                f"its vocabulary has {len(words):,} words (the fused engine takes < {_MAX_WORDS:,})"
+            )
         if model.get_word_id(EOS.decode()) < 0:
             return "its vocabulary has no '</s>'"
         return None
@@ -240,9 +246,10 @@ def make_scorer(model: Any, engine: Engine = "auto") -> Scorer:
     """A scorer for a loaded fastText model; `auto` takes `fused` where the model allows."""
     if engine == "fasttext":
         return NativeScorer(model)
-    why = FusedScorer.unsupported(model)
+    words = _vocabulary(model)  # read once, for the check and the lookup table
+    why = FusedScorer.unsupported(model, words)
     if why is None:
-        return FusedScorer(model)
+        return FusedScorer(model, words)
     if engine == "fused":
         raise ValueError(
             f"the fused fastText engine cannot run this model: {why}; use engine: fasttext"
@@ -299,8 +306,7 @@ def _score(data, offsets, slots, vdata, voffs, table, nwords, bucket, ngrams, eo
     n_out = table.shape[1]
     mask = len(slots) - 1
     n_label = len(label)
-    fbucket = np.float64(max(bucket, 1))
-    inv_bucket = 1.0 / fbucket
+    inv_bucket = 1.0 / np.float64(max(bucket, 1))
     ibucket = np.int64(max(bucket, 1))
     starts = positions[0]
     lengths = positions[1]
