@@ -4,10 +4,11 @@ Primer ingests web crawls (WARC, WET), text dumps (JSONL, Parquet, Hugging Face 
 and loose HTML files. Each reader streams its file in batches of at most `batch_rows` rows,
 every batch with exactly the columns and types of `pipeline.schema.READ_SCHEMA`, so the
 stages after it never care where a document came from. Why a reader of our own: a crawl
-file is never clean (downloads cut short, broken gzip members, invalid UTF-8, bad JSON),
-and a record that cannot be read must be counted, not lost and not fatal. Such a record
-becomes a row with `drop_reason = "read:<reason>"` and null `text`/`html`, keeping
-whatever id and url were known, so the run manifest counts it with the other drops:
+file is never clean (downloads cut short, broken gzip members, invalid UTF-8, bad JSON,
+Parquet row groups that do not decode), and a record that cannot be read must be counted,
+not lost and not fatal. Such a record becomes a row with `drop_reason = "read:<reason>"`
+and null `text`/`html`, keeping whatever id and url were known, so the run manifest counts
+it with the other drops:
 
     read:truncated_gzip     the .gz ends (or a record inside it ends) before its end marker
     read:truncated_zstd     the same for a .zst file
@@ -18,14 +19,58 @@ whatever id and url were known, so the run manifest counts it with the other dro
     read:bad_encoding       an HTTP body whose chunked/gzip/deflate/br encoding is broken
     read:http_status        an HTTP response that is not 2xx (redirect, error page)
     read:empty_payload      a WARC document record with an empty body
-    read:invalid_utf8       a text payload with more than 1% undecodable bytes
+    read:invalid_utf8       a text payload with more than 1% undecodable bytes (a WET
+                            record, a JSONL line, a Parquet/HF text value)
     read:invalid_json       a JSONL line that is not a JSON object
     read:missing_text       a JSONL/Parquet/HF record whose text is absent, null or empty
-    read:corrupt_parquet    a Parquet file (or row group) that cannot be decoded
+    read:text_not_string    a JSONL/Parquet/HF record whose text is a number, bool, list or
+                            object (any non-string, non-binary Arrow type)
+    read:too_large          a JSONL line, HTML file or WARC record over 256 MiB; skipped
+                            without being held in memory
+    read:corrupt_parquet    a Parquet file whose footer does not decode (0 bytes, cut short,
+                            not Parquet at all): one row, id "<name>:0". Or a row group that
+                            does not decode: one row per document it did not yield, as many
+                            as the footer counts, with the fallback ids a clean read gives
 
 Not documents, skipped without a row: WARC request, metadata, warcinfo and revisit
 records, non-HTTP responses (`dns:`), resource records that are not web pages (wget's
-`metadata://` log), and blank JSONL lines. An empty file yields no rows.
+`metadata://` log), and blank JSONL lines. An empty file yields no rows, except an empty
+.parquet: a Parquet file always has a footer, so 0 bytes is a failed write.
+
+Ids are strings, by one rule in every reader of keyed records (JSONL, Parquet, HF):
+
+    string                  as it is
+    integer                 decimal, so 7 and "7" are the same id "7"
+    float                   an integral value as an integer (7.0 -> "7": pandas turns an
+                            integer id column with a null into floats); otherwise Python's
+                            shortest round-trip form ("0.5", "1e-07")
+    bool                    "true" or "false"
+    list, object, struct    compact JSON with sorted keys: {"a":1,"b":[2]}
+    date, timestamp         Arrow's string form (Parquet/HF only; JSON has no dates)
+    null, absent, "", NaN   the fallback "<file name>:<row>": the line number in a JSONL file
+                            (blank lines counted), the row number in a Parquet file (from
+                            its first row), "<name>:<split>:<row>" in an HF dataset
+
+WARC ids are the WARC-Record-ID without `<urn:uuid:...>`, or "<file name>:<record>".
+Duplicate ids within a file are the runner's to resolve, not the reader's.
+
+Text must be a string. Parquet/HF `string`, `large_string`, `string_view` and
+dictionary-encoded strings are read as they are; `binary` columns are decoded as UTF-8
+(the read:invalid_utf8 rule above, also applied to string columns whose bytes are not
+valid UTF-8); any other type is read:text_not_string, and `check_input` names such a
+column at plan time. Only the mapped columns of a Parquet file are read, row group by row
+group, so one broken row group costs its own rows and no others.
+
+Tolerated without a row: a UTF-8 byte order mark at the start of a JSONL line, CRLF line
+ends, raw control characters inside JSON strings, UTF-16 JSONL files (with a BOM), lone
+UTF-16 surrogates in JSON escapes (replaced, under the invalid_utf8 rule). Compression is
+told by magic bytes, not by name, so a .jsonl.gz that is plain text reads as plain text.
+
+Before a run, `classify_inputs(files)` splits a listing into the files a reader handles
+and (file, why) for the rest (a LICENSE, a README, WAT metadata, a .json manifest), and
+`check_input(path)` reads a Parquet footer to report a user error (no text column, a text
+column of numbers) before any work starts. Neither reads data: unreadable files are the
+readers' to record as rows.
 
 Usage:
 
@@ -42,9 +87,12 @@ here afterwards with FastWARC's own decoders (or zlib).
 
 from __future__ import annotations
 
+import codecs
 import email.utils
 import io
+import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -55,6 +103,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -63,6 +112,8 @@ from pipeline.schema import READ_COLUMNS, READ_SCHEMA
 __all__ = [
     "READERS",
     "SUPPORTED_EXTENSIONS",
+    "check_input",
+    "classify_inputs",
     "detect_format",
     "iter_batches",
     "iter_hf_dataset",
@@ -79,6 +130,11 @@ _TYPES = [READ_SCHEMA.field(c).type for c in READ_COLUMNS]
 # never pile up gigabytes in one table.
 _MAX_BATCH_BYTES = 256 << 20
 
+# One record larger than this (a JSONL line with no newline in sight, an HTML file, a WARC
+# body) is read:too_large: holding it would take several times its size in memory on a
+# worker sized for ordinary pages, and no pretraining document is that long.
+_MAX_RECORD_BYTES = 256 << 20
+
 # Text payloads are decoded with errors="replace" when at most this share of characters
 # had to be replaced: a stray broken byte (a multi-byte character cut by some earlier tool)
 # should not cost the document. Above it the text is most likely in another encoding
@@ -93,6 +149,12 @@ _TIME_FIELDS = ("timestamp", "date", "created")
 _CHUNK = 1 << 16
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_UTF8_BOM = codecs.BOM_UTF8
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+# strict=False: raw tabs and control characters inside strings are common in hand-rolled
+# dumps and cost nothing to accept. One decoder: json.loads with options builds one a call.
+_JSON = json.JSONDecoder(strict=False)
 
 Row = tuple[Any, ...]  # (id, text, html, url, title, fetch_time, content_type, drop_reason)
 
@@ -129,8 +191,61 @@ def _batched(rows: Iterable[Row], source_path: str, batch_rows: int) -> Iterator
         yield _table(buf, source_path)
 
 
+def _rebatch(tables: Iterable[pa.Table], batch_rows: int) -> Iterator[pa.Table]:
+    """Tables of exactly `batch_rows` rows (the last one fewer), in order.
+
+    Parquet is read row group by row group, so a file of many small groups would otherwise
+    hand the stages after it many small batches.
+    """
+    buf: list[pa.Table] = []
+    held = 0
+    for table in tables:
+        if not table.num_rows:
+            continue
+        buf.append(table)
+        held += table.num_rows
+        while held >= batch_rows:
+            whole = buf[0] if len(buf) == 1 else pa.concat_tables(buf)
+            yield whole.slice(0, batch_rows).combine_chunks()
+            rest = whole.slice(batch_rows)
+            buf, held = ([rest] if rest.num_rows else []), rest.num_rows
+    if buf:
+        yield (buf[0] if len(buf) == 1 else pa.concat_tables(buf)).combine_chunks()
+
+
 def _drop(rid: str, reason: str, url: str | None = None, when: datetime | None = None) -> Row:
     return (rid, None, None, url, None, when, None, f"read:{reason}")
+
+
+# --- ids and text: one rule for every reader of keyed records ------------------------------
+
+
+def _id_str(value: Any) -> str | None:
+    """The id string of a JSON (or Arrow to_pylist) value; None: use the fallback id.
+
+    The rule of the module docstring; `_arrow_ids` computes the same for whole columns.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _no_surrogates(value: str) -> str:
+    """`value` with each lone UTF-16 surrogate (a JSON escape like \\ud800) as one U+FFFD.
+
+    Arrow cannot store them, so one would fail the whole batch when the table is built.
+    """
+    return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 # --- small helpers ---------------------------------------------------------------------------
@@ -151,17 +266,24 @@ def _decode_text(data: bytes) -> str | None:
 def _parse_time(value: Any) -> datetime | None:
     """A UTC datetime from an ISO 8601 or RFC 2822 string; None when it does not parse."""
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    if not isinstance(value, str) or not value:
+        when = value
+    elif not isinstance(value, str) or not value:
         return None  # numbers are ambiguous (seconds? ms?), so they are not guessed
-    try:
-        when = datetime.fromisoformat(value.strip())
-    except ValueError:
+    else:
         try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+            when = datetime.fromisoformat(value.strip())
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError, IndexError, OverflowError):
+                return None
+    if when.tzinfo is None:
+        return when.replace(tzinfo=UTC)
+    try:
+        # In UTC now, so year 1 at +14:00 fails here and not later as an Arrow year 0
+        return when.astimezone(UTC)
+    except (OverflowError, ValueError):
+        return None
 
 
 def _mime(content_type: str | None) -> str | None:
@@ -253,21 +375,49 @@ def _unzstd(f: io.BufferedReader) -> Iterator[bytes]:
             yield out
 
 
-def _iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Lines split on b"\\n" only; a line spanning many chunks is joined once (no n^2)."""
+def _utf16_as_utf8(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """UTF-16 text (byte order from its BOM) re-encoded as UTF-8, chunk by chunk."""
+    decoder = codecs.getincrementaldecoder("utf-16")(errors="replace")
+    for chunk in chunks:
+        if out := decoder.decode(chunk):
+            yield out.encode("utf-8")
+    if out := decoder.decode(b"", final=True):
+        yield out.encode("utf-8")
+
+
+def _iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes | None]:
+    """Lines split on b"\\n" only; a line spanning many chunks is joined once (no n^2).
+
+    A line longer than _MAX_RECORD_BYTES comes out as None, and its bytes are let go as
+    they arrive rather than joined: a file with no newline would otherwise be one line
+    the size of the file.
+    """
+    limit = _MAX_RECORD_BYTES
     pending: list[bytes] = []
+    size = 0
+    skipping = False  # inside a line already known to be too long
     for chunk in chunks:
         lines = chunk.split(b"\n")
-        if len(lines) == 1:
-            pending.append(chunk)
-            continue
-        if pending:
-            pending.append(lines[0])
-            lines[0] = b"".join(pending)
-        pending = [lines.pop()] if lines[-1] else []
-        yield from lines
-    if pending:
-        yield b"".join(pending)
+        tail = lines.pop()  # what follows the last newline: the start of the next line
+        if lines:
+            if skipping:
+                yield None  # lines[0] is the end of the long line
+            else:
+                first = b"".join([*pending, lines[0]]) if pending else lines[0]
+                yield None if len(first) > limit else first
+            for line in lines[1:]:
+                yield None if len(line) > limit else line
+            pending, size, skipping = [], 0, False
+        if not skipping and tail:
+            pending.append(tail)
+            size += len(tail)
+            if size > limit:
+                pending, size, skipping = [], 0, True
+    if skipping:
+        yield None
+    elif pending:
+        line = b"".join(pending)
+        yield None if len(line) > limit else line
 
 
 # --- WARC and WET ----------------------------------------------------------------------------
@@ -384,6 +534,8 @@ def _warc_row(rec: Any, name: str, index: int, gz: bool) -> Row | None:
     when = rec.record_date  # None when WARC-Date is missing or invalid
     if headers.get("Content-Length") is None:
         return _drop(rid, "malformed_record", url, when)  # also: cut inside the header
+    if rec.content_length > _MAX_RECORD_BYTES:
+        return _drop(rid, "too_large", url, when)  # its body is skipped, never read
 
     http = None
     if rtype == _RESPONSE:
@@ -552,31 +704,47 @@ def _jsonl_rows(path: str, text_column: str, id_column: str) -> Iterator[Row]:
     name = os.path.basename(path)
     lineno = -1
     try:
-        for lineno, line in enumerate(_iter_lines(_iter_chunks(path))):
-            if not line or line.isspace():
-                continue
-            yield _json_row(line, f"{name}:{lineno}", text_column, id_column)
+        for lineno, line in enumerate(_iter_lines(_text_chunks(path))):
+            if line is None:
+                yield _drop(f"{name}:{lineno}", "too_large")
+            elif line and not line.isspace():
+                yield _json_row(line, f"{name}:{lineno}", text_column, id_column)
     except _BadInput as e:
         yield _drop(f"{name}:{lineno + 1}", e.reason)
 
 
+def _text_chunks(path: str) -> Iterator[bytes]:
+    """Decompressed chunks of `path` as UTF-8 (a UTF-16 file, told by its BOM, re-encoded)."""
+    chunks = _iter_chunks(path)
+    first = next(chunks, b"")
+    if first[:2] in _UTF16_BOMS:
+        yield from _utf16_as_utf8(itertools.chain([first], chunks))
+    else:
+        yield first
+        yield from chunks
+
+
 def _json_row(line: bytes, fallback_id: str, text_column: str, id_column: str) -> Row:
+    if line.startswith(_UTF8_BOM):  # files concatenated with their BOMs, Windows editors
+        line = line[len(_UTF8_BOM) :]
     s = _decode_text(line)
     bad_utf8 = s is None
     if bad_utf8:
         s = line.decode("utf-8", errors="replace")  # only to recover id and url below
     try:
-        obj = json.loads(s)
-    except ValueError:
+        obj = _JSON.decode(s)
+    except (ValueError, RecursionError):  # RecursionError: [[[[...]]]] nested too deep
         return _drop(fallback_id, "invalid_utf8" if bad_utf8 else "invalid_json")
     if not isinstance(obj, dict):
         return _drop(fallback_id, "invalid_json")
-    rid = obj.get(id_column)
-    rid = fallback_id if rid is None else rid if isinstance(rid, str) else str(rid)
+    # Only a \ud800-\udfff escape makes a lone surrogate, which Arrow cannot store.
+    surrogates = "\\ud" in s or "\\uD" in s
+    rid = _id_str(obj.get(id_column))
+    rid = fallback_id if rid is None else _no_surrogates(rid) if surrogates else rid
     meta = obj.get("metadata")
     meta = meta if isinstance(meta, dict) else {}
     url = obj.get("url") or meta.get("url")
-    url = url if isinstance(url, str) else None
+    url = (_no_surrogates(url) if surrogates else url) if isinstance(url, str) else None
     when = None
     for key in _TIME_FIELDS:
         if key in obj:
@@ -585,10 +753,18 @@ def _json_row(line: bytes, fallback_id: str, text_column: str, id_column: str) -
     if bad_utf8:
         return _drop(rid, "invalid_utf8", url, when)
     text = obj.get(text_column)
-    if not isinstance(text, str) or not text:
+    if text is None or text == "":
         return _drop(rid, "missing_text", url, when)
+    if not isinstance(text, str):
+        return _drop(rid, "text_not_string", url, when)
+    if surrogates:
+        text = _no_surrogates(text)
+        if text.count("\ufffd") > _MAX_REPLACED_SHARE * len(text):  # as _decode_text
+            return _drop(rid, "invalid_utf8", url, when)
     title = obj.get("title") or meta.get("title")
     title = title if isinstance(title, str) else None
+    if title is not None and surrogates:
+        title = _no_surrogates(title)
     return (rid, text, None, url, title, when, "text/plain", None)
 
 
@@ -598,32 +774,103 @@ def _json_row(line: bytes, fallback_id: str, text_column: str, id_column: str) -
 def read_parquet(
     path: str, batch_rows: int = 1000, *, text_column: str = "text", id_column: str = "id"
 ) -> Iterator[pa.Table]:
-    """Parquet -> READ_SCHEMA batches; reads only the columns it maps, row group by group."""
+    """Parquet -> READ_SCHEMA batches of `batch_rows` rows (the last one fewer).
+
+    Reads only the columns it maps, row group by row group and batch by batch inside a
+    group, so a row group that does not decode costs only the rows it did not yield: they
+    become read:corrupt_parquet rows, as many as the footer says the group holds, with the
+    ids a clean read would give them. A file whose footer does not decode is one such row.
+    """
+    return _rebatch(_parquet_tables(path, batch_rows, text_column, id_column), batch_rows)
+
+
+# What pyarrow raises for Parquet bytes that do not decode (thrift, snappy, page checksum,
+# short reads). FileNotFoundError is an OSError too, but a file deleted under the reader is
+# not corrupt data: it propagates.
+_PARQUET_ERRORS = (pa.ArrowException, OSError)
+
+
+def _parquet_tables(
+    path: str, batch_rows: int, text_column: str, id_column: str
+) -> Iterator[pa.Table]:
     import pyarrow.parquet as pq
 
     name = os.path.basename(path)
-    if os.path.getsize(path) == 0:
+    try:
+        # Page checksums, where the writer stored them, turn silent bit rot into an error.
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
+    except FileNotFoundError:
+        raise
+    except _PARQUET_ERRORS:
+        yield _lost_rows(path, name, 0, 1)  # 0 bytes, cut short, not Parquet at all
         return
     try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError):
-        yield _table([_drop(f"{name}:0", "corrupt_parquet")], path)
+        meta = pf.metadata
+        groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        names = pf.schema_arrow.names
+        if min(groups, default=0) < 0 or sum(groups) != meta.num_rows:
+            # The footer decodes but contradicts itself (a flipped bit): its counts cannot
+            # be trusted to say how many documents a broken group held.
+            raise pa.ArrowInvalid(f"{path}: row group counts do not add up to num_rows")
+    except _PARQUET_ERRORS:
+        pf.close()
+        yield _lost_rows(path, name, 0, 1)
         return
-    columns = _input_columns(pf.schema_arrow.names, path, text_column, id_column)
-    offset = 0
-    batches = pf.iter_batches(batch_size=batch_rows, columns=columns)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except (pa.ArrowException, OSError):
-            yield _table([_drop(f"{name}:{offset}", "corrupt_parquet")], path)
-            return
-        yield _to_read_table(
-            pa.Table.from_batches([batch]), path, name, offset, text_column, id_column
-        )
-        offset += batch.num_rows
+    try:
+        columns = _input_columns(names, path, text_column, id_column)
+        offset = 0
+        for group, n in enumerate(groups):
+            done = 0
+            batches = pf.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
+            while True:
+                try:
+                    batch = next(batches)
+                    _check_decoded(batch)
+                    table = pa.Table.from_batches([batch])
+                    table = _to_read_table(table, path, name, offset + done, text_column, id_column)
+                except StopIteration:
+                    break
+                except FileNotFoundError:
+                    raise
+                except _PARQUET_ERRORS:
+                    break  # the rest of this group is lost; the next group may be fine
+                yield table
+                done += batch.num_rows
+            for start in range(offset + done, offset + n, batch_rows):
+                yield _lost_rows(path, name, start, min(start + batch_rows, offset + n))
+            offset += max(n, done)
+    finally:
+        pf.close()
+
+
+def _check_decoded(batch: pa.RecordBatch) -> None:
+    """Raise ArrowInvalid where pyarrow decoded garbage without noticing.
+
+    A broken page can decode into dictionary indices past the dictionary's end, which
+    would fail later, in some stage. String columns get the cheap check only: their UTF-8
+    is the text and id rules' to judge, row by row.
+    """
+    for col in batch.columns:
+        col.validate(full=not _is_stringlike(col.type))
+
+
+def _lost_rows(path: str, name: str, start: int, stop: int) -> pa.Table:
+    """read:corrupt_parquet rows for rows start..stop-1 of a Parquet file."""
+    n = stop - start
+    return pa.Table.from_arrays(
+        [
+            _fallback_ids(name, start, n),
+            pa.nulls(n, pa.large_string()),
+            pa.nulls(n, pa.large_binary()),
+            pa.nulls(n, pa.string()),
+            pa.nulls(n, pa.string()),
+            pa.nulls(n, _TS),
+            pa.nulls(n, pa.string()),
+            _repeat(path, n),
+            _repeat("read:corrupt_parquet", n),
+        ],
+        schema=READ_SCHEMA,
+    )
 
 
 def is_saved_dataset(path: str | os.PathLike[str]) -> bool:
@@ -646,7 +893,8 @@ def iter_hf_dataset(
     A directory written by `save_to_disk` is opened with `datasets.load_from_disk` (a
     DatasetDict is indexed by `split`); anything else (a hub name, a local folder of data
     files) is streamed with `load_dataset(..., streaming=True)`, so nothing is downloaded
-    in full first. Fallback ids are "<name>:<split>:<row>".
+    in full first. Fallback ids are "<name>:<split>:<row>"; ids and text follow the rules
+    of the module docstring, as in Parquet.
     """
     import datasets
 
@@ -676,12 +924,17 @@ def _input_columns(names: list[str], where: str, text_column: str, id_column: st
     """Columns to read; a clear error when the text column is absent (a config mistake)."""
     if text_column not in names:
         raise ValueError(
-            f"{where}: no text column {text_column!r}; columns are {names}. "
+            f"{where}: no text column {text_column!r}; columns are {_names(names)}. "
             "Pass text_column= naming the column that holds the document text."
         )
     wanted = [text_column, id_column, "url", "title"]
     wanted += [next((c for c in _TIME_FIELDS if c in names), "")]
     return [c for c in dict.fromkeys(wanted) if c in names]
+
+
+def _names(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}, ... {len(names) - limit} more]" if len(names) > limit else f"[{shown}]"
 
 
 def _to_read_table(
@@ -690,60 +943,183 @@ def _to_read_table(
     n = table.num_rows
     names = table.column_names
     _input_columns(names, source, text_column, id_column)  # streamed sources check here
-    nulls = pa.nulls(n, pa.string())
-
-    text = table[text_column]
-    if not pa.types.is_large_string(text.type):
-        text = pc.cast(text, pa.large_string())
-    missing = pc.fill_null(pc.equal(pc.utf8_length(text), 0), True)
-    text = pc.if_else(missing, pa.scalar(None, pa.large_string()), text)
-
-    fallback = pa.array([f"{name}:{i}" for i in range(offset, offset + n)], pa.string())
-    if id_column in names:
-        ids = pc.coalesce(pc.cast(table[id_column], pa.string()), fallback)
-    else:
-        ids = fallback
-
+    text, reason = _arrow_text(_column(table, text_column))
+    ids = _arrow_ids(_column(table, id_column)) if id_column in names else None
+    if ids is None or ids.null_count:
+        fallback = _fallback_ids(name, offset, n)
+        ids = fallback if ids is None else pc.coalesce(ids, fallback)
     time_col = next((c for c in _TIME_FIELDS if c in names), None)
     return pa.Table.from_arrays(
         [
             ids,
             text,
             pa.nulls(n, pa.large_binary()),
-            _as_string(table, "url", nulls),
-            _as_string(table, "title", nulls),
-            _arrow_time(table[time_col]) if time_col else pa.nulls(n, _TS),
-            pa.array(["text/plain"] * n, pa.string()),
-            pa.array([source] * n, pa.string()),
-            pc.if_else(missing, pa.scalar("read:missing_text"), nulls),
+            _as_string(table, "url"),
+            _as_string(table, "title"),
+            _arrow_time(_column(table, time_col)) if time_col else pa.nulls(n, _TS),
+            _repeat("text/plain", n),
+            _repeat(source, n),
+            reason,
         ],
         schema=READ_SCHEMA,
     )
 
 
-def _as_string(table: pa.Table, column: str, nulls: pa.Array) -> Any:
-    if column not in table.column_names:
-        return nulls
+def _column(table: pa.Table, name: str) -> pa.ChunkedArray:
+    """The first column called `name` (`table[name]` refuses a name that appears twice)."""
+    return table.column(table.column_names.index(name))
+
+
+def _repeat(value: str, n: int) -> pa.Array:
+    return pa.repeat(pa.scalar(value, pa.string()), n)
+
+
+def _fallback_ids(name: str, start: int, n: int) -> Any:
+    """ "<name>:<row>" for rows start..start+n-1, built in Arrow."""
+    rows = pc.cast(pa.array(np.arange(start, start + n, dtype=np.int64)), pa.string())
+    return pc.binary_join_element_wise(f"{name}:", rows, "")
+
+
+def _decoded(col: Any) -> Any:
+    """A dictionary-encoded column as plain values (Parquet keeps Arrow's dictionaries)."""
+    t = col.type
+    return pc.cast(col, t.value_type) if pa.types.is_dictionary(t) else col
+
+
+def _is_stringlike(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_binarylike(t: pa.DataType) -> bool:
+    return (
+        pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_binary_view(t)
+        or pa.types.is_fixed_size_binary(t)
+    )
+
+
+def _can_hold_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return _is_stringlike(t) or _is_binarylike(t) or pa.types.is_null(t)
+
+
+def _as_utf8(col: Any, decode: Callable[[bytes], str | None]) -> tuple[Any, Any]:
+    """A string or binary column as valid large_string, and which rows `decode` refused.
+
+    Parquet does not check that a string column holds UTF-8 (a later `to_pylist` would
+    fail on it), so strings are validated too. Only a batch that holds invalid bytes is
+    decoded row by row in Python; the mask is None when there was none.
+    """
+    if _is_stringlike(col.type):
+        text = pc.cast(col, pa.large_string())
+        try:
+            text.validate(full=True)
+            return text, None
+        except pa.ArrowInvalid:
+            raw = pc.cast(col, pa.large_binary())
+    else:
+        if pa.types.is_fixed_size_binary(col.type):
+            col = pc.cast(col, pa.large_binary())
+        try:
+            return pc.cast(col, pa.large_string()), None  # the cast checks the UTF-8
+        except pa.ArrowInvalid:
+            raw = pc.cast(col, pa.large_binary())
+    values = raw.to_pylist()
+    decoded = [None if b is None else decode(b) for b in values]
+    refused = [b is not None and d is None for b, d in zip(values, decoded, strict=True)]
+    return pa.array(decoded, pa.large_string()), pa.array(refused, pa.bool_())
+
+
+def _arrow_text(col: Any) -> tuple[Any, Any]:
+    """The text column as large_string (null when dropped) and each row's drop reason."""
+    n = len(col)
+    col = _decoded(col)
+    none = pa.scalar(None, pa.string())
+    if not _can_hold_text(col.type) or pa.types.is_null(col.type):
+        reason = pc.if_else(pc.is_valid(col), "read:text_not_string", "read:missing_text")
+        return pa.nulls(n, pa.large_string()), reason
+    text, refused = _as_utf8(col, _decode_text)
+    missing = pc.fill_null(pc.equal(pc.binary_length(text), 0), True)
+    reason = pc.if_else(missing, pa.scalar("read:missing_text"), none)
+    if refused is not None:
+        reason = pc.if_else(refused, pa.scalar("read:invalid_utf8"), reason)
+    return pc.if_else(missing, pa.scalar(None, pa.large_string()), text), reason
+
+
+def _arrow_ids(col: Any) -> Any:
+    """Ids by the rule of the module docstring, as strings; null where the fallback applies.
+
+    Computed in Arrow for every common type; the rare ones (fractional floats, nested
+    values) go through `_id_str`, the JSONL rule itself, so the readers cannot drift apart.
+    """
+    col = _decoded(col)
+    t = col.type
     try:
-        return pc.cast(table[column], pa.string())
+        if pa.types.is_null(t):
+            return pa.nulls(len(col), pa.string())
+        if _is_stringlike(t) or _is_binarylike(t):
+            ids = pc.cast(_as_utf8(col, lambda b: b.decode("utf-8", "replace"))[0], pa.string())
+        elif pa.types.is_integer(t):
+            ids = pc.cast(col, pa.string())
+        elif pa.types.is_boolean(t):
+            ids = pc.if_else(col, "true", "false")
+        elif pa.types.is_floating(t) or (pa.types.is_decimal(t) and t.scale > 0):
+            ids = _float_ids(pc.cast(col, pa.float64()))
+        elif pa.types.is_decimal(t) or pa.types.is_temporal(t):
+            ids = pc.cast(col, pa.string())
+        else:
+            ids = pa.array([_id_str(v) for v in col.to_pylist()], pa.string())
+    except (pa.ArrowException, ValueError, TypeError):
+        # A type with no string form in this pyarrow: every row gets its fallback id,
+        # which loses the input's ids but not its documents.
+        return pa.nulls(len(col), pa.string())
+    return pc.if_else(pc.equal(ids, ""), pa.scalar(None, pa.string()), ids)
+
+
+def _float_ids(f: Any) -> Any:
+    """Float ids as `_id_str` writes them: integral values (below 2**53, exact) as integers."""
+    exact = pc.and_(pc.equal(pc.floor(f), f), pc.less(pc.abs(f), 2.0**53))
+    if pc.any(pc.and_(pc.invert(exact), pc.is_finite(f))).as_py():
+        return pa.array([_id_str(v) for v in f.to_pylist()], pa.string())
+    ints = pc.cast(pc.cast(pc.if_else(exact, f, 0.0), pa.int64()), pa.string())
+    return pc.if_else(exact, ints, pa.scalar(None, pa.string()))
+
+
+def _as_string(table: pa.Table, column: str) -> Any:
+    """A url/title column as valid strings; all null when it is not text at all."""
+    n = table.num_rows
+    if column not in table.column_names:
+        return pa.nulls(n, pa.string())
+    col = _decoded(_column(table, column))
+    try:
+        if _is_stringlike(col.type) or _is_binarylike(col.type):
+            return pc.cast(_as_utf8(col, lambda b: b.decode("utf-8", "replace"))[0], pa.string())
+        return pc.cast(col, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return nulls  # e.g. a struct column named "title": not ours to interpret
+        return pa.nulls(n, pa.string())  # e.g. a struct column named "title": not ours
 
 
 def _arrow_time(col: Any) -> Any:
     """Any timestamp/date/string column -> timestamp[us, UTC]; unparseable values -> null."""
+    col = _decoded(col)
     t = col.type
-    if pa.types.is_timestamp(t) or pa.types.is_date(t):
-        if pa.types.is_timestamp(t) and t.tz is None:
-            col = pc.cast(col, pa.timestamp("us"), safe=False)  # naive: taken as UTC
-        return pc.cast(col, _TS, safe=False)
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        for target in (_TS, pa.timestamp("us")):  # with a zone, then naive (taken as UTC)
-            try:
-                return pc.cast(pc.cast(col, target), _TS)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                pass
-        return pa.array([_parse_time(v) for v in col.to_pylist()], _TS)
+    try:
+        if pa.types.is_timestamp(t) or pa.types.is_date(t):
+            if pa.types.is_timestamp(t) and t.tz is None:
+                col = pc.cast(col, pa.timestamp("us"), safe=False)  # naive: taken as UTC
+            return pc.cast(col, _TS, safe=False)
+        if _is_stringlike(t) or _is_binarylike(t):
+            col = pc.cast(_as_utf8(col, lambda b: b.decode("utf-8", "replace"))[0], pa.string())
+            for target in (_TS, pa.timestamp("us")):  # with a zone, then naive (as UTC)
+                try:
+                    return pc.cast(pc.cast(col, target), _TS)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    pass
+            return pa.array([_parse_time(v) for v in col.to_pylist()], _TS)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):
+        pass  # a time nobody can read costs the time, not the document
     return pa.nulls(len(col), _TS)
 
 
@@ -755,12 +1131,20 @@ def read_html(
 ) -> Iterator[pa.Table]:
     """One .html/.htm(.gz) file -> one row with the raw bytes in `html` (id "<name>:0")."""
     name = os.path.basename(path)
+    parts: list[bytes] = []
+    size = 0
     try:
-        body = b"".join(_iter_chunks(path))
+        for chunk in _iter_chunks(path):
+            parts.append(chunk)
+            size += len(chunk)
+            if size > _MAX_RECORD_BYTES:
+                yield _table([_drop(f"{name}:0", "too_large")], path)
+                return
     except _BadInput as e:
         yield _table([_drop(f"{name}:0", e.reason)], path)
         return
-    if body:
+    if size:
+        body = b"".join(parts)
         yield _table([(f"{name}:0", None, body, None, None, None, "text/html", None)], path)
 
 
@@ -794,21 +1178,154 @@ text_column, id_column) and yields READ_SCHEMA tables."""
 
 SUPPORTED_EXTENSIONS: tuple[str, ...] = tuple(sorted(READERS, key=len, reverse=True))
 
+# Files met in crawl and dataset folders that hold no documents, by how their name ends.
+_NOT_INPUTS: tuple[tuple[str, str], ...] = (
+    (".wat.gz", "a WAT file: crawl metadata (links, headers), not documents"),
+    (".wat", "a WAT file: crawl metadata (links, headers), not documents"),
+    (".paths.gz", "a list of crawl file paths, not documents"),
+    (".cdx.gz", "a CDX index of a crawl, not documents"),
+    (".cdx", "a CDX index of a crawl, not documents"),
+    (".json", "a .json file (one JSON value, most often a manifest); JSON Lines are .jsonl"),
+    (".crc", "a checksum file"),
+)
+_COMPRESSIONS = (".bz2", ".xz", ".lz4", ".zip", ".tar", ".tgz", ".7z", ".br", ".lzma")
+
+
+def _unsupported(path: str) -> str | None:
+    """Why no reader handles `path`, in a few words; None when one does."""
+    if os.path.isdir(path):
+        if is_saved_dataset(path):
+            return "a directory holding a saved Hugging Face dataset (read it with iter_hf_dataset)"
+        return "a directory"
+    lower = os.path.basename(path).lower()
+    if any(lower.endswith(ext) for ext in SUPPORTED_EXTENSIONS):
+        return None
+    for end, why in _NOT_INPUTS:
+        if lower.endswith(end):
+            return why
+    ext = os.path.splitext(lower)[1]
+    if ext in _COMPRESSIONS:
+        return f"compressed as {ext}, which no reader decompresses (use .gz or .zst)"
+    if not ext:
+        return "no file extension (a LICENSE, README or marker file?)"
+    return f"unknown file type {ext}"
+
 
 def detect_format(path: str | os.PathLike[str]) -> str:
     """The READERS key (extension) of `path`; ValueError naming what is supported."""
     p = os.fspath(path)
-    if os.path.isdir(p):
+    why = _unsupported(p)
+    if why is None:
+        lower = os.path.basename(p).lower()
+        # longest first, so .warc.wet.gz beats .warc.gz
+        return next(ext for ext in SUPPORTED_EXTENSIONS if lower.endswith(ext))
+    if why == "a directory":
         raise ValueError(f"{p} is a directory; pass its files (expand the glob first)")
-    lower = os.path.basename(p).lower()
-    for ext in SUPPORTED_EXTENSIONS:  # longest first, so .warc.wet.gz beats .warc.gz
-        if lower.endswith(ext):
-            return ext
-    hint = " (WAT files hold crawl metadata, not documents)" if ".wat" in lower else ""
     raise ValueError(
-        f"cannot read {p}: unknown file type{hint}. Supported extensions: "
-        f"{', '.join(sorted(READERS))}; Hugging Face datasets go through iter_hf_dataset()."
+        f"cannot read {p}: {why}. Supported extensions: {', '.join(sorted(READERS))}; "
+        "Hugging Face datasets go through iter_hf_dataset()."
     )
+
+
+def classify_inputs(
+    files: Iterable[str | os.PathLike[str]],
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split `files` into those a reader handles and (file, why) for the rest.
+
+    By name only (and whether it is a directory), so a planner can list what it will skip
+    before any work and decide, by its config, to warn or to fail. A missing file is not
+    reported here: reading it raises FileNotFoundError, and `check_input` says so.
+    """
+    readable: list[str] = []
+    rejected: list[tuple[str, str]] = []
+    for f in files:
+        p = os.fspath(f)
+        why = _unsupported(p)
+        if why is None:
+            readable.append(p)
+        else:
+            rejected.append((p, why))
+    return readable, rejected
+
+
+def check_input(
+    path: str | os.PathLike[str], text_column: str = "text", id_column: str = "id"
+) -> str | None:
+    """A one-line description of a user error that would fail `path` at run time, or None.
+
+    Cheap enough for a planner over every input: it reads a Parquet footer, nothing else.
+    It reports a file that is missing or of a kind no reader handles, and a Parquet file
+    (other than a Primer stage output, one with `id` and `drop_reason`) without the text
+    column or whose text column cannot hold text (numbers, lists...). A file that does not
+    decode (0 bytes, a corrupt footer) is a data problem, recorded as rows when it is read,
+    so it returns None. `id_column` is accepted to mirror the readers: every id type has
+    a rule (module docstring), so the id column never makes an error.
+    """
+    p = os.fspath(path)
+    why = _unsupported(p)
+    if why is not None:
+        return f"{p}: {why}"
+    if not os.path.exists(p):
+        return f"{p}: no such file"
+    if detect_format(p) != ".parquet":
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(p)
+    except _PARQUET_ERRORS:
+        return None
+    names = schema.names
+    if {"id", "drop_reason"} <= set(names):
+        return None  # a stage output: pipeline.io reads it, not this module
+    textual = [f.name for f in schema if _can_hold_text(f.type)]
+    if text_column not in names:
+        return (
+            f"{p}: no text column {text_column!r}; its columns are {_names(names)}. "
+            f"Set text_column to the one that holds the document text"
+            + (f" (string columns: {_names(textual)})." if textual else ".")
+        )
+    t = schema.field(names.index(text_column)).type
+    if not _can_hold_text(t):
+        return (
+            f"{p}: text column {text_column!r} is {t}, which cannot hold text. "
+            f"Set text_column to a string column"
+            + (f" (it has {_names(textual)})." if textual else " (it has none).")
+        )
+    return None
+
+
+class UniqueIds:
+    """Makes the ids of one file unique, in reading order: the second "7" becomes "7#1",
+    the third "7#2" (skipping any suffix the file itself holds), and counts them. Every
+    reading path applies it (`iter_batches`), so the runner, dedup's global pass and the
+    edu sample all see the same ids. State: one 64-bit hash per id of the file, never the
+    ids themselves."""
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()
+        self.renamed = 0
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        import xxhash
+
+        ids = table["id"].to_pylist()
+        seen, digest = self._seen, xxhash.xxh64_intdigest
+        changed = False
+        for i, rid in enumerate(ids):
+            h = digest(rid.encode("utf-8", "surrogatepass"))
+            if h in seen:
+                k = 1
+                while (h := digest(f"{rid}#{k}".encode("utf-8", "surrogatepass"))) in seen:
+                    k += 1
+                ids[i] = f"{rid}#{k}"
+                self.renamed += 1
+                changed = True
+            seen.add(h)
+        if not changed:
+            return table
+        idx = table.column_names.index("id")
+        return table.set_column(idx, table.schema.field(idx), pa.array(ids, pa.string()))
 
 
 def iter_batches(
@@ -817,12 +1334,16 @@ def iter_batches(
     *,
     text_column: str = "text",
     id_column: str = "id",
+    unique_ids: UniqueIds | None = None,
 ) -> Iterator[pa.Table]:
-    """Stream `path` as READ_SCHEMA tables of at most `batch_rows` rows.
+    """Stream `path` as READ_SCHEMA tables of at most `batch_rows` rows, with ids unique
+    within the file (`UniqueIds`; pass one to read its count).
 
     The reader is chosen by extension (see READERS). Unreadable records come back as rows
-    with a `read:` drop reason, never as an exception; a missing file, a directory or an
-    unknown extension raise, since those are mistakes in the call, not in the data.
+    with a `read:` drop reason, never as an exception; a missing file, a directory, an
+    unknown extension or a Parquet file without the text column raise, since those are
+    mistakes in the call, not in the data (`classify_inputs` and `check_input` find them
+    before a run).
     """
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
@@ -830,14 +1351,22 @@ def iter_batches(
     reader = READERS[detect_format(p)]
     if not os.path.exists(p):
         raise FileNotFoundError(f"no such input file: {p}")
-    yield from reader(p, batch_rows, text_column=text_column, id_column=id_column)
+    unique = unique_ids if unique_ids is not None else UniqueIds()
+    for table in reader(p, batch_rows, text_column=text_column, id_column=id_column):
+        yield unique(table)
 
 
 def _main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m pipeline.readers FILE [FILE ...]", file=sys.stderr)
         return 2
+    rc = 0
     for path in argv:
+        problem = check_input(path)
+        if problem:
+            print(problem, file=sys.stderr)
+            rc = 1
+            continue
         reasons: Counter[str | None] = Counter()
         t0 = time.perf_counter()
         for table in iter_batches(path):
@@ -848,7 +1377,7 @@ def _main(argv: list[str]) -> int:
         print(f"{path}: {n} rows in {dt:.3f} s")
         for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
             print(f"  {reason or 'kept'}: {count}")
-    return 0
+    return rc
 
 
 if __name__ == "__main__":
