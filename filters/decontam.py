@@ -65,6 +65,7 @@ import csv
 import ctypes
 import gzip
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -91,7 +92,15 @@ from filters.dedup import (
     word_bounds,
 )
 from pipeline.readers import is_saved_dataset
-from pipeline.stage import Stage, StageConfig, mark_dropped, set_column
+from pipeline.stage import (
+    PreflightError,
+    Stage,
+    StageConfig,
+    is_ref,
+    mark_dropped,
+    require_path,
+    set_column,
+)
 
 REASON = "contaminated"
 
@@ -291,18 +300,25 @@ def _names(path: Path, fmt: _Format) -> tuple[str, str]:
     return stem, _FOUNDRY_SPLITS.get(stem, "test")
 
 
+_BENCHMARK_SUFFIXES = (".jsonl", ".jsonl.gz", ".csv")
+
+
+def _local_path(source: str | Path) -> Path:
+    return Path(os.path.expandvars(str(source))).expanduser()
+
+
+def _is_benchmark_file(path: Path) -> bool:
+    return path.name.lower().endswith(_BENCHMARK_SUFFIXES)
+
+
 def benchmark_files(sources: Sequence[str | Path]) -> list[Path]:
     """The benchmark files of `sources` (folders are searched for .jsonl, .jsonl.gz and
     .csv files, other files skipped), sorted so item order is the same everywhere."""
     files: list[Path] = []
     for src in sources:
-        p = Path(src).expanduser()
+        p = _local_path(src)
         if p.is_dir():
-            found = [
-                f
-                for f in sorted(p.rglob("*"))
-                if f.is_file() and f.name.lower().endswith((".jsonl", ".jsonl.gz", ".csv"))
-            ]
+            found = [f for f in sorted(p.rglob("*")) if f.is_file() and _is_benchmark_file(f)]
             if not found:
                 raise FileNotFoundError(
                     f"decontaminate.benchmarks: {p} holds no .jsonl, .jsonl.gz or .csv file"
@@ -869,6 +885,33 @@ class DecontaminateStage(Stage):
     uses_model = True
 
     config: DecontamConfig
+
+    def preflight(self) -> None:
+        """Every benchmark source must be there before the run starts: a file, a folder
+        holding benchmark files, a `save_to_disk` folder, or a well-formed "hf:" name (the
+        hub itself is not asked). "@stage" sources are checked when that stage has run."""
+        many = len(self.config.benchmarks) > 1
+        for i, source in enumerate(self.config.benchmarks):
+            key = f"benchmarks[{i}]" if many else "benchmarks"
+            if source.startswith("hf:"):
+                parts = source[3:].split(":")
+                if len(parts) not in (2, 3) or "" in parts:
+                    raise PreflightError(
+                        key,
+                        f"{source!r} is not hf:NAME[:CONFIG]:SPLIT (e.g. hf:openai/gsm8k:main:test)",
+                    )
+                continue
+            if is_ref(source):
+                continue
+            require_path(key, source, kind="any")
+            path = _local_path(source)
+            files = path.rglob("*") if path.is_dir() and not is_saved_dataset(path) else None
+            if files is not None and not any(f.is_file() and _is_benchmark_file(f) for f in files):
+                raise PreflightError(
+                    key,
+                    f"{source!r} holds no .jsonl, .jsonl.gz or .csv file; give a folder laid "
+                    "out like shared/data/benchmarks, or the benchmark files themselves",
+                )
 
     def setup(self) -> None:
         self.index = load_index(self.config)

@@ -14,10 +14,12 @@ signature step does ~45.
 
 How: `DedupStage` is a `GlobalStage`. `prepare()` reads the kept rows of every input once
 and computes, per document, a key for exact dedup and one LSH key per band; documents that
-share a (band, key) bucket are linked to the bucket's smallest id, and union-find over those
-links gives the clusters, written to `state_dir/clusters.parquet` (duplicates only). The
-per-part pass (`process`) then only looks ids up in that table. Run it as a recipe stage
-(`primer run`) or directly:
+share a (band, key) bucket are linked to one of them, and union-find over those links gives
+the clusters, written to `state_dir/clusters.parquet` (duplicates only). A document is known
+by its (source_path, id) pair, carried as one short string (`row_nodes`), because ids are
+unique only within the file a row was read from: two JSONL shards that both number their
+rows from 0 hold two different documents "0". The per-part pass (`process`) then only looks
+rows up in that table. Run it as a recipe stage (`primer run`) or directly:
 
     stage = DedupStage()
     stage.prepare(["a.parquet", "b.parquet"], "state/", use_ray=False)
@@ -28,8 +30,9 @@ bytes of the normalised n-gram, finished with murmur3's fmix64; MinHash permutat
 multiply-add-shift hashes (Dietzfelbinger, 2-universal for 32-bit keys) with parameters
 from numpy's PCG64 bit stream, whose output numpy guarantees across versions. Signatures of
 a normalised text are therefore the same in every process, run and library version
-(`version` bumps if they ever change); normalisation follows Arrow's Unicode tables. Whitespace-free scripts (Chinese, Japanese, Thai) become one "word" per run of
-text, so their near-duplicate recall is poor: a known limitation, as for FineWeb.
+(`version` bumps if they or the clusters' meaning ever change); normalisation follows
+Arrow's Unicode tables. Whitespace-free scripts (Chinese, Japanese, Thai) become one "word"
+per run of text, so their near-duplicate recall is poor: a known limitation, as for FineWeb.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -49,22 +53,30 @@ import xxhash
 from pydantic import Field, model_validator
 
 from pipeline.io import iter_documents, write_json_atomic
-from pipeline.stage import GlobalStage, StageConfig, mark_dropped, set_column
+from pipeline.stage import GlobalStage, StageConfig, StageFatal, mark_dropped, set_column
 
 EXACT_BAND = -1
 """The `band` value of a document's exact-dedup key in the long form (its text_hash)."""
+
+SOURCE_BAND = -2
+"""Long-form rows that are no LSH key: one per (input, source_path) met, `node` = the
+source's prefix + its path, `key` = the input's position in the list. They bring the
+per-source table (prefix -> path) to the driver and are kept out of every bucket."""
+
+_PREFIX_CHARS = 16  # hex digits of a node's source hash (`row_nodes`)
 
 CLUSTERS_FILE = "clusters.parquet"
 DONE_FILE = "_DONE"
 CLUSTERS_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
+        pa.field("source_path", pa.string()),  # null: the row had none
         pa.field("dup_cluster", pa.string(), nullable=False),
         pa.field("dup_cluster_size", pa.int32(), nullable=False),
         pa.field("dup_kind", pa.string(), nullable=False),  # kept|exact_duplicate|near_duplicate
     ]
 )
-KEYS_SCHEMA = pa.schema([("id", pa.string()), ("band", pa.int16()), ("key", pa.uint64())])
+KEYS_SCHEMA = pa.schema([("node", pa.string()), ("band", pa.int16()), ("key", pa.uint64())])
 
 # Scratch memory bounds. numpy work runs over groups of documents of about _GROUP_BYTES of
 # text (a longer document is a group of its own), and MinHash holds permutations x shingles
@@ -404,33 +416,187 @@ def _norm_flags(config: DedupConfig) -> dict[str, bool]:
     }
 
 
-def dedup_keys(table: pa.Table, config: DedupConfig) -> pa.Table:
-    """Long form (id, band, key) of a batch: with `exact`, one row per document with
-    band = EXACT_BAND and key = text_hash; with `near`, one row per band for documents
-    with at least one word. Rows with null text or a drop_reason are left out. This is all
-    that leaves a worker in Ray mode: ~11 bytes plus the id per row, no text."""
+# --- rows: the internal key that tells documents apart ---------------------------------------
+
+
+class DuplicateRowError(StageFatal, ValueError):
+    """Two kept rows with the same (source_path, id): dedup could not tell them apart. Fatal
+    for the part: splitting the batch to find "the bad row" would separate the pair."""
+
+
+def _strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks else pa.array([], values.type)
+    return values.cast(pa.string())
+
+
+def row_sources(table: pa.Table) -> pa.Array:
+    """Each row's `source_path`; "" where it has none (synthetic rows, tables built in
+    memory), so all such rows count as one source and need ids unique among them."""
+    if "source_path" not in table.column_names:
+        return pa.array(np.full(len(table), ""), pa.string())
+    return pc.fill_null(_strings(table["source_path"]), "")
+
+
+def _prefix(source: str) -> str:
+    return f"{xxhash.xxh64_intdigest(source.encode()):016x}"
+
+
+def row_nodes(table: pa.Table) -> pa.Array:
+    """The key dedup clusters over: 16 hex digits of xxh64(source_path), then the id.
+
+    Ids repeat across parts (two JSONL shards both numbered from 0) but not within the
+    file a row was read from (the runner numbers a repeated id "X#1"), so the pair is
+    unique per row; hashing the path, not the row, keeps the key short and exact (two
+    paths sharing a hash would be caught by `_source_table`). The prefix has a fixed width:
+    a node's id is `node[16:]`. Null for a null id."""
+    enc = pc.dictionary_encode(row_sources(table))
+    prefixes = pa.array([_prefix(s) for s in enc.dictionary.to_pylist()], pa.string())
+    return pc.binary_join_element_wise(prefixes.take(enc.indices), _strings(table["id"]), "")
+
+
+def _kept(table: pa.Table) -> pa.Table:
+    """The rows dedup judges: not dropped by an earlier stage, with an id."""
+    mask = pc.is_valid(table["id"])
     if "drop_reason" in table.column_names:
-        table = table.filter(pc.is_null(table["drop_reason"]))
-    table = table.filter(pc.is_valid(table["text"]))
-    ids = table["id"].combine_chunks().cast(pa.string())
+        mask = pc.and_(mask, pc.is_null(table["drop_reason"]))
+    return table.filter(mask)
+
+
+def _duplicate_error(nodes: pa.Array, sources: dict[str, str], where: str) -> None:
+    """Raise DuplicateRowError if `nodes` (no nulls) repeat; `sources` maps prefixes."""
+    if pc.count_distinct(nodes).as_py() == len(nodes):
+        return
+    counts = pc.value_counts(nodes)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    node = repeated[0]["values"].as_py()
+    source = sources.get(node[:_PREFIX_CHARS], "?")
+    raise DuplicateRowError(
+        f"dedup: {len(repeated)} (source_path, id) pairs occur on more than one kept row of "
+        f"{where}, e.g. id {node[_PREFIX_CHARS:]!r} from source_path {source!r}; dedup tells "
+        "documents apart by that pair, so it would judge two documents as one. Give every "
+        "row of an input file its own id (the runner numbers a repeated id X as X#1, X#2) "
+        "and rows of different files their file in `source_path`"
+    )
+
+
+# --- keys: what leaves a worker ------------------------------------------------------------
+
+
+def dedup_keys(table: pa.Table, config: DedupConfig) -> pa.Table:
+    """Long form (node, band, key) of a batch: with `exact`, one row per document with
+    band = EXACT_BAND and key = text_hash; with `near`, one row per band for documents
+    with at least one word. `node` is the row's `row_nodes` key. Rows with null text or a
+    drop_reason are left out. This is all that leaves a worker in Ray mode: ~27 bytes plus
+    the id per row, no text."""
+    table = _kept(table)
+    return _keys(table, row_nodes(table), config)
+
+
+def _keys(table: pa.Table, nodes: pa.Array, config: DedupConfig) -> pa.Table:
+    if table["text"].null_count:
+        has_text = pc.is_valid(table["text"])
+        table, nodes = table.filter(has_text), nodes.filter(has_text.combine_chunks())
     norm = normalise(table["text"], **_norm_flags(config))
     parts = []
     if config.exact:
         th = text_hash(norm, normalised=True)
-        parts.append(
-            pa.table(
-                [ids, pa.array(np.full(len(ids), EXACT_BAND, np.int16)), th], schema=KEYS_SCHEMA
-            )
-        )
+        band = pa.array(np.full(len(nodes), EXACT_BAND, np.int16))
+        parts.append(pa.table([nodes, band, th], schema=KEYS_SCHEMA))
     if config.near:
         sig = minhash(norm, config, normalised=True)
         has_words = pc.greater(pc.binary_length(norm), 0).to_numpy(zero_copy_only=False)
         keys = band_keys(sig[has_words], config.bands, config.rows_per_band, config.seed)
         n, nb = keys.shape
-        doc_ids = ids.filter(pa.array(has_words)).take(pa.array(np.repeat(np.arange(n), nb)))
+        doc_nodes = nodes.filter(pa.array(has_words)).take(pa.array(np.repeat(np.arange(n), nb)))
         band = np.tile(np.arange(nb, dtype=np.int16), n)
-        parts.append(pa.table([doc_ids, band, keys.ravel()], schema=KEYS_SCHEMA))
+        parts.append(pa.table([doc_nodes, band, keys.ravel()], schema=KEYS_SCHEMA))
     return pa.concat_tables(parts) if parts else KEYS_SCHEMA.empty_table()
+
+
+@dataclass
+class _Seen:
+    """What one pass over inputs saw: each kept row's node, to check that none repeats, and
+    the source_path behind each prefix (per source, not per row)."""
+
+    nodes: list[pa.Array] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def check_unique(self, where: str) -> None:
+        if self.nodes:
+            _duplicate_error(pa.concat_arrays(self.nodes), self.sources, where)
+
+
+def _input_keys(
+    tables: Iterable[pa.Table], config: DedupConfig, index: int, seen: _Seen
+) -> Iterator[pa.Table]:
+    """The long-form keys of one input's batches, then its SOURCE_BAND rows: one per
+    source_path met, `node` = prefix + path and `key` = the input's position `index`."""
+    met: dict[str, str] = {}
+    for table in tables:
+        table = _kept(table)
+        if not len(table):
+            continue
+        nodes = row_nodes(table)
+        seen.nodes.append(nodes)
+        for source in pc.unique(row_sources(table)).to_pylist():
+            met.setdefault(_prefix(source), source)
+        yield _keys(table, nodes, config)
+    seen.sources.update(met)
+    if met:
+        n = len(met)
+        yield pa.table(
+            [
+                pa.array([p + s for p, s in met.items()], pa.string()),
+                pa.array(np.full(n, SOURCE_BAND, np.int16)),
+                pa.array(np.full(n, index, np.uint64)),
+            ],
+            schema=KEYS_SCHEMA,
+        )
+
+
+def _source_table(rows: pa.Table, names: Sequence[str]) -> pa.Table:
+    """SOURCE_BAND rows -> (prefix, source_path), one row per source, after checking the
+    two things that keep nodes unique across inputs: a prefix names one source_path, and
+    a source_path (other than "", rows without one) comes through one input only, as the
+    runner's parts do (one part per input file). `names` are the inputs' names, in order."""
+    node = rows["node"]
+    table = pa.table(
+        {
+            "prefix": pc.utf8_slice_codeunits(node, 0, _PREFIX_CHARS),
+            "source_path": pc.utf8_slice_codeunits(node, _PREFIX_CHARS),
+            "input": rows["key"],
+        }
+    )
+    per_source = table.group_by("source_path").aggregate(
+        [("input", "count_distinct"), ("input", "min"), ("input", "max")]
+    )
+    split = per_source.filter(
+        pc.and_(
+            pc.greater(per_source["input_count_distinct"], 1),
+            pc.not_equal(per_source["source_path"], ""),
+        )
+    )
+    if len(split):
+        row = split.slice(0, 1).to_pylist()[0]
+        a, b = names[row["input_min"]], names[row["input_max"]]
+        raise DuplicateRowError(
+            f"dedup: rows read from source_path {row['source_path']!r} come in through "
+            f"{row['input_count_distinct']} inputs ({a!r} and {b!r}, ...); ids are unique "
+            "only within one source file, so the same source in two inputs can repeat a "
+            "document. Give dedup each stage output once (check the stage's `input` list)"
+        )
+    distinct = table.group_by(["prefix", "source_path"]).aggregate([])
+    per_prefix = distinct.group_by("prefix").aggregate([("source_path", "count")])
+    clash = per_prefix.filter(pc.greater(per_prefix["source_path_count"], 1))
+    if len(clash):
+        prefix = clash["prefix"][0].as_py()
+        paths = distinct.filter(pc.equal(distinct["prefix"], prefix))["source_path"].to_pylist()
+        raise DuplicateRowError(
+            f"dedup: source paths {paths[:2]} share the 64-bit hash {prefix}, so their rows "
+            "cannot be told apart; rename one of the files"
+        )
+    return distinct.select(["prefix", "source_path"])
 
 
 # --- clustering ------------------------------------------------------------------------------
@@ -438,19 +604,22 @@ def dedup_keys(table: pa.Table, config: DedupConfig) -> pa.Table:
 
 def bucket_edges(keys: pa.Table) -> pa.Table:
     """Edges (src, dst, exact) linking every member of a (band, key) bucket with more than
-    one member to the bucket's smallest id, de-duplicated. `exact` is 1 when the edge comes
-    from the exact-hash bucket."""
-    grouped = keys.group_by(["band", "key"]).aggregate([("id", "count"), ("id", "min")])
-    dup = grouped.filter(pc.greater(grouped["id_count"], 1))
-    members = keys.join(dup.select(["band", "key", "id_min"]), ["band", "key"], join_type="inner")
-    return _edges_from_members(members.rename_columns({"id_min": "dst"}))
+    one member to the bucket's smallest node, de-duplicated. `exact` is 1 when the edge
+    comes from the exact-hash bucket. Any member would do as the bucket's hub (components
+    and labels are decided in `clusters_from_edges`); the smallest is one that the Ray path
+    finds the same way."""
+    keys = keys.filter(pc.greater_equal(keys["band"], EXACT_BAND))
+    grouped = keys.group_by(["band", "key"]).aggregate([("node", "count"), ("node", "min")])
+    dup = grouped.filter(pc.greater(grouped["node_count"], 1))
+    members = keys.join(dup.select(["band", "key", "node_min"]), ["band", "key"], join_type="inner")
+    return _edges_from_members(members.rename_columns({"node_min": "dst"}))
 
 
 def _edges_from_members(members: pa.Table) -> pa.Table:
-    """(id, band, dst) rows of duplicate buckets -> unique edges (src, dst, exact)."""
-    members = members.filter(pc.not_equal(members["id"], members["dst"]))
+    """(node, band, dst) rows of duplicate buckets -> unique edges (src, dst, exact)."""
+    members = members.filter(pc.not_equal(members["node"], members["dst"]))
     exact = pc.cast(pc.equal(members["band"], EXACT_BAND), pa.int8())
-    edges = pa.table({"src": members["id"], "dst": members["dst"], "exact": exact})
+    edges = pa.table({"src": members["node"], "dst": members["dst"], "exact": exact})
     return _unique_edges(edges)
 
 
@@ -477,60 +646,103 @@ def connected_components(src: np.ndarray, dst: np.ndarray, n: int) -> np.ndarray
             parent = nxt
 
 
-def clusters_from_edges(edges: pa.Table) -> pa.Table:
-    """Union-find over the edges -> (id, dup_cluster, dup_cluster_size, dup_kind) for every
-    document of a non-singleton cluster, sorted by id.
+def clusters_from_edges(edges: pa.Table, sources: pa.Table) -> pa.Table:
+    """Union-find over the edges -> (id, source_path, dup_cluster, dup_cluster_size,
+    dup_kind) for every document of a non-singleton cluster, sorted by (id, source_path).
 
-    The kept document of a cluster is its smallest id (byte order), which does not depend
-    on input order or partitioning. Every other member is an `exact_duplicate` when some
-    other document has exactly its normalised text and a smaller id (its exact group's
-    smallest id is then dropped or kept for it), else a `near_duplicate`."""
+    `sources` maps node prefixes to source paths (`_source_table`). Documents are ordered
+    by id, then source_path (byte order), which depends on neither input order nor
+    partitioning; the kept document of a cluster is its first. Every other member is an
+    `exact_duplicate` when a document earlier in that order has exactly its normalised
+    text (that one is then dropped or kept for it), else a `near_duplicate`."""
     if len(edges) == 0:
         return CLUSTERS_SCHEMA.empty_table()
-    src, dst = edges["src"].combine_chunks(), edges["dst"].combine_chunks()
-    ids = pc.unique(pa.concat_arrays([src, dst]))
-    ids = ids.take(pc.sort_indices(ids))  # node number = rank in id order
-    s = pc.index_in(src, value_set=ids).to_numpy()
-    d = pc.index_in(dst, value_set=ids).to_numpy()
-    root = connected_components(s, d, len(ids))
-    size = np.bincount(root, minlength=len(ids))[root]
-    exact_src = np.zeros(len(ids), bool)
-    exact_src[s[edges["exact"].to_numpy() > 0]] = True
-    kind = np.where(
-        root == np.arange(len(ids)),
-        "kept",
-        np.where(exact_src, "exact_duplicate", "near_duplicate"),
+    src, dst = _strings(edges["src"]), _strings(edges["dst"])
+    nodes = pc.unique(pa.concat_arrays([src, dst]))
+    ids = pc.utf8_slice_codeunits(nodes, _PREFIX_CHARS)
+    at = pc.index_in(pc.utf8_slice_codeunits(nodes, 0, _PREFIX_CHARS), value_set=sources["prefix"])
+    if at.null_count:
+        raise RuntimeError("dedup: a clustered row's source is missing from the source table")
+    paths = sources["source_path"].combine_chunks().take(at)
+    order = pc.sort_indices(
+        pa.table({"id": ids, "source_path": paths}),
+        sort_keys=[("id", "ascending"), ("source_path", "ascending")],
     )
+    nodes, ids, paths = nodes.take(order), ids.take(order), paths.take(order)  # node = rank
+    s = pc.index_in(src, value_set=nodes).to_numpy()
+    d = pc.index_in(dst, value_set=nodes).to_numpy()
+    n = len(nodes)
+    root = connected_components(s, d, n)
+    size = np.bincount(root, minlength=n)[root]
+    # An exact bucket is a star around its hub: its group is the hub's, and a member is an
+    # exact duplicate when the group has a member earlier in the order.
+    exact = edges["exact"].to_numpy() > 0
+    group = np.arange(n)
+    group[s[exact]] = d[exact]
+    first_of_group = np.arange(n)
+    np.minimum.at(first_of_group, d[exact], s[exact])
+    exact_dup = first_of_group[group] < np.arange(n)
+    kind = np.where(
+        root == np.arange(n), "kept", np.where(exact_dup, "exact_duplicate", "near_duplicate")
+    )
+    no_source = pc.equal(paths, "")
     return pa.table(
-        [ids, ids.take(pa.array(root)), pa.array(size, pa.int32()), pa.array(kind)],
+        [
+            ids,
+            pc.if_else(no_source, pa.scalar(None, pa.string()), paths),
+            ids.take(pa.array(root)),
+            pa.array(size, pa.int32()),
+            pa.array(kind),
+        ],
         schema=CLUSTERS_SCHEMA,
     )
 
 
 # --- reading inputs ----------------------------------------------------------------------------
 
+_READ = ("id", "text", "source_path")
+
 
 def _keys_of_files(batch: pa.Table, config: DedupConfig) -> Iterator[pa.Table]:
-    """Ray UDF: the long-form keys of the input files named in `batch`, a batch at a time."""
-    for table in iter_documents(batch["path"].to_pylist(), config.batch_rows):
-        yield dedup_keys(table, config)
+    """Ray UDF: the long-form keys of the input files named in `batch`, a batch at a time.
+    Each file's nodes are checked for repeats here, per part; across parts, nodes stay
+    unique as long as each source_path comes in through one input (`_source_table`)."""
+    for path, index in zip(batch["path"].to_pylist(), batch["index"].to_pylist(), strict=True):
+        seen = _Seen()
+        tables = iter_documents([path], config.batch_rows, _READ)
+        yield from _input_keys(tables, config, index, seen)
+        seen.check_unique(path)
 
 
 def _members_to_edges(batch: pa.Table) -> pa.Table:
-    return _edges_from_members(batch.select(["id", "band", "dst"]))
+    return _edges_from_members(batch.select(["node", "band", "dst"]))
 
 
-def _prepare_local(inputs: Iterable[str | pa.Table], config: DedupConfig) -> pa.Table:
-    # Holds the long form of the whole input in memory: 1 + bands rows of (id, band, key) a
-    # document, no text (under 1 KB a document with uuid ids); Ray for what does not fit.
-    keys = pa.concat_tables(
-        [KEYS_SCHEMA.empty_table()]
-        + [dedup_keys(t, config) for t in iter_documents(inputs, config.batch_rows)]
-    )
-    return bucket_edges(keys)
+def _input_name(item: str | os.PathLike | pa.Table, i: int) -> str:
+    return f"<table {i}>" if isinstance(item, pa.Table) else str(item)
 
 
-def _prepare_ray(inputs: Sequence[str], config: DedupConfig) -> pa.Table:
+def _prepare_local(
+    inputs: Sequence[str | pa.Table], config: DedupConfig
+) -> tuple[pa.Table, pa.Table]:
+    # Holds the long form of the whole input in memory: 1 + bands rows of (node, band, key)
+    # a document, no text (under 1 KB a document with uuid ids); Ray for what does not fit.
+    seen = _Seen()
+    parts = [KEYS_SCHEMA.empty_table()]
+    for i, item in enumerate(inputs):
+        tables = iter_documents([item], config.batch_rows, _READ)
+        parts.extend(_input_keys(tables, config, i, seen))
+    keys = pa.concat_tables(parts)
+    is_source = pc.equal(keys["band"], SOURCE_BAND)
+    names = [_input_name(t, i) for i, t in enumerate(inputs)]
+    sources = _source_table(keys.filter(is_source), names)
+    # All nodes are at hand here, so repeats are checked across inputs too, rows without a
+    # source_path included (the Ray path checks within each input).
+    seen.check_unique("the inputs" if len(inputs) > 1 else names[0])
+    return bucket_edges(keys.filter(pc.invert(is_source))), sources
+
+
+def _prepare_ray(inputs: Sequence[str], config: DedupConfig) -> tuple[pa.Table, pa.Table]:
     import ray
     from ray.data.aggregate import Count, Min
     from ray.data.expressions import col
@@ -538,19 +750,31 @@ def _prepare_ray(inputs: Sequence[str], config: DedupConfig) -> pa.Table:
     # One task per input file (the runner's parts), read as the in-process pass reads it.
     # Not ray.data.read_parquet: its path listing imports fsspec's HTTP filesystem from
     # several threads, which fails at random where fsspec is installed without aiohttp.
-    paths = ray.data.from_items([{"path": p} for p in inputs], override_num_blocks=len(inputs))
+    paths = ray.data.from_items(
+        [{"path": p, "index": i} for i, p in enumerate(inputs)], override_num_blocks=len(inputs)
+    )
     keys = paths.map_batches(
         _keys_of_files, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=1
     )
     # The long form is read twice (bucket sizes, then members); keep it rather than
-    # re-reading and re-hashing the text. It holds keys and ids only, ~(11 + len(id)) bytes
-    # per row and 1 + bands rows per document; Ray spills it to disk when it must.
+    # re-reading and re-hashing the text. It holds keys and nodes only, ~(27 + len(id))
+    # bytes per row and 1 + bands rows per document; Ray spills it to disk when it must.
     keys = keys.materialize()
+    source_rows = keys.filter(expr=col("band") == SOURCE_BAND)
+    sources = _source_table(
+        pa.concat_tables(
+            [KEYS_SCHEMA.empty_table()]
+            + [b.cast(KEYS_SCHEMA) for b in source_rows.iter_batches(batch_format="pyarrow")]
+        ),
+        list(inputs),
+    )
     buckets = (
-        keys.groupby(["band", "key"], num_partitions=config.num_partitions)
-        .aggregate(Count(alias_name="n"), Min("id", alias_name="dst"))
+        keys.filter(expr=col("band") >= EXACT_BAND)
+        .groupby(["band", "key"], num_partitions=config.num_partitions)
+        .aggregate(Count(alias_name="n"), Min("node", alias_name="dst"))
         .filter(expr=col("n") > 1)
     )
+    # Source rows find no bucket: the inner join leaves them out.
     members = keys.join(
         buckets.select_columns(["band", "key", "dst"]),
         join_type="inner",
@@ -569,7 +793,7 @@ def _prepare_ray(inputs: Sequence[str], config: DedupConfig) -> pa.Table:
         if rows > 4_000_000:
             pending = [_unique_edges(pa.concat_tables(pending))]
             rows = len(pending[0])
-    return _unique_edges(pa.concat_tables(pending))
+    return _unique_edges(pa.concat_tables(pending)), sources
 
 
 # --- the stage ---------------------------------------------------------------------------------
@@ -590,16 +814,20 @@ def _rows_below(items: list, limit: int) -> bool:
 class DedupStage(GlobalStage):
     """Exact + MinHash-LSH dedup: one document kept per cluster, the rest marked dropped.
 
-    The kept document of a cluster is the one with the smallest id (byte order), so the
-    choice depends on neither input order nor partitioning, and `dup_cluster` is its id.
-    Exact dedup comes first: a document with exactly the text of a smaller id is an
-    `exact_duplicate`; near dedup links what remains. (LSH runs over every document, but
-    exact copies share all their band keys, so this equals LSH over one copy of each.)
-    Rows dropped by earlier stages, and rows with null text, are singletons.
+    Documents are told apart by (source_path, id), not by id alone: two shards that both
+    number their rows from 0 hold different documents "0" (see `row_nodes`). The kept
+    document of a cluster is the one with the smallest id, then source_path (byte order),
+    so the choice depends on neither input order nor partitioning, and `dup_cluster` is its
+    id. Exact dedup comes first: a document with exactly the text of an earlier one in that
+    order is an `exact_duplicate`; near dedup links what remains. (LSH runs over every
+    document, but exact copies share all their band keys, so this equals LSH over one copy
+    of each.) Rows dropped by earlier stages, and rows with null text, are singletons. Two
+    kept rows with the same (source_path, id) are an error (`DuplicateRowError`), never a
+    silent keep of both.
     """
 
     name: ClassVar[str] = "dedup"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: rows keyed by (source_path, id), no longer by id
     Config: ClassVar[type[StageConfig]] = DedupConfig
     needs: ClassVar[tuple[str, ...]] = ("id", "text")
     adds: ClassVar[tuple[str, ...]] = ("text_hash", "dup_cluster", "dup_cluster_size")
@@ -637,10 +865,16 @@ class DedupStage(GlobalStage):
         if use_ray:
             if not items or not all(isinstance(p, str | os.PathLike) for p in items):
                 raise TypeError("dedup.prepare(use_ray=True) takes a non-empty list of file paths")
-            edges = _prepare_ray([str(p) for p in items], self.config)
+            edges, sources = _prepare_ray([str(p) for p in items], self.config)
+        elif items:
+            edges, sources = _prepare_local(items, self.config)
         else:
-            edges = _prepare_local(items, self.config)
-        clusters = clusters_from_edges(edges)
+            edges = sources = None
+        clusters = (
+            clusters_from_edges(edges, sources)
+            if edges is not None
+            else CLUSTERS_SCHEMA.empty_table()
+        )
         target = state / CLUSTERS_FILE
         tmp = state / f".{CLUSTERS_FILE}.tmp-{os.getpid()}"
         pq.write_table(clusters, tmp, compression="zstd")
@@ -666,23 +900,34 @@ class DedupStage(GlobalStage):
                 "call prepare(inputs, state_dir, use_ray) over all inputs before process()"
             )
         clusters = pq.read_table(Path(self.state_dir) / CLUSTERS_FILE)
-        # Look ids up by a 64-bit hash in a sorted array (no per-batch hash table over the
-        # whole cluster file); the id itself is compared after, so a collision cannot
-        # mislabel a row.
-        h = _id_hash(clusters["id"])
-        order = np.argsort(h, kind="stable")
-        self._hashes = h[order]
-        self._clusters = clusters.take(pa.array(order))
+        if "source_path" not in clusters.column_names:
+            raise RuntimeError(
+                f"dedup: {self.state_dir}/{CLUSTERS_FILE} was written by an older dedup (rows "
+                "keyed by id alone); delete the state folder and run prepare() again"
+            )
+        # Look rows up by a 64-bit hash of their node in a sorted array (no per-batch hash
+        # table over the whole cluster file); the node itself is compared after, so a
+        # collision cannot mislabel a row.
+        nodes = row_nodes(clusters)
+        h = _node_hash(nodes)
+        order = pa.array(np.argsort(h, kind="stable"))
+        self._hashes = h[order.to_numpy()]
+        self._nodes = nodes.take(order)
+        self._clusters = clusters.take(order)
 
     def process(self, table: pa.Table) -> pa.Table:
-        ids = table["id"].combine_chunks().cast(pa.string())
+        ids = _strings(table["id"])
+        nodes = row_nodes(table)
+        kept = pc.and_(pc.is_valid(nodes), pc.is_null(table["drop_reason"]))
+        prefixes = pc.unique(row_sources(table)).to_pylist()
+        _duplicate_error(nodes.filter(kept), {_prefix(s): s for s in prefixes}, "this batch")
         th = text_hash(table["text"], **_norm_flags(self.config))
         cluster, size = ids, pa.array(np.ones(len(ids), np.int32))
         rules = []
         if len(self._hashes) and len(ids):
-            pos = np.searchsorted(self._hashes, _id_hash(ids))
-            cand = self._clusters.take(pa.array(np.minimum(pos, len(self._hashes) - 1)))
-            hit = pc.and_(pc.equal(cand["id"], ids), pc.is_null(table["drop_reason"]))
+            at = _find(self._hashes, self._nodes, pc.fill_null(nodes, ""))
+            hit = pc.and_(pa.array(at >= 0), kept)
+            cand = self._clusters.take(pa.array(np.maximum(at, 0)))
             cluster = pc.if_else(hit, cand["dup_cluster"], ids)
             size = pc.if_else(hit, cand["dup_cluster_size"], size)
             kind = pc.if_else(hit, cand["dup_kind"], pa.scalar("kept"))
@@ -693,5 +938,31 @@ class DedupStage(GlobalStage):
         return mark_dropped(table, self.name, rules)
 
 
-def _id_hash(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    return text_hash(ids, normalised=True).to_numpy(zero_copy_only=False)
+def _node_hash(nodes: pa.Array) -> np.ndarray:
+    return text_hash(nodes, normalised=True).to_numpy(zero_copy_only=False)
+
+
+def _find(sorted_hashes: np.ndarray, sorted_nodes: pa.Array, nodes: pa.Array) -> np.ndarray:
+    """Position of each of `nodes` (no nulls) among `sorted_nodes`, whose hashes are
+    `sorted_hashes`, or -1. Nodes that share a 64-bit hash are told apart by comparing the
+    nodes themselves, one step along each run of equal hashes per round."""
+    q = _node_hash(nodes)
+    n = len(sorted_hashes)
+    pos = np.searchsorted(sorted_hashes, q)
+    out = np.full(len(q), -1, np.int64)
+    todo = np.arange(len(q))
+    step = 0
+    while todo.size:
+        p = pos[todo] + step
+        inside = p < n
+        todo, p = todo[inside], p[inside]
+        same = sorted_hashes[p] == q[todo]
+        todo, p = todo[same], p[same]
+        if not todo.size:
+            break
+        equal = pc.equal(sorted_nodes.take(pa.array(p)), nodes.take(pa.array(todo)))
+        equal = equal.to_numpy(zero_copy_only=False)
+        out[todo[equal]] = p[equal]
+        todo = todo[~equal]
+        step += 1
+    return out

@@ -115,10 +115,15 @@ _C4_POLICY = (
 _C4_MAX_WORD_CHARS = 1000
 # Sentence boundary as spaCy's sentencizer sees it: a . ! or ? token, maybe more
 # punctuation, then a non-punctuation token; abbreviations and initials are not boundaries.
-_SENT_BOUNDARY = r"[.!?]+\p{P}*\s[\s\p{P}]*[^\s\p{P}]"
-# ASCII \b keeps the regex on its fast DFA path (a Unicode \b does not), hence ASCII initials.
-_SENT_FALSE = rf"(?-u:\b)(?:{_ABBR}|[A-Za-z])\.\p{{P}}*\s[\s\p{{P}}]*[^\s\p{{P}}]"
-_SENT_ELLIPSIS = r"\.\.+\p{P}*\s[\s\p{P}]*[^\s\p{P}]"
+_SENT_TAIL = r"\p{P}*\s[\s\p{P}]*[^\s\p{P}]"  # what follows the terminal, up to the next word
+_SENT_BOUNDARY = rf"[.!?]+{_SENT_TAIL}"
+# Boundaries that are not sentence ends: after an abbreviation or an initial ("Dr.", "e.g.",
+# "U.S.A."), or an ellipsis ("wait... then"). One alternation, so a boundary that is both
+# ("e.g... ") is taken back once: every match ends on the word that ends some boundary match
+# (everything between its "." and that word is punctuation or space), matches do not overlap,
+# so there are never more of them than boundaries. ASCII \b keeps the regex on its fast DFA
+# path (a Unicode \b does not), hence ASCII initials.
+_SENT_NOT_END = rf"(?-u:\b)(?:{_ABBR}|[A-Za-z])\.{_SENT_TAIL}|\.\.+{_SENT_TAIL}"
 
 _P1 = np.uint64(0x9E3779B97F4A7C15)  # odd multipliers for mixing 64-bit hashes
 _P2 = np.uint64(0xBF58476D1CE4E5B9)
@@ -550,12 +555,11 @@ def _c4_signals(lines: pl.Series, doc: np.ndarray, n_docs: int) -> dict[str, np.
         js=pl.col("c").str.contains("(?i)javascript"),
         curly=pl.col("c").str.contains("{", literal=True),
         policy=pl.col("c").str.contains("(?i)" + "|".join(_C4_POLICY)),
-        sent=(
-            1
-            + pl.col("c").str.count_matches(_SENT_BOUNDARY)
-            - pl.col("c").str.count_matches(_SENT_FALSE)
-            - pl.col("c").str.count_matches(_SENT_ELLIPSIS)
-        ).clip(lower_bound=1),
+        # Signed counts: polars counts matches in UInt32, where a difference below zero
+        # would wrap to 4294967295 instead of failing.
+        sent=1
+        + pl.col("c").str.count_matches(_SENT_BOUNDARY).cast(pl.Int64)
+        - pl.col("c").str.count_matches(_SENT_NOT_END).cast(pl.Int64),
     )
     d = flags["doc"].to_numpy()
     lorem = flags["lorem"].to_numpy()

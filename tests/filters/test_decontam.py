@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -29,7 +30,20 @@ from filters.decontam import (
     load_items,
 )
 from pipeline.runner import output_files, run_stage
-from tests.conftest import SAMPLE, fineweb_docs
+from pipeline.stage import PreflightError
+from tests.conftest import SAMPLE, SHARED, fineweb_docs
+
+
+def shared_path(name: str) -> Path:
+    """A folder of ../shared/data; missing, the test is skipped, or fails where CI=true."""
+    path = SHARED / name
+    if not path.exists():
+        message = f"shared real data not found at {path}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
 
 # A GSM8K-style item of 31 words, and a host text that shares nothing with it.
 QUESTION = (
@@ -229,12 +243,36 @@ def test_config_is_validated_and_the_stage_pickles_without_its_index(tmp_path, g
     assert run(clone, [QUESTION])[0]["contam_benchmarks"] == "gsm8k"
 
 
+def test_preflight_names_the_benchmark_source_that_is_not_there(tmp_path, gsm):
+    gsm.preflight()  # the folder of the fixture holds a benchmark file
+    missing = DecontaminateStage(benchmarks=str(tmp_path / "missing"))
+    with pytest.raises(PreflightError, match="no such path") as e:
+        missing.preflight()
+    assert e.value.key == "benchmarks"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("no benchmark here")
+    several = DecontaminateStage(
+        benchmarks=[gsm.config.benchmarks[0], "hf:openai/gsm8k:main:test", str(tmp_path / "notes")]
+    )
+    with pytest.raises(PreflightError, match="holds no .jsonl") as e:
+        several.preflight()
+    assert e.value.key == "benchmarks[2]"
+    with pytest.raises(PreflightError, match="not hf:NAME") as e:
+        DecontaminateStage(benchmarks=[gsm.config.benchmarks[0], "hf:gsm8k"]).preflight()
+    assert e.value.key == "benchmarks[1]"
+    # Files named one by one, and an earlier stage's output, pass (the hub is not asked).
+    file = str(Path(gsm.config.benchmarks[0]) / "test.jsonl")
+    DecontaminateStage(
+        benchmarks=[file, "@generate/bench", "hf:openai/gsm8k:main:test"]
+    ).preflight()
+
+
 # --- the real benchmarks --------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def bench_dir(shared_data) -> Path:
-    return shared_data / "benchmarks"
+def bench_dir() -> Path:
+    return shared_path("benchmarks")
 
 
 @pytest.fixture(scope="module")

@@ -255,23 +255,6 @@ EXPECTED = {
 }
 
 
-def test_in_process_and_ray_prepare_give_identical_clusters(tmp_path, ray_ctx):
-    paths, _ = _write_parts(tmp_path)
-    tables = {}
-    for use_ray in (False, True):
-        state = tmp_path / f"state-{use_ray}"
-        # ray_min_rows=0: the Ray Data path even for this small input
-        DedupStage(num_partitions=2, ray_min_rows=0).prepare(paths, str(state), use_ray=use_ray)
-        assert (state / "_DONE").is_file()
-        tables[use_ray] = pq.read_table(state / "clusters.parquet")
-    assert tables[False].equals(tables[True])
-    got = {
-        r["id"]: (r["dup_cluster"], r["dup_cluster_size"], r["dup_kind"])
-        for r in tables[True].to_pylist()
-    }
-    assert got == EXPECTED
-
-
 def test_small_inputs_skip_ray_data(tmp_path, caplog):
     paths, _ = _write_parts(tmp_path)
     caplog.set_level("INFO", logger="primer")
@@ -342,3 +325,143 @@ def test_normalise_takes_batches_that_start_with_empty_or_punctuation_only_text(
     assert got == ["", "a"]
     assert normalise(pa.array([None, "A  b"])).to_pylist() == [None, "a b"]
     assert normalise(pa.array(["!!!", "a   b", ""])).to_pylist() == ["", "a b", ""]
+
+
+# --- the same id in different parts ------------------------------------------------------------
+
+
+def _shards(folder: Path) -> list[str]:
+    """Two JSONL shards that both number their rows from 0, as independent dumps do; ids
+    7 (a number) and "7" (a string) both read as "7"."""
+    base, other = doc(20), doc(21)
+    shards = {
+        "a.jsonl": [
+            {"id": 0, "text": base},
+            {"id": 1, "text": doc(22)},
+            {"id": 7, "text": other},
+        ],
+        "b.jsonl": [
+            {"id": 0, "text": base.upper()},  # the same text as a.jsonl's 0: one is kept
+            {"id": 1, "text": doc(23)},  # the same id as a.jsonl's 1, another text
+            {"id": "7", "text": other},
+            {"id": 2, "text": edit(doc(22), [30, 200])},  # near a.jsonl's 1
+        ],
+    }
+    paths = []
+    for name, rows in shards.items():
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(str(folder / name))
+    return paths
+
+
+def _labels(stage: DedupStage, paths: list[str]) -> dict[tuple[str, str], tuple]:
+    from pipeline.readers import iter_batches
+
+    out = pa.concat_tables(stage(t) for p in paths for t in iter_batches(p))
+    return {
+        (Path(r["source_path"]).name, r["id"]): (r["drop_reason"], r["dup_cluster"])
+        for r in out.to_pylist()
+    }
+
+
+SHARD_LABELS = {
+    ("a.jsonl", "0"): (None, "0"),  # id "0" twice: a.jsonl sorts first, so it is kept
+    ("b.jsonl", "0"): ("dedup:exact_duplicate", "0"),
+    ("a.jsonl", "1"): (None, "1"),
+    ("b.jsonl", "1"): (None, "1"),  # same id, different text: no cluster at all
+    ("b.jsonl", "2"): ("dedup:near_duplicate", "1"),
+    ("a.jsonl", "7"): (None, "7"),
+    ("b.jsonl", "7"): ("dedup:exact_duplicate", "7"),
+}
+
+
+def test_the_same_id_in_two_shards_is_two_documents(tmp_path):
+    paths = _shards(tmp_path)
+    stage = DedupStage()
+    stage.prepare(paths, str(tmp_path / "state"), use_ray=False)
+    assert _labels(stage, paths) == SHARD_LABELS
+    clusters = pq.read_table(tmp_path / "state" / "clusters.parquet").to_pylist()
+    assert [(Path(r["source_path"]).name, r["id"], r["dup_cluster_size"]) for r in clusters] == [
+        ("a.jsonl", "0", 2), ("b.jsonl", "0", 2), ("a.jsonl", "1", 2), ("b.jsonl", "2", 2),
+        ("a.jsonl", "7", 2), ("b.jsonl", "7", 2),
+    ]  # fmt: skip
+    # The kept document does not depend on the order the inputs come in.
+    again = DedupStage()
+    again.prepare(paths[::-1], str(tmp_path / "state-reversed"), use_ray=False)
+    assert _labels(again, paths) == SHARD_LABELS
+
+
+def test_in_process_and_ray_prepare_give_identical_clusters(tmp_path, ray_ctx):
+    from pipeline.readers import iter_batches
+
+    # Stage parts without source_path, and parts of two shards that repeat each other's ids
+    # carrying their rows' source_path (as the runner hands them on): one Ray Data run.
+    paths, _ = _write_parts(tmp_path)
+    (tmp_path / "raw").mkdir()
+    for i, shard in enumerate(_shards(tmp_path / "raw")):
+        paths.append(str(tmp_path / f"shard-{i}.parquet"))
+        pq.write_table(pa.concat_tables(iter_batches(shard)), paths[-1])
+    tables = {}
+    for use_ray in (False, True):
+        state = tmp_path / f"state-{use_ray}"
+        # ray_min_rows=0: the Ray Data path even for this small input
+        DedupStage(num_partitions=2, ray_min_rows=0).prepare(paths, str(state), use_ray=use_ray)
+        assert (state / "_DONE").is_file()
+        tables[use_ray] = pq.read_table(state / "clusters.parquet")
+    assert tables[False].equals(tables[True])
+    rows = tables[True].to_pylist()
+    got = {
+        r["id"]: (r["dup_cluster"], r["dup_cluster_size"], r["dup_kind"])
+        for r in rows
+        if r["source_path"] is None
+    }
+    assert got == EXPECTED
+    shards = {
+        (Path(r["source_path"]).name, r["id"]): (r["dup_cluster"], r["dup_kind"])
+        for r in rows
+        if r["source_path"] is not None
+    }
+    assert shards == {
+        ("a.jsonl", "0"): ("0", "kept"),
+        ("b.jsonl", "0"): ("0", "exact_duplicate"),
+        ("a.jsonl", "1"): ("1", "kept"),
+        ("b.jsonl", "2"): ("1", "near_duplicate"),
+        ("a.jsonl", "7"): ("7", "kept"),
+        ("b.jsonl", "7"): ("7", "exact_duplicate"),
+    }
+
+
+def test_rows_that_share_source_and_id_are_an_error_not_a_silent_keep(tmp_path):
+    twice = pa.table({"id": ["7", "7", "8"], "text": [doc(30), doc(30), doc(31)]})
+    with pytest.raises(dedup.DuplicateRowError, match=r"id '7' from source_path ''"):
+        DedupStage().prepare([twice], str(tmp_path / "s1"), use_ray=False)
+    # Across inputs too: rows without a source_path must have ids unique among them all.
+    one, other = twice.slice(0, 1), twice.slice(1)
+    with pytest.raises(dedup.DuplicateRowError, match="more than one kept row of the inputs"):
+        DedupStage().prepare([one, other], str(tmp_path / "s2"), use_ray=False)
+    # The same source file reaching dedup twice would repeat all of its documents.
+    src = pa.array(["shard.jsonl"] * 2)
+    a = pa.table({"id": ["1", "2"], "text": [doc(32), doc(33)], "source_path": src})
+    b = pa.table({"id": ["3", "4"], "text": [doc(34), doc(35)], "source_path": src})
+    with pytest.raises(dedup.DuplicateRowError, match="'shard.jsonl' come in through 2 inputs"):
+        DedupStage().prepare([a, b], str(tmp_path / "s3"), use_ray=False)
+    pq.write_table(a.append_column("drop_reason", pa.nulls(2, pa.string())), tmp_path / "a.parquet")
+    with pytest.raises(dedup.DuplicateRowError, match="come in through 2 inputs"):
+        DedupStage().prepare([str(tmp_path / "a.parquet")] * 2, str(tmp_path / "s5"), use_ray=False)
+    # process() over a batch with such rows says so too, whatever the state holds.
+    stage = DedupStage()
+    stage.prepare([twice.slice(1)], str(tmp_path / "s4"), use_ray=False)
+    with pytest.raises(dedup.DuplicateRowError, match="this batch"):
+        stage(twice)
+    # A row dropped earlier is not judged, so it may repeat a kept row's pair.
+    dropped = twice.append_column("drop_reason", pa.array([None, "quality:x", None]))
+    assert stage(dropped)["drop_reason"].to_pylist() == [None, "quality:x", None]
+
+
+def test_rows_whose_keys_share_a_64_bit_hash_are_still_told_apart(tmp_path, monkeypatch):
+    paths = _shards(tmp_path)
+    stage = DedupStage()
+    stage.prepare(paths, str(tmp_path / "state"), use_ray=False)
+    # Every node hashing alike: the lookup must compare the nodes themselves.
+    monkeypatch.setattr(dedup, "_node_hash", lambda nodes: np.zeros(len(nodes), np.uint64))
+    assert _labels(stage, paths) == SHARD_LABELS

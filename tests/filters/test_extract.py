@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -36,14 +37,22 @@ def rows(*records: dict) -> pa.Table:
     )
 
 
+def _need(path: Path) -> None:
+    """Shared data a test reads: missing, the test is skipped, or fails where CI=true."""
+    if not path.exists():
+        message = f"shared data not found at {path}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 def norm(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
 @pytest.fixture(scope="module")
 def gold() -> list[tuple[dict, bytes]]:
-    if not GOLD.is_dir():
-        pytest.skip(f"shared data not found at {GOLD}")
+    _need(GOLD)
     items = json.loads((GOLD / "evaldata_en_subset.json").read_text(encoding="utf-8"))
     by_file = {item["file"]: item for item in items.values()}
     return [
@@ -54,8 +63,7 @@ def gold() -> list[tuple[dict, bytes]]:
 
 @pytest.fixture(scope="module")
 def warc_pages() -> list[dict]:
-    if not WARC.is_file():
-        pytest.skip(f"shared data not found at {WARC}")
+    _need(WARC)
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
     with WARC.open("rb") as fh:

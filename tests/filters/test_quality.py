@@ -222,6 +222,45 @@ def test_c4_lorem_ipsum_and_curly_bracket():
     assert one("Use javascript { here } please.")["q_c4_has_curly"] is False
 
 
+ABBREVIATION_LINES = [
+    "e.g. i.e. U.S.A. Dr. St. a.m.",
+    "e.g... i.e... U.S.A.",  # an initial right before an ellipsis: both kinds of non-end
+    "x... y... z... w.",
+    "Dr... St... a.m. x.",
+    "1... 2... 3.",
+    "a. . . b. c.",
+    ". . . . .",
+    "...\n...\n. .\n1.2.3.",
+]
+
+
+def test_abbreviations_and_ellipses_never_count_fewer_than_one_sentence_per_line():
+    # A boundary after an initial that is also an ellipsis used to be taken back twice, and
+    # the unsigned match counts wrapped past zero: the batch failed to cast to int32.
+    got = signals(*ABBREVIATION_LINES, GOOD)
+    assert [r["q_c4_n_sentences"] for r in got] == [2, 1, 1, 1, 1, 2, 1, 0, 6]
+    out = QualityStage()(pa.table({"id": ["a", "b"], "text": ABBREVIATION_LINES[1:3]}))
+    assert out["q_c4_n_sentences"].to_pylist() == [1, 1]  # the stage runs, too short to keep
+    assert all(r.startswith("quality:") for r in out["drop_reason"].to_pylist())
+
+
+def test_sentence_ends_taken_back_never_outnumber_the_boundaries():
+    # The invariant the C4 sentence count rests on, over random runs of the characters and
+    # abbreviations that make boundaries ambiguous.
+    from filters.quality import _SENT_BOUNDARY, _SENT_NOT_END
+
+    rng = random.Random(7)
+    pieces = [*"..!?…,;()\"'aegDrStUx1", " ", " ", "\t"]
+    pieces += ["Dr", "St", "Mr", "e.g.", "i.e.", "U.S.A.", "a.m.", "...", "..", " "]
+    lines = ["".join(rng.choices(pieces, k=rng.randrange(1, 30))) for _ in range(20_000)]
+    series = pl.Series(lines)
+    boundaries = series.str.count_matches(_SENT_BOUNDARY).to_numpy()
+    not_ends = series.str.count_matches(_SENT_NOT_END).to_numpy()
+    worst = int((not_ends.astype(int) - boundaries).argmax())
+    assert (not_ends <= boundaries).all(), lines[worst]
+    assert min(r["q_c4_n_sentences"] for r in signals(*lines[:2000])) >= 0
+
+
 # --- FineWeb -----------------------------------------------------------------------------------
 
 
