@@ -12,9 +12,13 @@ document is scored. Three stages, as FineWeb-Edu and Phi-3 built their web filte
   backend, template id and version, the raw answer and token counts; a row the teacher
   failed on (timeout, dead server, garbage) is written with `teacher_error`, its raw
   answer and the reason `edu_annotate:teacher_error`. Rows not in the sample are counted
-  (`edu_annotate:not_sampled`) but not written. Ratings are checkpointed a request batch
-  at a time under `_state/ratings/`: a killed run re-rates nothing it finished, and rows
-  that failed are sent again (`retry_rounds` within a run, and once more on every resume).
+  (`edu_annotate:not_sampled`) but not written. Ratings are stored by document id under
+  `_state/ratings/` (generators/batch.py), a file per request batch: a killed run re-rates
+  nothing it finished, rows that failed are sent again (`retry_rounds` within a run, once
+  more on every resume, and on `primer run --retry-failed`), and transport settings
+  (`request_batch`, the teacher's URL, timeouts, retries, concurrency) can change between
+  attempts without re-sending anything; `_state/_stamp.json` holds what decides the
+  ratings, and the ratings are discarded only when that changes.
 - `edu_train` (an ArtifactStage): fastText trained on ratings from any mix of sources:
   `annotations` (an `edu_annotate` output), `label_files` (JSONL/Parquet/HF datasets with a
   score and either the text or an id joined against this stage's input documents, e.g.
@@ -45,7 +49,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -56,13 +59,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from filters.fasttext_scorer import Engine, Scorer, fasttext_lines, load_fasttext, make_scorer
-from generators.teacher import ChatRequest, TeacherConfig
+from generators import batch
+from generators.teacher import ChatRequest, TeacherConfig, preflight_teacher
 from pipeline.io import expand_inputs, iter_documents, write_json_atomic
 from pipeline.readers import is_saved_dataset
-from pipeline.stage import ArtifactStage, GlobalStage, Stage, StageConfig, mark_dropped, set_column
+from pipeline.stage import (
+    ArtifactStage,
+    GlobalStage,
+    PreflightError,
+    Stage,
+    StageConfig,
+    is_ref,
+    mark_dropped,
+    require_path,
+    set_column,
+)
 
 log = logging.getLogger("primer.edu")
 
@@ -74,7 +88,7 @@ SCORE_SCHEMA: dict[str, Any] = {
 }
 """The only answer edu_annotate accepts; anything else is a recorded `invalid_json` failure."""
 
-DONE_FILE = "_DONE"
+DONE_FILE = batch.DONE_FILE
 SAMPLE_FILE = "sample.parquet"
 RATINGS_DIR = "ratings"
 RATING_COLUMNS = (
@@ -196,6 +210,9 @@ def evaluate(
 class EduAnnotateConfig(StageConfig):
     """Settings of the `edu_annotate` stage."""
 
+    # A key pasted as teacher.api_key_env must not be echoed by an error of this model.
+    model_config = ConfigDict(hide_input_in_errors=True)
+
     teacher: TeacherConfig = Field(default_factory=lambda: TeacherConfig(max_tokens=16))
     """The teacher LLM (backend local | openai | vllm); see generators/teacher.py."""
 
@@ -221,7 +238,8 @@ class EduAnnotateConfig(StageConfig):
     """Cap on the answer's tokens; `{"score": 3}` needs about 6."""
 
     request_batch: int = Field(32, ge=1)
-    """Requests per teacher call, and the checkpoint unit of a resumable run."""
+    """Requests per teacher call, and per checkpoint file; ratings are stored by id, so it
+    may change between attempts without re-rating anything."""
 
     retry_rounds: int = Field(1, ge=0)
     """Times the failed rows of a batch are sent again before they are recorded as failed
@@ -233,16 +251,6 @@ class EduAnnotateConfig(StageConfig):
         if v != sorted(set(v)) or any(b <= 0 for b in v):
             raise ValueError("length_bins must be increasing positive character counts")
         return v
-
-
-_RESULT_FIELDS: dict[str, Any] = {
-    # What decides which documents are rated and what a rating means; transport settings
-    # (base_url, timeouts, retries, concurrency, threads) may change between attempts.
-    "sample_size": True, "length_bins": True, "seed": True, "template": True,
-    "max_doc_chars": True, "max_answer_tokens": True, "request_batch": True,
-    "teacher": {"backend": True, "model": True, "temperature": True, "top_p": True,
-                "seed": True, "local": {"model_path"}, "vllm": {"model_source"}},
-}  # fmt: skip
 
 
 def _strata(lengths: np.ndarray, bins: Sequence[int]) -> np.ndarray:
@@ -320,8 +328,16 @@ class EduAnnotateStage(GlobalStage):
     needs: ClassVar[tuple[str, ...]] = ("id", "text")
     adds: ClassVar[tuple[str, ...]] = RATING_COLUMNS[1:]
     unwritten_reasons = frozenset({"not_sampled"})
+    fingerprint_exclude = batch.TRANSPORT_EXCLUDE
+    retryable: ClassVar[bool] = True
 
     config: EduAnnotateConfig
+
+    def preflight(self) -> None:
+        from generators.prompts import require_template
+
+        require_template("template", self.config.template)
+        preflight_teacher(self.config.teacher)
 
     # -- prepare: sample, then rate, a checkpoint per request batch --
     def prepare(self, inputs: Sequence[str], state_dir: str, use_ray: bool) -> None:
@@ -332,21 +348,10 @@ class EduAnnotateStage(GlobalStage):
         state = Path(state_dir)
         template = load_template(cfg.template)
         files = [str(p) for p in inputs]
-        stamp = {
-            "stage": self.name,
-            "version": self.version,
-            "config": cfg.model_dump(mode="json", include=_RESULT_FIELDS),
-            "template_sha256": template.sha256,
-            "inputs": [f"{p}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in files],
-        }
-        stamp_file = state / "_stamp.json"
-        if stamp_file.is_file() and json.loads(stamp_file.read_text()) != stamp:
-            log.warning("edu_annotate: settings or inputs changed; discarding %s", state)
-            shutil.rmtree(state)
+        stamp = batch.state_stamp(self, files, template_sha256=template.sha256)
+        batch.open_state(state, stamp, self.name)
         if (state / DONE_FILE).is_file():
             return
-        state.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(stamp_file, stamp)
 
         sample_path = state / SAMPLE_FILE
         if not sample_path.is_file():
@@ -397,14 +402,12 @@ class EduAnnotateStage(GlobalStage):
         )
 
     def _rate(self, sample: pa.Table, template: Any, ratings_dir: Path) -> dict[str, Any]:
-        from generators.batch import run_checkpointed
-
         cfg = self.config
         requests = [
             self._request(template, i, t)
             for i, t in zip(sample["id"].to_pylist(), sample["text"].to_pylist(), strict=True)
         ]
-        done, stats = run_checkpointed(
+        done, stats = batch.run_checkpointed(
             requests, ratings_dir, cfg.teacher, batch_size=cfg.request_batch,
             retry_rounds=cfg.retry_rounds, label=self.name,
         )  # fmt: skip
@@ -449,11 +452,21 @@ class EduAnnotateStage(GlobalStage):
 
     def load_ratings(self) -> pa.Table:
         """The rating columns of every rated document (after prepare())."""
-        from generators.batch import load_checkpoints
         from generators.prompts import load_template
 
-        done = load_checkpoints(Path(self.state_dir or "") / RATINGS_DIR)
+        done = batch.load_checkpoints(Path(self.state_dir or "") / RATINGS_DIR)
         return self._ratings_table(done, load_template(self.config.template))
+
+    # -- --retry-failed --
+    def reopen_failed(self, state_dir: str) -> int:
+        """Sampled documents whose rating failed; the next prepare() asks exactly those."""
+        self.state_dir = str(state_dir)
+        return batch.reopen_failed(Path(state_dir), Path(state_dir) / RATINGS_DIR)
+
+    def output_revision(self) -> str:
+        if not self.state_dir:
+            return ""
+        return batch.answers_revision(Path(self.state_dir) / RATINGS_DIR)
 
     # -- the per-part pass: attach ratings, mark failures and the unsampled --
     def setup(self) -> None:
@@ -544,6 +557,33 @@ class EduTrainConfig(StageConfig):
         }  # fmt: skip
 
 
+_LABEL_FORMAT = re.compile(r"\.(?:parquet|jsonl?(?:\.gz)?)$")
+
+
+def _require_sources(key: str, values: Sequence[str], label_files: bool) -> None:
+    """Preflight: each entry (a file, folder or glob; "@stage" and "hf:" are checked when
+    read) names at least one file, and a label file is one `_read_label_table` reads."""
+    for i, value in enumerate(values):
+        where = f"{key}.{i}"
+        if is_ref(value) or value.startswith("hf:"):
+            continue
+        path = os.path.expandvars(value)
+        if label_files and is_saved_dataset(path):
+            continue
+        try:
+            files = expand_inputs([path])
+        except FileNotFoundError:
+            hint = "" if Path(path).is_absolute() else f" (relative to {os.getcwd()})"
+            raise PreflightError(where, f"{value!r} matches no file{hint}") from None
+        unreadable = [f for f in files if label_files and not _LABEL_FORMAT.search(f)]
+        if unreadable:
+            raise PreflightError(
+                where,
+                f"{unreadable[0]!r} is not a label file edu_train reads (JSONL, JSONL.gz, "
+                "Parquet or an HF save_to_disk folder); move other files out of the folder",
+            )
+
+
 def _read_label_table(source: str, cfg: EduTrainConfig) -> pa.Table:
     """A label file as (id, text, score) with nulls where the file has no such column."""
     cols = [cfg.score_column, cfg.text_column, cfg.id_column]
@@ -618,11 +658,20 @@ class EduTrainStage(ArtifactStage):
     """fastText on educational-value labels -> model.bin + metrics.json; see the module."""
 
     name: ClassVar[str] = "edu_train"
-    version: ClassVar[int] = 1
+    # 2: fasttext-community 0.11.9, which initialises the whole input matrix; the same data
+    # and seed give another (still reproducible) model than fastText 0.9.x did.
+    version: ClassVar[int] = 2
     Config: ClassVar[type[StageConfig]] = EduTrainConfig
     needs: ClassVar[tuple[str, ...]] = ("id", "text")
 
     config: EduTrainConfig
+
+    def preflight(self) -> None:
+        cfg = self.config
+        if cfg.annotations and not is_ref(cfg.annotations):
+            require_path("annotations", cfg.annotations, "any")
+        _require_sources("label_files", cfg.label_files, label_files=True)
+        _require_sources("proxy_positive", cfg.proxy_positive, label_files=False)
 
     def collect(self, inputs: Sequence[str | pa.Table]) -> tuple[pa.Table, dict[str, Any]]:
         """All labelled examples (id, text, label, source), one per document."""
@@ -718,11 +767,11 @@ class EduTrainStage(ArtifactStage):
     def _train(self, table: pa.Table, work: Path) -> Any:
         """fastText on `table` (text, label), trained in a fresh spawned process.
 
-        fastText (0.9.x, `DenseMatrix::uniform`) initialises a tenth of the input matrix per
-        training thread and leaves the rest as the allocator hands it over: zeros from a
-        fresh process's new pages, but whatever freed memory held in a long-lived one, where
-        the same data and seed gave models up to 0.15 apart and sometimes diverged (NaN). A
-        fresh process gives the same model every time (its bucket rows start at zero).
+        fastText 0.9.x's `DenseMatrix::uniform` left most of the input matrix as the
+        allocator handed it over (garbage, and NaN, in a long-lived process);
+        fasttext-community fixed that, so a model is reproducible in any process. Training
+        stays in a spawned process anyway: it keeps the C++ heap out of the driver and
+        makes a crash in the trainer a clear error, not a dead run.
         """
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -923,6 +972,9 @@ class EduScoreStage(Stage):
     annotates: ClassVar[bool] = True
 
     config: EduScoreConfig
+
+    def preflight(self) -> None:
+        require_path("model", self.config.model, "file")
 
     def setup(self) -> None:
         cfg = self.config

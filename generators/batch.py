@@ -1,32 +1,71 @@
-"""Send many chat requests to a teacher, a checkpoint per batch: resumable, nothing asked twice.
+"""Send many chat requests to a teacher and keep every answer: a store keyed by request id.
 
 Both teacher-LLM stages (`edu_annotate`, `generate`) run their requests through
-`run_checkpointed`: the requests are cut into fixed batches in a fixed order, each batch's
-completions land atomically in `ckpt_dir/<batch>.parquet`, and a resumed run skips every
-finished batch. Rows that failed (timeout, dead server, garbage) are stored with their error
-and raw answer; they are sent again `retry_rounds` times within a run and once more on every
-resume, so a flaky teacher costs retries, never rows. The teacher starts only if there is
-something left to ask.
+`run_checkpointed`. Completions land in `ckpt_dir`, one Parquet file per request batch,
+written to a temp file and renamed, so a file is whole or absent even when the run is
+killed. A later attempt reads the store by request id: whatever was answered, in any
+earlier batch size, is reused; only ids without an answer, and ids whose answer failed
+(timeout, dead server, garbage), are sent. Failed rows are stored with their error and raw
+answer and sent again `retry_rounds` times within a run and once more on every attempt
+that runs, so a flaky teacher costs retries, never rows. The teacher starts only if there
+is something left to ask.
+
+Store layout: `g<generation>-<batch>.parquet` (both 6 digits; an attempt takes the next
+generation, so its files never overwrite an earlier attempt's), plus `<batch>.parquet`
+from the older position-keyed layout, read as generation 0. An id in several files
+resolves to its newest usable answer, else its newest failure: a stored answer is never
+replaced by a failure.
+
+The stage around the store decides when it is stale (`state_stamp`, `open_state`): the
+stamp holds what decides the answers (model, sampling, templates, inputs) and leaves out
+the transport settings of `TRANSPORT_EXCLUDE`, which are also out of the stage's
+fingerprint. `--retry-failed` goes through `reopen_failed` and `answers_revision`.
 
     table, stats = run_checkpointed(requests, Path("state/completions"), TeacherConfig())
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import re
+import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from generators.teacher import ChatRequest, Completion, Teacher, TeacherConfig, retry_failed
+from generators.teacher import (
+    ChatRequest,
+    Completion,
+    Teacher,
+    TeacherConfig,
+    retry_failed,
+    teacher_transport_keys,
+)
+from pipeline.io import write_json_atomic
 from pipeline.progress import Progress
+from pipeline.stage import GUARDRAIL_KEYS, Stage, nested_exclude
 
 log = logging.getLogger("primer.teacher")
+
+DONE_FILE = "_DONE"
+STAMP_FILE = "_stamp.json"
+
+TRANSPORT_EXCLUDE: frozenset[str] = frozenset(
+    {"request_batch", "retry_rounds", "batch_rows", *teacher_transport_keys("teacher")}
+)
+"""`fingerprint_exclude` of a stage that asks its teacher through `run_checkpointed`: the
+batching and retry settings (the store is keyed by id, so a new batch size reuses it) and
+the teacher's transport keys. The same keys stay out of its state stamp."""
 
 COMPLETION_SCHEMA = pa.schema(
     [
@@ -44,6 +83,8 @@ COMPLETION_SCHEMA = pa.schema(
     ]
 )
 
+_GENERATION = re.compile(r"g(\d+)-\d+\.parquet")
+
 
 def completions_table(completions: Sequence[Completion]) -> pa.Table:
     return pa.Table.from_pylist([c.to_dict() for c in completions], schema=COMPLETION_SCHEMA)
@@ -53,10 +94,110 @@ def table_completions(table: pa.Table) -> list[Completion]:
     return [Completion(**row) for row in table.to_pylist()]
 
 
+def _store_files(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint files, oldest first: legacy "<batch>.parquet" names sort before "g..."."""
+    if not Path(ckpt_dir).is_dir():
+        return []
+    return sorted(p for p in Path(ckpt_dir).glob("*.parquet") if not p.name.startswith("."))
+
+
+def _read(path: Path, columns: list[str] | None = None) -> pa.Table | None:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        # Renamed into place whole, so this is damage from outside: its ids are asked again.
+        log.warning("teacher store: cannot read %s (%s); its requests count as unanswered", path, e)
+        return None
+
+
+def _resolve(table: pa.Table) -> pa.Table:
+    """One row per id: the newest usable answer, else the newest failure."""
+    if not len(table):
+        return table
+    n = len(table)
+    table = table.append_column("_ok", pc.is_null(table["error"]))
+    table = table.append_column("_order", pa.array(np.arange(n, dtype=np.int64)))
+    table = table.sort_by([("id", "ascending"), ("_ok", "descending"), ("_order", "descending")])
+    ids = table["id"].combine_chunks()
+    first = np.ones(n, dtype=bool)
+    if n > 1:
+        first[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
+    return table.filter(pa.array(first)).drop_columns(["_ok", "_order"])
+
+
 def load_checkpoints(ckpt_dir: Path) -> pa.Table:
-    """Every stored completion, in request order."""
-    files = sorted(Path(ckpt_dir).glob("[0-9]*.parquet"))
-    return pa.concat_tables([COMPLETION_SCHEMA.empty_table(), *(pq.read_table(f) for f in files)])
+    """Every stored completion, one row per request id (sorted by id)."""
+    tables = [t for f in _store_files(ckpt_dir) if (t := _read(f)) is not None]
+    stored = pa.concat_tables([COMPLETION_SCHEMA.empty_table(), *tables])
+    return _resolve(stored)
+
+
+def answered_ids(ckpt_dir: Path) -> tuple[pa.Array, pa.Array]:
+    """(ids with a usable answer, ids whose every stored answer failed), each sorted and
+    distinct; reads only the id and error columns."""
+    tables = [t for f in _store_files(ckpt_dir) if (t := _read(f, ["id", "error"])) is not None]
+    empty = pa.schema([("id", pa.string()), ("error", pa.string())]).empty_table()
+    stored = pa.concat_tables([empty, *tables])
+    ok = pc.unique(stored.filter(pc.is_null(stored["error"]))["id"].combine_chunks())
+    bad = pc.unique(stored.filter(pc.is_valid(stored["error"]))["id"].combine_chunks())
+    bad = bad.filter(pc.invert(pc.is_in(bad, value_set=ok)))
+    return ok.take(pc.array_sort_indices(ok)), bad.take(pc.array_sort_indices(bad))
+
+
+def answers_revision(ckpt_dir: Path) -> str:
+    """A digest of the ids with a usable answer: it changes exactly when an answer is added
+    (a stored answer never changes), e.g. when a retry recovers failed rows."""
+    ok, _ = answered_ids(ckpt_dir)
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update("\n".join(ok.to_pylist()).encode())
+    return f"{len(ok)}-{digest.hexdigest()}"
+
+
+def reopen_failed(state_dir: Path, ckpt_dir: Path) -> int:
+    """`--retry-failed`: the number of ids whose stored answers all failed; when there are
+    any, `state_dir/_DONE` goes so that the stage's next prepare() runs `run_checkpointed`
+    again, which sends exactly those (the stored answers stay)."""
+    _, failed = answered_ids(ckpt_dir)
+    if len(failed):
+        (Path(state_dir) / DONE_FILE).unlink(missing_ok=True)
+    return len(failed)
+
+
+def state_stamp(stage: Stage, inputs: Sequence[str], **extra: Any) -> dict[str, Any]:
+    """What decides a teacher stage's answers: its config without the keys its fingerprint
+    leaves out (the same scheme, so a transport change touches neither), the input files
+    (path, size, mtime) and `extra` (template hashes)."""
+    exclude = nested_exclude({*GUARDRAIL_KEYS, *stage.fingerprint_exclude})
+    files = [str(p) for p in inputs]
+    return {
+        "stage": stage.name,
+        "version": stage.version,
+        "config": stage.config.model_dump(mode="json", exclude=exclude),
+        **extra,
+        "inputs": [f"{p}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in files],
+    }
+
+
+def open_state(state: Path, stamp: dict[str, Any], label: str) -> None:
+    """Discard `state` when its stamp differs from `stamp` (what decides the answers
+    changed), then make sure the folder and the stamp exist."""
+    stamp_file = state / STAMP_FILE
+    if stamp_file.is_file():
+        try:
+            old = json.loads(stamp_file.read_text())
+        except ValueError:
+            old = None
+        if old != stamp:
+            log.warning("%s: settings or inputs changed; discarding %s", label, state)
+            shutil.rmtree(state)
+    state.mkdir(parents=True, exist_ok=True)
+    if not stamp_file.is_file():
+        write_json_atomic(stamp_file, stamp)
+
+
+def _next_generation(ckpt_dir: Path) -> int:
+    gens = [int(m[1]) for f in _store_files(ckpt_dir) if (m := _GENERATION.fullmatch(f.name))]
+    return max(gens, default=0) + 1
 
 
 def run_checkpointed(
@@ -69,53 +210,54 @@ def run_checkpointed(
     label: str = "teacher",
     teacher: Teacher | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
-    """Completions of `requests` (same order), from checkpoints where they exist.
+    """Completions of `requests` (same order), from the store where they are answered.
 
-    `requests` must be the same list, in the same order, on every attempt (the caller
-    derives it deterministically); a batch is identified by its position.
+    An id must name the same request on every attempt: the caller's state stamp discards
+    the store when what decides the answers changes. A repeated id is asked once.
     """
     from generators.teacher import make_teacher
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_dir.glob(".*.tmp-*"):
-        stale.unlink(missing_ok=True)
+        stale.unlink(missing_ok=True)  # left by a killed attempt: never a finished batch
     n = len(requests)
-    batches = [(b, lo, min(lo + batch_size, n)) for b, lo in enumerate(range(0, n, batch_size))]
-    todo: list[tuple[int, int, int, list[Completion] | None]] = []
-    for b, lo, hi in batches:
-        path = ckpt_dir / f"{b:06d}.parquet"
-        if not path.is_file():
-            todo.append((b, lo, hi, None))
-            continue
-        done = table_completions(pq.read_table(path))
-        if [c.id for c in done] != [r.id for r in requests[lo:hi]]:
-            raise RuntimeError(
-                f"{path} holds other requests than this run asks for; the checkpoints belong "
-                "to different settings: delete the folder to start over"
-            )
-        if not all(c.ok for c in done):
-            todo.append((b, lo, hi, done))  # resume: send its failed rows again
+    ids = pa.array([r.id for r in requests], pa.string())
+    store = load_checkpoints(ckpt_dir)
+    pos = pc.index_in(ids, value_set=store["id"])
+    first = pc.index_in(ids, value_set=ids).to_numpy(zero_copy_only=False) == np.arange(n)
+    stored = pc.is_valid(pos).to_numpy(zero_copy_only=False)
+    errors = store["error"].take(pos)
+    failed_before = first & stored & pc.is_valid(errors).to_numpy(zero_copy_only=False)
+    todo = np.flatnonzero(first & (~stored | failed_before))
+    if (~first).any():
+        log.warning("%s: %d requests repeat an earlier id; each id is asked once", label,
+                    int((~first).sum()))  # fmt: skip
+    prior = pc.fill_null(store["attempts"].take(pos), 0).to_numpy(zero_copy_only=False)
 
-    progress = Progress(label, len(batches))
-    progress.parts = len(batches) - len(todo)
+    chunks = [todo[lo : lo + batch_size] for lo in range(0, len(todo), batch_size)]
+    progress = Progress(label, len(chunks))
     t0, asked, tokens = time.monotonic(), 0, 0
-    if todo:
+    if chunks:
+        gen = _next_generation(ckpt_dir)
         own = teacher is None
         teacher = teacher or make_teacher(teacher_cfg)
         try:
-            for b, lo, hi, done in todo:
-                chunk = list(requests[lo:hi])
-                if done is None:
-                    out = teacher.complete(chunk)
-                else:
-                    out = retry_failed(teacher, chunk, done)
+            for b, idx in enumerate(chunks):
+                chunk = [requests[i] for i in idx]
+                out = teacher.complete(chunk)
+                # Attempts of earlier runs add up, as they do within a run.
+                out = [
+                    c if not failed_before[i] else _with_attempts(c, int(prior[i]))
+                    for c, i in zip(out, idx, strict=True)
+                ]
                 for _ in range(retry_rounds):
                     if all(c.ok for c in out):
                         break
                     out = retry_failed(teacher, chunk, out)
-                tmp = ckpt_dir / f".{b:06d}.parquet.tmp-{os.getpid()}"
+                name = f"g{gen:06d}-{b:06d}.parquet"
+                tmp = ckpt_dir / f".{name}.tmp-{os.getpid()}"
                 pq.write_table(completions_table(out), tmp)
-                os.replace(tmp, ckpt_dir / f"{b:06d}.parquet")
+                os.replace(tmp, ckpt_dir / name)
                 asked += len(chunk)
                 tokens += sum(c.completion_tokens or 0 for c in out)
                 progress.update(parts=1, rows=len(chunk))
@@ -124,17 +266,27 @@ def run_checkpointed(
                 teacher.close()
         progress.close()
     seconds = time.monotonic() - t0
-    table = load_checkpoints(ckpt_dir)
-    failed = len(table) - table["error"].null_count
+    store = load_checkpoints(ckpt_dir)
+    table = store.take(pc.index_in(ids, value_set=store["id"]))
+    usable = pc.and_(pc.is_valid(table["id"]), pc.is_null(table["error"]))
+    ok = int(pc.sum(usable).as_py() or 0)
+    still = pc.invert(usable).to_numpy(zero_copy_only=False)
     stats = {
         "requests": n,
-        "ok": n - failed,
-        "failed": failed,
+        "ok": ok,
+        "failed": n - ok,
+        "reused": int((stored & ~failed_before & first).sum()),
         "asked_this_attempt": asked,
+        "failed_before": int(failed_before.sum()),
+        "recovered": int((failed_before & ~still).sum()),
         "seconds": round(seconds, 2),
         "requests_per_minute": round(60 * asked / seconds, 1) if asked else None,
         "completion_tokens_per_s": round(tokens / seconds, 1) if asked else None,
     }
-    if failed:
-        log.warning("%s: the teacher failed on %d of %d requests", label, failed, n)
+    if n - ok:
+        log.warning("%s: the teacher failed on %d of %d requests", label, n - ok, n)
     return table, stats
+
+
+def _with_attempts(c: Completion, earlier: int) -> Completion:
+    return replace(c, attempts=c.attempts + earlier)

@@ -1,12 +1,18 @@
 """The `generate` and `validate` stages: synthetic documents from the teacher, then checked.
 
 `generate` (a GlobalStage) sends every prompt of its input (the `seeds` output) to the
-teacher interface of generators/teacher.py (`local`, `openai` or `vllm`), a checkpoint per
-request batch (generators/batch.py): a run killed mid-way and started again generates only
-what is missing; nothing is generated twice or lost. Sampling parameters and per-style
-token budgets come from config; each row records them with the teacher model, backend,
-token counts and finish reason. A failed request (timeout, dead server, garbage) is a row
-with `teacher_error`, its raw answer and reason `generate:teacher_error`.
+teacher interface of generators/teacher.py (`local`, `openai` or `vllm`), its answers
+stored by row id a request batch at a time (generators/batch.py): a run killed mid-way and
+started again generates only what is missing; nothing is generated twice or lost.
+`_state/_stamp.json` holds what decides the answers (model, sampling, budgets, seed, the
+templates' hashes, the input files): when that changes the stored answers are discarded;
+transport settings (`request_batch`, the teacher's URL, timeouts, retries, concurrency)
+may change freely. Sampling parameters and per-style token budgets come from config; each
+row records them with the teacher model, backend, token counts and finish reason. A failed
+request (timeout, dead server, garbage) is a row with `teacher_error`, its raw answer and
+reason `generate:teacher_error`; `primer run --retry-failed` asks exactly those again. A
+row that cannot be asked is recorded too: `generate:no_template` (its template is not in
+configs/prompts/) or `generate:empty_prompt`.
 
 `dry_run: true` stops before the teacher starts and prints the number of prompts, the
 estimated prompt and completion tokens and the hours at `dry_run_tokens_per_s`.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,17 +37,27 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
-from generators.batch import load_checkpoints, run_checkpointed
-from generators.prompts import load_template
-from generators.teacher import ChatRequest, TeacherConfig, derive_seed
+from generators import batch
+from generators.prompts import Template, load_template
+from generators.teacher import ChatRequest, TeacherConfig, derive_seed, preflight_teacher
 from pipeline.io import iter_documents, write_json_atomic
-from pipeline.stage import GlobalStage, Stage, StageConfig, mark_dropped, set_column
+from pipeline.schema import FIELDS
+from pipeline.stage import (
+    GlobalStage,
+    PreflightError,
+    Stage,
+    StageConfig,
+    mark_dropped,
+    require_path,
+    set_column,
+)
 
 log = logging.getLogger("primer.generate")
 
-DONE_FILE = "_DONE"
+DONE_FILE = batch.DONE_FILE
+COMPLETIONS_DIR = "completions"
 ADDS = (
     "text", "teacher_model", "teacher_backend", "teacher_answer", "teacher_error",
     "prompt_tokens", "completion_tokens", "finish_reason", "temperature", "top_p",
@@ -55,6 +72,9 @@ class DryRun(Exception):
 class GenerateConfig(StageConfig):
     """Settings of the `generate` stage."""
 
+    # A key pasted as teacher.api_key_env must not be echoed by an error of this model.
+    model_config = ConfigDict(hide_input_in_errors=True)
+
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     max_tokens: int = Field(512, ge=16)
     """Completion budget of a style without its own entry in `style_max_tokens`."""
@@ -68,11 +88,44 @@ class GenerateConfig(StageConfig):
     seed: int = 0
     """Per-request sampling seeds derive from this and the row id."""
     request_batch: int = Field(16, ge=1)
-    """Requests per teacher call, and the checkpoint unit of a resumable run."""
+    """Requests per teacher call, and per checkpoint file; answers are stored by id, so it
+    may change between attempts without generating anything again."""
     retry_rounds: int = Field(1, ge=0)
     dry_run: bool = False
     dry_run_tokens_per_s: float = Field(2_000.0, gt=0)
     """Aggregate completion tokens/s assumed for the dry run's time estimate."""
+
+
+def _template(name: str | None) -> Template | str:
+    """The template a seed row names, or why it cannot be used."""
+    if name is None:
+        return "template: the row names no template (template_id, template_version are null)"
+    try:
+        return load_template(name)
+    except Exception as e:  # missing, misnamed or not compiling: the row is recorded
+        return f"template: {e}"
+
+
+def _template_names(table: pa.Table) -> pa.ChunkedArray | pa.Array:
+    return pc.binary_join_element_wise(
+        pc.cast(table["template_id"], pa.string()),
+        pc.cast(table["template_version"], pa.string()),
+        "_v",
+    )
+
+
+def unaskable(table: pa.Table) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """Seed rows that cannot become a request, as (no_template mask, empty_prompt mask,
+    message per row, null where the row can be asked)."""
+    names = _template_names(table)
+    distinct = pc.unique(names)
+    problems = [t if isinstance(t, str) else None for t in map(_template, distinct.to_pylist())]
+    why = pa.array(problems, pa.string()).take(pc.index_in(names, value_set=distinct))
+    no_template = pc.is_valid(why)
+    prompt = pc.utf8_trim_whitespace(pc.cast(table["prompt"], pa.large_string()))
+    empty = pc.and_(pc.invert(no_template), pc.fill_null(pc.equal(pc.utf8_length(prompt), 0), True))
+    why = pc.if_else(empty, pa.scalar("prompt: the seed row has an empty prompt"), why)
+    return no_template, empty, why
 
 
 def estimate(prompts: Sequence[str], budgets: Sequence[int], tokens_per_s: float) -> dict[str, Any]:
@@ -97,16 +150,27 @@ class GenerateStage(GlobalStage):
     Config: ClassVar[type[StageConfig]] = GenerateConfig
     needs: ClassVar[tuple[str, ...]] = ("id", "prompt", "style", "template_id", "template_version")
     adds: ClassVar[tuple[str, ...]] = ADDS
-    fingerprint_exclude = frozenset({"dry_run", "dry_run_tokens_per_s"})
+    fingerprint_exclude = batch.TRANSPORT_EXCLUDE | {"dry_run", "dry_run_tokens_per_s"}
+    retryable: ClassVar[bool] = True
 
     config: GenerateConfig
+
+    def preflight(self) -> None:
+        # Templates come from the seed rows, not this config: a row whose template is
+        # missing is recorded (generate:no_template), the seeds stage checks its own.
+        preflight_teacher(self.config.teacher)
 
     def _requests(self, inputs: Sequence[str]) -> list[ChatRequest]:
         cfg = self.config
         rows: list[dict] = []
+        rejected: Counter[str] = Counter()
         cols = ("id", "prompt", "style", "template_id", "template_version")
         for t in iter_documents(inputs, cfg.batch_rows, columns=cols):
-            rows += t.select(list(cols)).to_pylist()
+            *_, why = unaskable(t)
+            rejected.update(pc.drop_null(why).to_pylist())
+            rows += t.filter(pc.is_null(why)).select(list(cols)).to_pylist()
+        for message, n in rejected.most_common():
+            log.warning("generate: %d seed rows not sent: %s", n, message)
         rows.sort(key=lambda r: r["id"])
         out = []
         for r in rows:
@@ -128,26 +192,51 @@ class GenerateStage(GlobalStage):
     def budget(self, style: str | None) -> int:
         return self.config.style_max_tokens.get(style or "", self.config.max_tokens)
 
+    def _stamp(self, inputs: Sequence[str]) -> dict[str, Any]:
+        """What decides the answers: the config (less transport), the inputs and the hash
+        of every template the seed rows name (a two-column read of the inputs)."""
+        names: set[str] = set()
+        cols = ("id", "template_id", "template_version")
+        for t in iter_documents(inputs, self.config.batch_rows, columns=cols):
+            names.update(pc.unique(_template_names(t)).drop_null().to_pylist())
+        templates = {}
+        for name in sorted(names):
+            t = _template(name)
+            templates[name] = t if isinstance(t, str) else t.sha256
+        return batch.state_stamp(self, inputs, templates=templates)
+
     def prepare(self, inputs: Sequence[str], state_dir: str, use_ray: bool) -> None:
         cfg = self.config
         self.state_dir = str(state_dir)
         state = Path(state_dir)
-        if (state / DONE_FILE).is_file() and not cfg.dry_run:
-            return
-        requests = self._requests(inputs)
         if cfg.dry_run:
+            requests = self._requests(inputs)
             est = estimate(
                 ["\n".join(m["content"] for m in r.messages) for r in requests],
                 [r.max_tokens or cfg.max_tokens for r in requests],
                 cfg.dry_run_tokens_per_s,
             )
             raise DryRun(f"generate dry run: {json.dumps(est)}")
-        _, stats = run_checkpointed(
-            requests, state / "completions", cfg.teacher, batch_size=cfg.request_batch,
+        batch.open_state(state, self._stamp(inputs), self.name)
+        if (state / DONE_FILE).is_file():
+            return
+        requests = self._requests(inputs)
+        _, stats = batch.run_checkpointed(
+            requests, state / COMPLETIONS_DIR, cfg.teacher, batch_size=cfg.request_batch,
             retry_rounds=cfg.retry_rounds, label=self.name,
         )  # fmt: skip
         log.info("generate: %s", json.dumps(stats))
         write_json_atomic(state / DONE_FILE, stats)
+
+    def reopen_failed(self, state_dir: str) -> int:
+        """Prompts whose generation failed; the next prepare() asks exactly those."""
+        self.state_dir = str(state_dir)
+        return batch.reopen_failed(Path(state_dir), Path(state_dir) / COMPLETIONS_DIR)
+
+    def output_revision(self) -> str:
+        if not self.state_dir:
+            return ""
+        return batch.answers_revision(Path(self.state_dir) / COMPLETIONS_DIR)
 
     def setup(self) -> None:
         state = Path(self.state_dir or "")
@@ -155,10 +244,11 @@ class GenerateStage(GlobalStage):
             raise RuntimeError(
                 f"generate: no finished completions in {self.state_dir!r}; run prepare() first"
             )
-        self._done = load_checkpoints(state / "completions")
+        self._done = batch.load_checkpoints(state / COMPLETIONS_DIR)
 
     def process(self, table: pa.Table) -> pa.Table:
         cfg = self.config
+        no_template, empty_prompt, why = unaskable(table)
         pos = pc.index_in(table["id"], value_set=self._done["id"])
         got = self._done.take(pos)
         ok = pc.is_null(got["error"])
@@ -166,11 +256,12 @@ class GenerateStage(GlobalStage):
             table, "text", pc.if_else(ok, got["text"], pa.scalar(None, pa.large_string()))
         )
         for dst, src in (
-            ("teacher_model", "model"), ("teacher_backend", "backend"), ("teacher_error", "error"),
+            ("teacher_model", "model"), ("teacher_backend", "backend"),
             ("prompt_tokens", "prompt_tokens"), ("completion_tokens", "completion_tokens"),
             ("finish_reason", "finish_reason"),
         ):  # fmt: skip
             table = set_column(table, dst, got[src])
+        table = set_column(table, "teacher_error", pc.coalesce(why, got["error"]))
         table = set_column(table, "teacher_answer", pc.if_else(ok, got["text"], got["raw"]))
         n = len(table)
         styles = table["style"].to_pylist()
@@ -185,9 +276,11 @@ class GenerateStage(GlobalStage):
             pa.array([derive_seed(cfg.seed, i) for i in table["id"].to_pylist()], pa.int64()),
         )
         missing = pc.is_null(pos)
+        failed = pc.and_(pc.invert(missing), pc.invert(ok))
         return mark_dropped(
             table, self.name,
-            [("not_generated", missing), ("teacher_error", pc.and_(pc.invert(missing), pc.invert(ok)))],
+            [("no_template", no_template), ("empty_prompt", empty_prompt),
+             ("not_generated", missing), ("teacher_error", failed)],
         )  # fmt: skip
 
 
@@ -238,6 +331,15 @@ class ValidateStage(Stage):
 
     config: ValidateConfig
 
+    def preflight(self) -> None:
+        from filters.langid import LangIdStage
+
+        require_path("edu_model", self.config.edu_model, "file")
+        try:
+            LangIdStage(languages=self.config.languages).preflight()
+        except PreflightError as e:
+            raise PreflightError("languages", e.message) from None
+
     def setup(self) -> None:
         from filters.langid import LangIdStage
         from filters.quality import QualityStage
@@ -263,8 +365,8 @@ class ValidateStage(Stage):
         text = pc.fill_null(table["text"], "")
         words = pc.list_value_length(pc.utf8_split_whitespace(text))
         head = pc.utf8_slice_codeunits(text, 0, 300).to_pylist()
-        refusal = pa.array([bool(self._refusal.search(h)) for h in head])
-        stock = pa.array([bool(self._stock.search(h)) for h in head])
+        refusal = pa.array([bool(self._refusal.search(h)) for h in head], pa.bool_())
+        stock = pa.array([bool(self._stock.search(h)) for h in head], pa.bool_())
         rules = [
             ("empty", pc.equal(words, 0)),
             ("too_short", pc.less(words, cfg.min_words)),
@@ -283,4 +385,7 @@ class ValidateStage(Stage):
             table = self._quality(table)
         if self._edu is not None:
             table = self._edu(table)
+        for name in self.adds:  # declared columns are present, null without an edu model
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(len(table), FIELDS[name].type))
         return table

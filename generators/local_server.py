@@ -4,8 +4,9 @@ For a laptop and for CI: no GPU, no daemon to install, no download. `LocalServer
 llama.cpp's own HTTP server (OpenAI-compatible, continuous batching, JSON-schema
 constrained decoding) inside this process through the prebuilt xllamacpp wheel, bound to
 127.0.0.1 only, on a free port, with a random per-server API key so that no other local
-process or web page can use it. `LocalTeacher` then drives it with the `openai` backend's
-client (generators/teacher.py), so CI tests one HTTP path for both.
+process or web page can use it (held in memory only, never logged or shown in a repr).
+`LocalTeacher` then drives it with the `openai` backend's client (generators/teacher.py),
+so CI tests one HTTP path for both.
 
 Why in-process (xllamacpp's `Server`) and not a `llama-server` subprocess: no binary to
 find or compile, startup in about a second, and the server cannot outlive Python: it stops
@@ -43,6 +44,7 @@ from generators.teacher import (
     TeacherConfig,
     _TeacherBase,
 )
+from pipeline.secrets import scrub
 
 log = logging.getLogger("primer.teacher")
 
@@ -77,6 +79,19 @@ def default_model_path() -> Path:
     )
 
 
+_KEY = "teacher.local.model_path: "
+
+
+def model_path_problem(model_path: str | None) -> str | None:
+    """What is wrong with `local.model_path` (missing, not GGUF, no bundled default), or
+    None: the check `resolve_model_path` makes, as text for a preflight error."""
+    try:
+        resolve_model_path(model_path)
+    except (OSError, ValueError) as e:
+        return str(e).removeprefix(_KEY)
+    return None
+
+
 def resolve_model_path(model_path: str | None) -> Path:
     """The GGUF file to serve, checked: it exists and starts with the GGUF magic bytes."""
     if model_path is None:
@@ -85,15 +100,15 @@ def resolve_model_path(model_path: str | None) -> Path:
         path = Path(model_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
-                f"teacher.local.model_path: no such file {str(path)!r}; point it at a .gguf "
-                "model, or leave it unset for the bundled SmolLM2-135M-Instruct"
+                f"{_KEY}no such file {str(path)!r}; point it at a .gguf model, or leave it "
+                "unset for the bundled SmolLM2-135M-Instruct"
             )
     with path.open("rb") as fh:
         magic = fh.read(4)
     if magic != _GGUF_MAGIC:
         raise ValueError(
-            f"teacher.local.model_path: {str(path)!r} is not a GGUF file (starts with "
-            f"{magic!r}, not {_GGUF_MAGIC!r}); llama.cpp needs a .gguf model"
+            f"{_KEY}{str(path)!r} is not a GGUF file (starts with {magic!r}, not "
+            f"{_GGUF_MAGIC!r}); llama.cpp needs a .gguf model"
         )
     return path
 
@@ -151,12 +166,13 @@ class LocalServer:
             try:
                 server = xllamacpp.Server(p)
             except RuntimeError as e:
+                # from None, and scrubbed: llama.cpp's message may echo its parameters.
                 raise RuntimeError(
                     f"llama.cpp could not start on {self.model_path.name} (port "
-                    f"{self.cfg.port or 'auto'}): {e}. Check that the file is a valid GGUF "
-                    "model, that teacher.local.port is free, and that teacher.local.n_ctx "
-                    "fits in memory"
-                ) from e
+                    f"{self.cfg.port or 'auto'}): {scrub(str(e), [self.api_key])}. Check that "
+                    "the file is a valid GGUF model, that teacher.local.port is free, and "
+                    "that teacher.local.n_ctx fits in memory"
+                ) from None
             self._server = server
             self.address = str(server.listening_address).rstrip("/")
             _LIVE.add(self)

@@ -12,10 +12,14 @@ template's sha256 goes into the stage fingerprint and the record lineage.
 
     t = load_template("edu_annotate_v1")
     messages = t.messages(document="...", boundary="doc-1f2e")
+
+A stage that names a template checks it before a run starts with `require_template`
+(its `preflight`), so a typo stops the run with the known names, not mid-way.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import re
@@ -74,6 +78,19 @@ def load_template(name: str, directory: str | Path | None = None) -> Template:
     return _load(name, str(Path(directory) if directory else PROMPTS_DIR))
 
 
+def require_template(key: str, name: str, directory: str | Path | None = None) -> None:
+    """Preflight: raise `PreflightError(key, ...)` unless the template `name` exists and
+    compiles (no variables are rendered)."""
+    from pipeline.stage import PreflightError
+
+    try:
+        load_template(name, directory)
+    except (ValueError, FileNotFoundError) as e:
+        raise PreflightError(key, str(e)) from None
+    except Exception as e:  # a Jinja syntax error: say where
+        raise PreflightError(key, f"template {name!r} does not compile: {e}") from None
+
+
 @functools.lru_cache(maxsize=32)
 def _load(name: str, directory: str) -> Template:
     import jinja2
@@ -81,7 +98,9 @@ def _load(name: str, directory: str) -> Template:
     path = Path(directory) / f"{name}.j2"
     if not path.is_file():
         known = sorted(p.stem for p in Path(directory).glob("*.j2"))
-        raise FileNotFoundError(f"no prompt template {path}; templates there: {known}")
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise FileNotFoundError(f"no prompt template {path}{hint}; templates there: {known}")
     source = path.read_text(encoding="utf-8")
     env = jinja2.Environment(
         undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False

@@ -30,10 +30,10 @@ import xxhash
 import yaml
 from pydantic import Field, field_validator
 
-from generators.prompts import PROMPTS_DIR, load_template
+from generators.prompts import PROMPTS_DIR, load_template, require_template
 from pipeline.io import iter_documents
 from pipeline.schema import schema_for
-from pipeline.stage import ArtifactStage, StageConfig
+from pipeline.stage import ArtifactStage, PreflightError, StageConfig, require_path
 
 log = logging.getLogger("primer.seeds")
 
@@ -105,7 +105,7 @@ class SeedsConfig(StageConfig):
 
 def load_taxonomy(path: str | Path) -> list[tuple[str, str]]:
     """(subject, topic) pairs of a taxonomy file, in file order."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = yaml.safe_load(Path(os.path.expandvars(str(path))).expanduser().read_text()) or {}
     subjects = data.get("subjects")
     if not isinstance(subjects, dict) or not subjects:
         raise ValueError(f"{path}: expected `subjects: {{subject: [topic, ...]}}`")
@@ -185,6 +185,16 @@ class SeedsStage(ArtifactStage):
     Config: ClassVar[type[StageConfig]] = SeedsConfig
 
     config: SeedsConfig
+
+    def preflight(self) -> None:
+        cfg = self.config
+        require_template("template", cfg.template)
+        if cfg.taxonomy:
+            require_path("taxonomy", cfg.taxonomy, "file")
+            try:  # a small config file, not data: a malformed one is found now
+                load_taxonomy(cfg.taxonomy)
+            except (ValueError, yaml.YAMLError) as e:
+                raise PreflightError("taxonomy", str(e)) from None
 
     def rows(self, inputs: Sequence[str]) -> pa.Table:
         cfg = self.config

@@ -14,7 +14,8 @@ completions` (same length, same order, always), and three backends chosen by
   timeout, retries with exponential backoff and jitter on connection errors, timeouts, 408,
   429 and 5xx. The API key is read from the environment variable named by `api_key_env` and
   lives only in the Authorization header: never in the config, a repr, a log line or a
-  recorded error.
+  recorded error (every error text and kept answer is scrubbed of it). A value of
+  `api_key_env` that is, or looks like, a key itself is rejected without being echoed.
 - `vllm`: offline batch inference on GPUs through Ray Data LLM (generators/vllm_backend.py,
   behind the `gpu` extra).
 
@@ -28,7 +29,13 @@ becomes `Completion.error`, a short machine-readable prefix and a message
 ("timeout: ...", "connection: ...", "http_503: ...", "bad_response: ...", "empty: ...",
 "invalid_json: ...", "engine: ..."), with what the server sent kept in `Completion.raw`.
 `retry_failed()` sends the failed rows again. Configuration problems (no base_url, a bad
-URL scheme, a missing model file) raise at construction.
+URL scheme, a missing model file) raise at construction, and `preflight_teacher()` finds the
+file ones before a run starts.
+
+`TRANSPORT_KEYS` names the settings that decide how requests travel (URL, timeouts,
+retries, concurrency, server threads and slots), never what a stored answer means: the
+teacher stages leave them out of their fingerprints and state stamps, so changing one
+between attempts re-sends nothing that was answered.
 
 Structured output: a request with `json_schema` asks the server to constrain decoding
 (`response_format: {"type": "json_schema", ...}`, which llama.cpp, vLLM and SGLang accept);
@@ -62,6 +69,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.secrets import MASK, looks_like_secret, scrub
 
 if TYPE_CHECKING:
     import httpx
@@ -322,10 +331,17 @@ class TeacherConfig(BaseModel):
     @field_validator("api_key_env")
     @classmethod
     def _env_name(cls, v: str) -> str:
+        # The value is never quoted back: a pasted key must not reach a log or a terminal.
         if not _ENV_NAME.fullmatch(v):
             raise ValueError(
                 "api_key_env must be the NAME of an environment variable (letters, digits, "
                 "underscores), not the key itself; export the key and name the variable"
+            )
+        if _looks_like_key(v):
+            raise ValueError(
+                "api_key_env looks like an API key itself (a known key prefix or a long "
+                "random string), not the NAME of an environment variable; export the key "
+                "(export MY_TEACHER_KEY=...) and set api_key_env: MY_TEACHER_KEY"
             )
         return v
 
@@ -341,6 +357,60 @@ class TeacherConfig(BaseModel):
                 "(a hub id or a local model folder)"
             )
         return self
+
+
+TRANSPORT_KEYS: frozenset[str] = frozenset(
+    {
+        "base_url", "api_key_env", "max_concurrency", "timeout_s", "max_retries", "backoff_s",
+        "local.n_threads", "local.n_parallel", "local.port", "local.startup_timeout_s",
+        "vllm.tensor_parallel_size", "vllm.concurrency", "vllm.batch_size",
+        "vllm.gpu_memory_utilization", "vllm.accelerator_type",
+    }
+)  # fmt: skip
+"""TeacherConfig keys (dotted) that decide how requests reach the teacher and how often
+they are tried, never what a stored answer is an answer to: a changed timeout or a bigger
+pool keeps every answer already checkpointed. Which model answers is `backend`, `model`,
+`local.model_path` and `vllm.model_source`. Left out on purpose: `local.n_ctx` and
+`vllm.max_model_len` (a server may cut a prompt that does not fit rather than refuse it)
+and `vllm.engine_kwargs` (dtype, quantization)."""
+
+
+def teacher_transport_keys(section: str = "teacher") -> frozenset[str]:
+    """TRANSPORT_KEYS as the dotted keys of a stage config whose TeacherConfig sits under
+    `section`: what a teacher stage adds to its `fingerprint_exclude`."""
+    return frozenset(f"{section}.{k}" for k in TRANSPORT_KEYS)
+
+
+def _looks_like_key(name: str) -> bool:
+    # Short lower-case names such as hf_token are variable names, not Hugging Face tokens.
+    return len(name) >= 16 and looks_like_secret(name)
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~"))
+
+
+def preflight_teacher(cfg: TeacherConfig, key: str = "teacher") -> None:
+    """Preflight checks of a teacher config under the stage config key `key`: the local
+    GGUF file (or the bundled default) and a vllm model given as a local path must exist.
+    Reads no model beyond a GGUF file's 4 magic bytes."""
+    from pipeline.stage import PreflightError, require_path
+
+    if cfg.backend == "local":
+        from generators.local_server import model_path_problem
+
+        require_path(f"{key}.local.model_path", cfg.local.model_path, "file")
+        problem = model_path_problem(cfg.local.model_path)
+        if problem:
+            raise PreflightError(f"{key}.local.model_path", problem)
+    elif cfg.backend == "vllm":
+        field, source = (
+            ("vllm.model_source", cfg.vllm.model_source)
+            if cfg.vllm.model_source
+            else ("model", cfg.model)
+        )
+        if source and _looks_local(source):
+            require_path(f"{key}.{field}", source, "any")
 
 
 def check_base_url(url: str) -> None:
@@ -452,10 +522,33 @@ def check_answer(
     return None
 
 
-def _scrub(text: str | None, secret: str | None) -> str | None:
+def _scrub_answer(text: str | None, secret: str | None) -> str | None:
+    """A kept answer or HTTP body with the key taken out (only the key: an answer may
+    rightly hold random-looking words)."""
     if text and secret:
-        return text.replace(secret, "***")
+        return text.replace(secret, MASK)
     return text
+
+
+def _scrub_error(text: str, secret: str | None) -> str:
+    """An error message with the key and anything credential-shaped taken out: it goes to
+    logs and the `teacher_error` column."""
+    return scrub(text, [secret] if secret else None)
+
+
+def _checked_key(value: str | None, env_name: str) -> str | None:
+    """The API key as the Authorization header can carry it, or None when unset."""
+    key = (value or "").strip()
+    if not key:
+        return None
+    if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+        # httpx would quote the header value (the key) in its own error message.
+        raise ValueError(
+            f"the API key in the environment variable {env_name} contains spaces, control or "
+            "non-ASCII characters, which an HTTP header cannot carry (a key pasted with a "
+            "line break?); export the key alone. The value is not shown here"
+        )
+    return key
 
 
 def summarize(completions: Sequence[Completion]) -> str:
@@ -503,8 +596,9 @@ class OpenAITeacher(_TeacherBase):
         self.backend = backend
         self.base_url = url.rstrip("/")
         self._endpoint = self.base_url + "/chat/completions"
-        self._secret = api_key if api_key is not None else os.environ.get(cfg.api_key_env)
-        self._secret = self._secret or None
+        self._secret = _checked_key(
+            api_key if api_key is not None else os.environ.get(cfg.api_key_env), cfg.api_key_env
+        )
         if self._secret is None and not _is_loopback(url):
             log.warning(
                 "teacher: environment variable %s is not set; calling %s without an API key",
@@ -565,7 +659,14 @@ class OpenAITeacher(_TeacherBase):
         try:
             return self._one(req, t0)
         except Exception as e:  # a bug here must cost one row, not the batch
-            log.exception("teacher: unexpected error on request %r", req.id)
+            import traceback
+
+            # Not log.exception: the traceback's frames and messages may quote the key.
+            log.error(
+                "teacher: unexpected error on request %r\n%s",
+                req.id,
+                _scrub_error(traceback.format_exc(), self._secret),
+            )
             return self._failed(req, t0, 1, f"internal: {type(e).__name__}: {e}", None)
 
     def _body(self, req: ChatRequest, with_schema: bool) -> dict[str, Any]:
@@ -589,8 +690,8 @@ class OpenAITeacher(_TeacherBase):
             prompt_tokens=None,
             completion_tokens=None,
             finish_reason=None,
-            error=_scrub(error, self._secret),
-            raw=_scrub(raw, self._secret),
+            error=_scrub_error(error, self._secret),
+            raw=_scrub_answer(raw, self._secret),
             latency_s=time.monotonic() - t0,
             model=self.cfg.model,
             backend=self.backend,
@@ -646,7 +747,7 @@ class OpenAITeacher(_TeacherBase):
                 "teacher: %r attempt %d failed (%s); retry in %.2f s",
                 req.id,
                 attempts,
-                error[:80],
+                _scrub_error(error, self._secret)[:80],
                 delay,
             )
             time.sleep(delay)
@@ -659,7 +760,7 @@ class OpenAITeacher(_TeacherBase):
                     "teacher: %s refused response_format (%s); sending schema requests as "
                     "plain prompts, answers are still validated against the schema",
                     self.base_url,
-                    _scrub(self._refusal, self._secret)[:200],
+                    _scrub_error(self._refusal, self._secret)[:200],
                 )
 
     def _parse(
@@ -698,8 +799,8 @@ class OpenAITeacher(_TeacherBase):
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             finish_reason=finish,
-            error=_scrub(error, self._secret),
-            raw=_scrub(text if text else raw[:_RAW_LIMIT], self._secret) if error else None,
+            error=_scrub_error(error, self._secret) if error else None,
+            raw=_scrub_answer(text if text else raw[:_RAW_LIMIT], self._secret) if error else None,
             latency_s=time.monotonic() - t0,
             model=model,
             backend=self.backend,

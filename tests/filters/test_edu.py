@@ -27,8 +27,9 @@ from filters.edu import (
 )
 from filters.fasttext_scorer import load_fasttext
 from generators.prompts import load_template
-from generators.teacher import LocalServerConfig, TeacherConfig
+from generators.teacher import LocalServerConfig, TeacherConfig, VLLMConfig, derive_seed
 from pipeline.runner import run_stage
+from pipeline.stage import PreflightError
 from tests.conftest import REPO, SAMPLE, fineweb_docs
 from tests.fake_llm import chat, fake_server
 
@@ -106,7 +107,7 @@ def test_annotate_with_the_real_local_teacher(tmp_path):
         docs_parquet(tmp_path / "a.parquet", docs[:30]),
         docs_parquet(tmp_path / "b.parquet", docs[30:]),
     ]
-    teacher = TeacherConfig(max_tokens=16, local=LocalServerConfig(n_threads=2, n_ctx=4096))
+    teacher = TeacherConfig(max_tokens=16, local=LocalServerConfig(n_threads=1, n_ctx=4096))
     stage = EduAnnotateStage(teacher=teacher, sample_size=6, max_doc_chars=1_200, request_batch=4)
     m = run_stage(stage, files, tmp_path / "run", use_ray=False)
     assert m["rows_in"] == 60 and m["dropped"].get("edu_annotate:not_sampled") == 54
@@ -184,6 +185,152 @@ def test_a_dead_teacher_fails_every_sampled_row_and_trips_the_guardrail(tmp_path
         tmp_path / "run" / "edu_annotate" / f"{m['part_names'][0]}.parquet"
     ).to_pylist()
     assert all(r["teacher_error"].startswith("connection") for r in rows)
+
+
+# --- --retry-failed and transport settings ------------------------------------------------
+
+RATE = dict(sample_size=8, request_batch=3, retry_rounds=0)
+
+
+def rater(url: str, **kw) -> TeacherConfig:
+    return TeacherConfig(**(dict(backend="openai", base_url=url, max_retries=0) | kw))
+
+
+def rated_ids(seen: list[dict], ids: list[str]) -> list[str]:
+    """Which documents reached the server, told apart by their derived sampling seeds."""
+    by_seed = {derive_seed(0, i): i for i in ids}
+    return sorted(by_seed[s["body"]["seed"]] for s in seen)
+
+
+def score_3(n, body, headers):
+    return 200, {}, chat('{"score": 3}')
+
+
+def test_retry_failed_asks_exactly_the_failed_ratings_again(tmp_path):
+    docs = fineweb_docs(20)
+    files = [docs_parquet(tmp_path / "docs.parquet", docs)]
+    ids = [d["id"] for d in docs]
+
+    def first_three_fail(n, body, headers):
+        return (503, {}, b"overloaded") if n <= 3 else score_3(n, body, headers)
+
+    with fake_server(first_three_fail) as (url, _):
+        m = run_stage(EduAnnotateStage(teacher=rater(url), **RATE), files, tmp_path / "run",
+                      use_ray=False)  # fmt: skip
+    assert m["dropped"]["edu_annotate:teacher_error"] == 3
+    state = tmp_path / "run" / "edu_annotate" / "_state"
+
+    with fake_server(score_3) as (url, seen):
+        stage = EduAnnotateStage(teacher=rater(url), **RATE)  # another server: transport only
+        stage.state_dir = str(state)
+        before = stage.load_ratings()
+        failed = sorted(
+            before.filter(pa.compute.is_valid(before["teacher_error"]))["id"].to_pylist()
+        )
+        revision = stage.output_revision()
+        assert stage.reopen_failed(str(state)) == 3 == len(failed)
+        stage.prepare(files, str(state), use_ray=False)
+        assert rated_ids(seen, ids) == failed
+    after = stage.load_ratings()
+    assert after["edu_label"].null_count == 0 and len(after) == 8
+    assert after.filter(pa.compute.is_in(after["id"], value_set=pa.array(failed)))[
+        "edu_label"
+    ].to_pylist() == [3, 3, 3]
+    done = json.loads((state / "_DONE").read_text())
+    assert (done["failed_before"], done["recovered"], done["asked_this_attempt"]) == (3, 3, 3)
+    assert stage.output_revision() != revision
+    assert stage.reopen_failed(str(state)) == 0 and (state / "_DONE").is_file()
+
+
+def test_transport_settings_keep_the_ratings_and_what_decides_them_does_not(tmp_path):
+    files = [docs_parquet(tmp_path / "docs.parquet", fineweb_docs(20))]
+    run = tmp_path / "run"
+    state = run / "edu_annotate" / "_state"
+    with fake_server(score_3) as (url, seen):
+        first = EduAnnotateStage(teacher=rater(url), **RATE)
+        run_stage(first, files, run, use_ray=False)
+        assert len(seen) == 8
+    stamp = (state / "_stamp.json").read_text()
+
+    with fake_server(score_3) as (url, seen):
+        moved = EduAnnotateStage(
+            teacher=rater(url, timeout_s=5, max_concurrency=4, max_retries=5, backoff_s=0.1,
+                          local=LocalServerConfig(n_threads=1, n_parallel=4)),
+            sample_size=8, request_batch=5, retry_rounds=2, batch_rows=7,
+        )  # fmt: skip
+        assert moved.fingerprint() == first.fingerprint()
+        m = run_stage(moved, files, run, use_ray=False)  # the runner keeps the stage
+        (state / "_DONE").unlink()  # and so does the stage when it prepares again
+        moved.prepare(files, str(state), use_ray=False)
+        assert len(seen) == 0 and m["rows_in"] == 20
+        assert (state / "_stamp.json").read_text() == stamp
+
+        # What decides a rating (here the answer budget) discards the stored ratings, also
+        # when the runner did not delete the folder.
+        stricter = EduAnnotateStage(teacher=rater(url), **RATE, max_answer_tokens=12)
+        assert stricter.fingerprint() != first.fingerprint()
+        stricter.prepare(files, str(state), use_ray=False)
+        assert len(seen) == 8
+
+
+# --- preflight ------------------------------------------------------------------------------
+
+
+def test_preflight_names_the_key_of_a_missing_template_or_teacher_model(tmp_path):
+    with pytest.raises(PreflightError, match="edu_annotate_v1") as e:
+        EduAnnotateStage(template="edu_anotate_v1").preflight()
+    assert e.value.key == "template" and "did you mean" in str(e.value)
+    with pytest.raises(PreflightError) as e:
+        EduAnnotateStage(template="edu annotate").preflight()
+    assert e.value.key == "template"
+
+    local = TeacherConfig(local=LocalServerConfig(model_path=str(tmp_path / "nope.gguf")))
+    with pytest.raises(PreflightError, match="no such file") as e:
+        EduAnnotateStage(teacher=local).preflight()
+    assert e.value.key == "teacher.local.model_path"
+    (tmp_path / "fake.gguf").write_text("not a model")
+    bogus = TeacherConfig(local=LocalServerConfig(model_path=str(tmp_path / "fake.gguf")))
+    with pytest.raises(PreflightError, match="not a GGUF file"):
+        EduAnnotateStage(teacher=bogus).preflight()
+
+    vllm = TeacherConfig(backend="vllm", vllm=VLLMConfig(model_source=str(tmp_path / "llama")))
+    with pytest.raises(PreflightError) as e:
+        EduAnnotateStage(teacher=vllm).preflight()
+    assert e.value.key == "teacher.vllm.model_source"
+    with pytest.raises(PreflightError) as e:
+        EduAnnotateStage(teacher=TeacherConfig(backend="vllm", model="./models/x")).preflight()
+    assert e.value.key == "teacher.model"
+    (tmp_path / "llama").mkdir()
+    EduAnnotateStage(teacher=vllm).preflight()
+    EduAnnotateStage(teacher=TeacherConfig(backend="vllm", model="org/model-8b")).preflight()
+    EduAnnotateStage().preflight()  # the bundled template and local model
+
+
+def test_preflight_of_edu_train_and_edu_score_finds_missing_files(tmp_path):
+    with pytest.raises(PreflightError) as e:
+        EduTrainStage(label_files=[str(ANNOTATIONS), str(tmp_path / "nope.jsonl")]).preflight()
+    assert e.value.key == "label_files.1" and "matches no file" in str(e.value)
+    with pytest.raises(PreflightError) as e:
+        EduTrainStage(label_files=[str(tmp_path / "*.parquet")]).preflight()
+    assert e.value.key == "label_files.0"
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.jsonl").write_text('{"id": "x", "score": 3}\n')
+    (tmp_path / "labels" / "notes.txt").write_text("how these were made")
+    with pytest.raises(PreflightError, match="notes.txt.*not a label file"):
+        EduTrainStage(label_files=[str(tmp_path / "labels")]).preflight()
+    with pytest.raises(PreflightError) as e:
+        EduTrainStage(proxy_positive=[str(tmp_path / "ref")]).preflight()
+    assert e.value.key == "proxy_positive.0"
+    with pytest.raises(PreflightError) as e:
+        EduTrainStage(annotations=str(tmp_path / "runs/edu_annotate")).preflight()
+    assert e.value.key == "annotations"
+    EduTrainStage(annotations="@edu_annotate", label_files=[str(ANNOTATIONS), "hf:org/set"],
+                  proxy_positive=FINEWEB).preflight()  # fmt: skip
+
+    with pytest.raises(PreflightError, match="no such file") as e:
+        EduScoreStage(model=str(tmp_path / "model.bin")).preflight()
+    assert e.value.key == "model"
+    EduScoreStage(model="@edu_train/model.bin").preflight()
 
 
 # --- training and scoring -----------------------------------------------------------------

@@ -53,9 +53,8 @@ ODD = [
 
 
 def _train(folder: Path, specs: dict[str, tuple[list[bytes], dict]]) -> dict[str, object]:
-    """Supervised models, each trained in a fresh spawned process as edu_train does: fastText
-    initialises only a tenth of its input matrix per training thread and leaves the rest
-    as the allocator hands it over, zeros in a new process (see EduTrainStage._train)."""
+    """Supervised models, each trained in a fresh spawned process, as edu_train does
+    (see EduTrainStage._train)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 

@@ -12,8 +12,9 @@ import pytest
 
 from generators.generate import DryRun, GenerateStage, ValidateStage
 from generators.seeds import STYLES, SeedsStage, draw, load_taxonomy
-from generators.teacher import LocalServerConfig, TeacherConfig
+from generators.teacher import LocalServerConfig, TeacherConfig, derive_seed
 from pipeline.runner import run_stage
+from pipeline.stage import PreflightError
 from tests.conftest import fineweb_docs
 from tests.fake_llm import chat, fake_server
 
@@ -120,6 +121,131 @@ def test_generate_resumes_and_records_failures(tmp_path):
         teacher = TeacherConfig(backend="openai", base_url=url, max_retries=0)
         GenerateStage(teacher=teacher, **cfg).prepare(parts, str(state), False)
         assert len(seen) == failed
+
+
+def writer(url: str, **kw) -> TeacherConfig:
+    return TeacherConfig(**(dict(backend="openai", base_url=url, max_retries=0) | kw))
+
+
+def good(n, body, headers):
+    return 200, {}, chat(GOOD)
+
+
+def generated_ids(seen: list[dict], ids: list[str]) -> list[str]:
+    by_seed = {derive_seed(0, i): i for i in ids}
+    return sorted(by_seed[s["body"]["seed"]] for s in seen)
+
+
+def test_generate_retry_failed_asks_exactly_the_failed_prompts_again(tmp_path):
+    parts = seeds_parts(tmp_path / "seeds", per_style={"textbook": 5, "story": 4})
+    ids = pa.concat_tables(pq.read_table(p) for p in parts)["id"].to_pylist()
+    cfg = dict(request_batch=4, retry_rounds=0)
+
+    def first_two_fail(n, body, headers):
+        return (500, {}, b"kaboom") if n <= 2 else good(n, body, headers)
+
+    with fake_server(first_two_fail) as (url, _):
+        m = run_stage(GenerateStage(teacher=writer(url), **cfg), parts, tmp_path / "run",
+                      use_ray=False)  # fmt: skip
+    assert m["dropped"] == {"generate:teacher_error": 2}
+    state = tmp_path / "run/generate/_state"
+    rows = pa.concat_tables(pq.read_table(p) for p in (tmp_path / "run/generate").glob("*.parquet"))
+    failed = sorted(r["id"] for r in rows.to_pylist() if r["teacher_error"])
+
+    with fake_server(good) as (url, seen):
+        stage = GenerateStage(teacher=writer(url, timeout_s=30), **cfg)
+        stage.state_dir = str(state)
+        revision = stage.output_revision()
+        assert stage.reopen_failed(str(state)) == 2
+        stage.prepare(parts, str(state), use_ray=False)
+        assert generated_ids(seen, ids) == failed
+        assert stage.output_revision() != revision
+        # Done: a plain re-run, and a prepare with other transport settings, send nothing.
+        assert stage.reopen_failed(str(state)) == 0
+        (state / "_DONE").unlink()
+        moved = GenerateStage(teacher=writer(url, max_concurrency=1), request_batch=7)
+        assert moved.fingerprint() == stage.fingerprint()
+        moved.prepare(parts, str(state), use_ray=False)
+        assert len(seen) == 2 and moved.output_revision() == stage.output_revision()
+        # A new sampling temperature is a real change: every prompt is generated again.
+        hotter = GenerateStage(teacher=writer(url), temperature=0.9, **cfg)
+        assert hotter.fingerprint() != stage.fingerprint()
+        hotter.prepare(parts, str(state), use_ray=False)
+        assert len(seen) == 2 + 9
+    stamp = json.loads((state / "_stamp.json").read_text())
+    assert stamp["config"]["temperature"] == 0.9 and set(stamp["templates"]) == {"synth_v1"}
+    assert "timeout_s" not in stamp["config"]["teacher"] and "request_batch" not in stamp["config"]
+
+
+def test_the_runner_retry_reprocesses_the_parts_with_the_recovered_answers(tmp_path):
+    """`primer run --retry-failed` through the runner: the recovered rows reach the output,
+    and a second retry with nothing failed sends nothing and keeps the output revision."""
+    parts = seeds_parts(tmp_path / "seeds", per_style={"textbook": 5, "story": 4})
+
+    def first_two_fail(n, body, headers):
+        return (500, {}, b"kaboom") if n <= 2 else good(n, body, headers)
+
+    with fake_server(first_two_fail) as (url, _):
+        run_stage(GenerateStage(teacher=writer(url), retry_rounds=0), parts, tmp_path / "run",
+                  use_ray=False)  # fmt: skip
+    with fake_server(good) as (url, seen):
+        stage = GenerateStage(teacher=writer(url), retry_rounds=0, request_batch=3)
+        m = run_stage(stage, parts, tmp_path / "run", use_ray=False, retry_failed=True)
+        assert len(seen) == 2 and m["dropped"] == {}
+        again = run_stage(stage, parts, tmp_path / "run", use_ray=False, retry_failed=True)
+        assert len(seen) == 2
+    assert m["retries"][-1] | {"started": None} == {
+        "started": None, "failed_before": 2, "failed_after": 0, "recovered": 2,
+    }  # fmt: skip
+    assert again["output_fingerprint"] == m["output_fingerprint"] != m["fingerprint"]
+
+
+def test_a_seed_row_that_cannot_be_asked_is_recorded_not_fatal(tmp_path):
+    parts = seeds_parts(tmp_path / "seeds", per_style={"story": 4})
+    table = pq.read_table(parts[0])
+    version = pa.array([9, 1, 1, 1], pa.int32())
+    prompt = pa.array([table["prompt"][0].as_py(), "  ", *table["prompt"].to_pylist()[2:]])
+    table = table.set_column(table.column_names.index("template_version"), "template_version",
+                             version)  # fmt: skip
+    table = table.set_column(table.column_names.index("prompt"), "prompt", prompt)
+    pq.write_table(table, parts[0])
+    with fake_server(good) as (url, seen):
+        m = run_stage(GenerateStage(teacher=writer(url)), parts, tmp_path / "run", use_ray=False)
+        assert len(seen) == 2
+    assert m["dropped"] == {"generate:no_template": 1, "generate:empty_prompt": 1}
+    rows = {r["id"]: r for r in pq.read_table(tmp_path / f"run/generate/{m['part_names'][0]}"
+                                              ".parquet").to_pylist()}  # fmt: skip
+    ids = table["id"].to_pylist()
+    assert "no prompt template" in rows[ids[0]]["teacher_error"]
+    assert "synth_v9" in rows[ids[0]]["teacher_error"]
+    assert rows[ids[1]]["teacher_error"].startswith("prompt:")
+    assert rows[ids[2]]["text"] == GOOD
+
+
+def test_preflight_of_seeds_generate_and_validate(tmp_path):
+    with pytest.raises(PreflightError, match="synth_v1") as e:
+        SeedsStage(template="synth_v2").preflight()
+    assert e.value.key == "template"
+    with pytest.raises(PreflightError, match="no such file") as e:
+        SeedsStage(taxonomy=str(tmp_path / "topics.yaml")).preflight()
+    assert e.value.key == "taxonomy"
+    (tmp_path / "topics.yaml").write_text("subjects: [algebra, geometry]\n")
+    with pytest.raises(PreflightError, match="expected `subjects") as e:
+        SeedsStage(taxonomy=str(tmp_path / "topics.yaml")).preflight()
+    SeedsStage().preflight()
+    SeedsStage(taxonomy="").preflight()  # no curated topics: nothing to check
+
+    missing = TeacherConfig(local=LocalServerConfig(model_path=str(tmp_path / "m.gguf")))
+    with pytest.raises(PreflightError) as e:
+        GenerateStage(teacher=missing).preflight()
+    assert e.value.key == "teacher.local.model_path"
+    GenerateStage().preflight()
+
+    with pytest.raises(PreflightError) as e:
+        ValidateStage(edu_model=str(tmp_path / "model.bin")).preflight()
+    assert e.value.key == "edu_model"
+    ValidateStage(edu_model="@edu_train/model.bin").preflight()
+    ValidateStage().preflight()
 
 
 def test_validate_rejects_refusals_stock_openings_repetition_and_short_text():

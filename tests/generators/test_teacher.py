@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from generators.local_server import LocalServer, LocalTeacher, default_model_path
 from generators.teacher import (
+    TRANSPORT_KEYS,
     ChatRequest,
     Completion,
     LocalServerConfig,
@@ -292,6 +293,74 @@ def test_the_api_key_is_sent_but_never_logged_repred_or_recorded(monkeypatch, ca
     assert c.error_kind == "http_500" and "***" in c.raw
     assert SECRET not in shown + c.error + c.raw + caplog.text
     assert "PRIMER_TEST_KEY" in repr(cfg)  # the variable's name, never its value
+
+
+def test_a_retried_error_that_quotes_the_key_is_not_logged(monkeypatch, caplog):
+    monkeypatch.setenv("PRIMER_TEST_KEY", SECRET + "\n")  # a trailing line break is trimmed
+
+    def quotes_the_header_first(n, body, headers):
+        if n == 1:
+            return 503, {}, f"bad gateway for {headers['Authorization']}".encode()
+        return 200, {}, chat("fine")
+
+    caplog.set_level(logging.DEBUG)
+    with fake_server(quotes_the_header_first) as (url, seen), make_teacher(openai_cfg(url)) as t:
+        [c] = t.complete([ask(1, "hi")])
+    assert c.ok and c.attempts == 2
+    assert seen[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert "attempt 1 failed (http_503: bad gateway for Bearer ***)" in caplog.text
+    assert SECRET not in caplog.text
+
+
+def test_a_key_an_http_header_cannot_carry_is_refused_without_being_shown(monkeypatch):
+    monkeypatch.setenv("PRIMER_TEST_KEY", SECRET[:10] + "\n" + SECRET[10:])
+    with pytest.raises(ValueError, match="PRIMER_TEST_KEY contains spaces, control") as e:
+        make_teacher(openai_cfg("http://127.0.0.1:1/v1"))
+    assert SECRET[:10] not in str(e.value) and SECRET[10:] not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "pasted",
+    [
+        "sk_live_4f9a2c8e1b7d3a6f0c",  # OpenAI / Stripe style
+        "ghp_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8",  # GitHub
+        "github_pat_11ABCDEFG0123456789_abcdefXYZ",
+        "AKIAIOSFODNN7EXAMPLE",  # AWS access key id
+        "AIzaSyA1b2C3d4E5f6G7h8I9j0KlMnOpQrStUv",  # Google
+        "hf_" + "QwErTyUiOpAsDfGhJkLzXcVbNm1234567",  # Hugging Face
+        "Zk3q9XvB7mW2pL8rT4yN6cJ1hD5s",  # no known prefix, but random
+    ],
+)
+def test_a_key_pasted_as_api_key_env_is_rejected_and_never_echoed(pasted):
+    from filters.edu import EduAnnotateConfig
+    from generators.generate import GenerateConfig
+
+    for build in (
+        lambda: TeacherConfig(api_key_env=pasted),
+        lambda: EduAnnotateConfig(teacher={"api_key_env": pasted}),
+        lambda: GenerateConfig(teacher={"api_key_env": pasted, "timeout_s": -1}),
+    ):
+        with pytest.raises(ValidationError) as e:
+            build()
+        assert pasted not in str(e.value) and "looks like an API key" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["OPENAI_API_KEY", "MY_TEACHER_KEY", "HF_TOKEN", "hf_token",
+                                  "TOGETHER_API_KEY_2", "PRIMER_TEST_KEY"])  # fmt: skip
+def test_ordinary_variable_names_stay_valid(name):
+    assert TeacherConfig(api_key_env=name).api_key_env == name
+
+
+def test_transport_keys_name_real_teacher_settings():
+    for key in TRANSPORT_KEYS:
+        model: Any = TeacherConfig
+        *sections, leaf = key.split(".")
+        for section in sections:
+            model = model.model_fields[section].annotation
+        assert leaf in model.model_fields, key
+    # What decides an answer is never a transport setting.
+    assert not {"model", "backend", "temperature", "top_p", "max_tokens", "seed",
+                "local.model_path", "vllm.model_source"} & TRANSPORT_KEYS  # fmt: skip
 
 
 # --- configuration ------------------------------------------------------------------------
