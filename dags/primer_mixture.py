@@ -4,7 +4,7 @@ Scheduled on the Assets of what it mixes: `edu_score` (web) and `decontaminate`
 (synthetic); it runs once both have been updated since its last run.
 """
 
-from primer_dag_factory import primer_dag
+from pipeline.orchestrate import primer_dag
 
 mixture = primer_dag(
     "primer_mixture",

@@ -23,11 +23,8 @@ from pathlib import Path
 def _dagbag():
     from airflow.models import DagBag
 
-    folder = os.environ["AIRFLOW__CORE__DAGS_FOLDER"]
-    # Airflow puts a bundle's folder on sys.path when it parses it; a bare DagBag does not
-    if folder not in sys.path:
-        sys.path.append(folder)
-    kwargs = {"dag_folder": folder}
+    # no sys.path change: the DAG files must import where the DAGs folder is not on it
+    kwargs = {"dag_folder": os.environ["AIRFLOW__CORE__DAGS_FOLDER"]}
     if "include_examples" in inspect.signature(DagBag).parameters:  # gone in Airflow 3.2+
         kwargs["include_examples"] = False
     return DagBag(**kwargs)

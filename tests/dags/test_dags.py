@@ -1,6 +1,7 @@
-"""The Airflow DAGs in dags/: they import cleanly, have the recipe's stages in order with an
-outlet Asset each, are wired to each other through Assets, and the web DAG runs end to end
-with `dag.test()` on the quickstart recipe, giving the rows a direct `primer run` gives.
+"""The Airflow DAGs in dags/: they import cleanly (in a DagBag and through the `airflow` CLI,
+neither with the DAGs folder on sys.path), have the recipe's stages in order with an outlet
+Asset each, are wired to each other through Assets, and the web DAG runs end to end with
+`dag.test()` on the quickstart recipe, giving the rows a direct `primer run` gives.
 
 Airflow runs in a subprocess (tests/dags/airflow_driver.py) with a throwaway AIRFLOW_HOME
 and SQLite database: importing it configures logging and a database engine process-wide,
@@ -49,16 +50,12 @@ def _airflow_python() -> str:
     return sys.executable
 
 
-@pytest.fixture(scope="module")
-def airflow(tmp_path_factory) -> dict:
-    """One Airflow process: inspect the DagBag, then `dag.test()` the web DAG into a fresh
-    run folder; meanwhile the same stages run directly (in this process) for comparison."""
-    python = _airflow_python()
-    tmp = tmp_path_factory.mktemp("airflow")
-    run_dir, direct_dir, home = tmp / "run", tmp / "direct", tmp / "home"
-    home.mkdir()
+def _airflow_env(home: Path, run_dir: Path) -> dict[str, str]:
+    """A throwaway Airflow home with SQLite, the DAGs folder, and the quickstart settings;
+    nothing from the caller's AIRFLOW_* / PRIMER_* variables."""
+    home.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PRIMER_"))}
-    env |= {
+    return env | {
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -74,6 +71,16 @@ def airflow(tmp_path_factory) -> dict:
         "OPENBLAS_NUM_THREADS": "1",
         "POLARS_MAX_THREADS": "1",
     }
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory) -> dict:
+    """One Airflow process: inspect the DagBag, then `dag.test()` the web DAG into a fresh
+    run folder; meanwhile the same stages run directly (in this process) for comparison."""
+    python = _airflow_python()
+    tmp = tmp_path_factory.mktemp("airflow")
+    run_dir, direct_dir = tmp / "run", tmp / "direct"
+    env = _airflow_env(tmp / "home", run_dir)
     out = tmp / "result.json"
     log_path = tmp / "airflow.log"
     with open(log_path, "w") as log:
@@ -94,6 +101,41 @@ def airflow(tmp_path_factory) -> dict:
     assert proc.returncode == 0 and out.is_file(), f"airflow driver failed:\n{tail}"
     result = json.loads(out.read_text())
     return result | {"run_dir": run_dir, "direct_dir": direct_dir, "log_tail": tail}
+
+
+def _cli(airflow_bin: Path, args: list[str], env: dict[str, str], cwd: Path) -> str:
+    """Run `airflow ARGS`; its stdout (Airflow logs warnings there too, before the JSON)."""
+    proc = subprocess.run(
+        [str(airflow_bin), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, (
+        f"`airflow {' '.join(args)}` exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+        f"{proc.stderr[-3000:]}"
+    )
+    return proc.stdout
+
+
+def _json_list(stdout: str) -> list[dict]:
+    """The JSON list `airflow ... -o json` prints after its log lines."""
+    lines = [line for line in stdout.splitlines() if line.startswith("[")]
+    assert lines, f"no JSON list in the output:\n{stdout[-3000:]}"
+    return json.loads(lines[-1])
+
+
+def test_the_airflow_cli_lists_every_dag_with_no_import_errors(tmp_path):
+    """`airflow dags list --local` and `list-import-errors --local` parse dags/ in a plain
+    process: only installed modules are importable there (no DAGs folder on sys.path)."""
+    airflow_bin = Path(_airflow_python()).with_name("airflow")
+    assert airflow_bin.is_file(), f"no airflow command beside {_airflow_python()}"
+    env = _airflow_env(tmp_path / "home", tmp_path / "run")
+    _cli(airflow_bin, ["db", "migrate"], env, tmp_path)  # both commands refuse an empty db
+    listed = _json_list(_cli(airflow_bin, ["dags", "list", "--local", "-o", "json"], env, tmp_path))
+    assert sorted(d["dag_id"] for d in listed) == sorted(EXPECTED_TASKS)
+    assert {Path(d["fileloc"]) for d in listed} == {DAGS / f"{d}.py" for d in EXPECTED_TASKS}
+    errors = _cli(
+        airflow_bin, ["dags", "list-import-errors", "--local", "-o", "json"], env, tmp_path
+    )
+    assert _json_list(errors) == []
 
 
 def test_every_dag_imports_without_errors(airflow):

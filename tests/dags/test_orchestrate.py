@@ -388,3 +388,11 @@ def test_a_stage_runs_as_a_real_ray_job(tmp_path):
             head.kill()
         log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_importing_orchestrate_does_not_import_airflow():
+    """The DAG factory lives here, but only `primer_dag` imports Airflow: the core install
+    (no `dags` extra) imports this module, and so does every `primer run` it starts."""
+    code = "import sys, pipeline.orchestrate; print('airflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
