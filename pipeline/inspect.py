@@ -8,6 +8,7 @@
     run.samples_per_edu_bucket(n=2, chars=300)   # a few documents per edu_int, text cut short
     run.synthetic(text=200).collect()            # synthetic rows with their lineage
     run.mixture()                                # tokens per phase and source
+    run.why("DOC_ID")                            # every stage the document went through
 
 Why: the notebooks in notebooks/ and the run report (pipeline/report.py) read a run the
 same way, so the loading lives here once and both stay short.
@@ -22,20 +23,48 @@ where asked for (`samples_per_edu_bucket`, `synthetic(text=...)`).
 A run may lack stages (a web-only recipe has no edu_score, synthetic path or mixture):
 `run.has("edu_score")` says so, and a helper whose stage is absent raises `MissingData`
 with a message naming what is missing.
+
+"Why was this document dropped?" Each stage writes the rows it drops with `drop_reason`
+and passes on only the kept ones, so a document's rows across the stages, in run order,
+end at the stage that dropped it (a `<stage>:error` row also has the message in `error`):
+
+    from pipeline.inspect import open_run
+    open_run("runs/quickstart").why("DOC_ID")    # stage, part, drop_reason, error
+
+    python -m pipeline.inspect why runs/quickstart DOC_ID
+
+`why` reads three columns (id, drop_reason, error) of the committed parts, filtered on
+the id while scanning; column parts (edu_score) hold id and drop_reason themselves, so no
+base part is joined. Without pipeline installed, the same with polars alone (stages
+differ in their columns, and older parts have no `error`: the scan takes the three,
+fills a missing one with nulls and ignores the rest; rows come in path order):
+
+    import polars as pl
+    pl.scan_parquet("runs/quickstart/*/*.parquet", schema={"id": pl.String, "drop_reason": pl.String, "error": pl.String}, missing_columns="insert", extra_columns="ignore", include_file_paths="part").filter(pl.col("id") == "DOC_ID").collect()
+
+Samples (`samples_per_edu_bucket`, `synthetic_samples`, the report's) are picked by the
+xxh64 of the id with a fixed seed, not by polars' hash (stable only within one polars
+version): a run shows the same documents on every machine and version.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import xxhash
 
 from pipeline.io import column_base
+from pipeline.secrets import scrub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = "runs/quickstart"
@@ -59,6 +88,10 @@ LINEAGE = [
     "completion_tokens",
 ]
 EDU_COLUMNS = ["edu_score", "edu_int", "edu_phase1", "edu_phase2"]
+SAMPLE_SEED = 17
+# What `why` reads of every part: a missing column (older parts have no `error`) is null
+WHY_SCAN = {"id": pl.String, "drop_reason": pl.String, "error": pl.String}
+WHY_SCHEMA = {"stage": pl.String, "part": pl.String, "drop_reason": pl.String, "error": pl.String}
 
 _REASONS = pl.List(pl.Struct({"reason": pl.String, "count": pl.Int64}))
 _FUNNEL_SCHEMA = {
@@ -109,8 +142,41 @@ def _scan_part(path: Path) -> pl.LazyFrame:
     found = column_base(path)
     if found is None:
         return pl.scan_parquet(path)
-    base = _scan_part(found[0]).filter(pl.col("drop_reason").is_null()).drop("drop_reason")
-    return pl.concat([base, pl.scan_parquet(path).drop("id")], how="horizontal")
+    own = pl.scan_parquet(path)
+    # its drop_reason and error (and any column it recomputes) replace the base's
+    theirs = [c for c in own.collect_schema().names() if c != "id"]
+    base = _scan_part(found[0]).filter(pl.col("drop_reason").is_null()).drop(theirs, strict=False)
+    return pl.concat([base, own.drop("id")], how="horizontal")
+
+
+def sample_key(ids: pl.Series, seed: int = SAMPLE_SEED) -> pl.Series:
+    """xxh64 of each id's UTF-8 bytes with `seed` (null for a null id): the order samples
+    are picked in, the same on every polars version and machine."""
+    arr = pa.array(ids.cast(pl.String).to_arrow()).cast(pa.large_string())
+    _, offsets, data = arr.buffers()
+    off = np.frombuffer(offsets, np.int64)[arr.offset : arr.offset + len(arr) + 1].tolist()
+    mv = memoryview(data if data is not None else b"")
+    digest = xxhash.xxh64_intdigest
+    # one call per id, over the Arrow buffer (no vectorised xxh64 in polars or pyarrow);
+    # a pick hashes the ids of at most `max_parts` parts, once
+    keys = np.fromiter(
+        (digest(mv[a:b], seed) for a, b in zip(off[:-1], off[1:], strict=True)),
+        np.uint64,
+        len(arr),
+    )
+    return pl.Series(ids.name, keys, dtype=pl.UInt64).set(ids.is_null(), None)
+
+
+def pick(frame: pl.DataFrame, by: str, n: int, seed: int = SAMPLE_SEED) -> pl.DataFrame:
+    """The rows of up to `n` ids per value of `by`: those with the smallest `sample_key`
+    (ties by id), in that order; the same picks whatever order the rows come in."""
+    frame = frame.drop_nulls("id")
+    return (
+        frame.with_columns(_key=sample_key(frame["id"], seed))
+        .sort(["_key", "id"])
+        .filter(pl.int_range(pl.len()).over(by) < n)
+        .drop("_key")
+    )
 
 
 def _spread(items: list[Path], k: int | None) -> list[Path]:
@@ -363,18 +429,18 @@ class Run:
         stage: str | None = None,
         max_parts: int | None = None,
     ) -> pl.DataFrame:
-        """Up to `n` documents per edu_int (0-5), picked by a hash of the id (the same ones
-        every time), with the first `chars` characters of their text. The pick reads only
-        id and edu_int; text is then read for the picked ids alone."""
+        """Up to `n` documents per edu_int (0-5), picked by `sample_key` of the id (the same
+        ones every time, on every polars version), with the first `chars` characters of
+        their text. The pick reads only id and edu_int; text is then read for the picked
+        ids alone."""
         lf = self.stage(self.require("edu_score", stage), max_parts=max_parts)
-        picked = (
+        scored = (
             lf.select("id", "edu_int")
             .drop_nulls("edu_int")
             .unique("id", keep="first", maintain_order=True)
-            .with_columns(_h=pl.col("id").hash(seed=17))
-            .filter(pl.col("_h").rank("ordinal").over("edu_int") <= n)
             .collect()
         )
+        picked = pick(scored, "edu_int", n)
         if picked.is_empty():
             return pl.DataFrame(schema={"edu_int": pl.Int8, "id": pl.String, "text": pl.String})
         have = lf.collect_schema().names()
@@ -444,17 +510,12 @@ class Run:
         max_parts: int | None = None,
     ) -> pl.DataFrame:
         """Up to `per_style` synthetic documents per style (kept ones unless `kept_only` is
-        False), picked by a hash of the id, with their lineage and first `chars` characters."""
+        False), picked by `sample_key` of the id, with their lineage and first `chars`
+        characters."""
         lf = self.synthetic(stage=stage, kept_only=kept_only, max_parts=max_parts)
         group = "style" if "style" in lf.collect_schema().names() else "template_id"
-        picked = (
-            lf.select("id", group)
-            .unique("id", keep="first", maintain_order=True)
-            .with_columns(_h=pl.col("id").hash(seed=17))
-            .filter(pl.col("_h").rank("ordinal").over(group) <= per_style)
-            .select("id")
-            .collect()
-        )
+        rows = lf.select("id", group).unique("id", keep="first", maintain_order=True).collect()
+        picked = pick(rows, group, per_style)
         full = self.synthetic(stage=stage, text=True, kept_only=kept_only, max_parts=max_parts)
         return (
             full.filter(pl.col("id").is_in(picked["id"].implode()))
@@ -466,6 +527,45 @@ class Run:
             .with_columns(truncated=pl.col("n_chars") > chars)
             .sort([group, "id"])
         )
+
+    # --- one document ----------------------------------------------------------------------
+    def why(self, doc_id: str) -> pl.DataFrame:
+        """stage, part, drop_reason, error: one row per stage (in run order) whose committed
+        parts hold `doc_id`. Stages write the rows they drop and pass on only the kept ones,
+        so the first row with a drop_reason is the stage that dropped it (`dropped_by`);
+        none: every stage it reached kept it. An id in no stage gives an empty frame.
+
+        Reads only id, drop_reason and error, with the id filter applied while scanning,
+        so it costs a pass over three columns, never the text."""
+        found = []
+        for name in self.stages:
+            files = self.files(name)
+            if not files:
+                continue  # an artifact stage (edu_train, mixture) or no output yet
+            lf = (
+                pl.scan_parquet(
+                    [str(f) for f in files],
+                    schema=WHY_SCAN,
+                    missing_columns="insert",
+                    extra_columns="ignore",
+                    include_file_paths="_path",
+                )
+                .filter(pl.col("id") == doc_id)
+                .select(
+                    stage=pl.lit(name, pl.String),
+                    part=pl.col("_path").str.extract(r"([^/\\]+)\.parquet$"),
+                    drop_reason="drop_reason",
+                    error="error",
+                )
+            )
+            try:
+                found.append(lf.collect())
+            except Exception as e:  # say which stage's parts could not be read
+                raise RuntimeError(
+                    f"why {doc_id!r}: cannot read id/drop_reason/error from the parts of "
+                    f"{self.path / name}: {type(e).__name__}: {e}"
+                ) from e
+        return pl.concat(found) if found else pl.DataFrame(schema=WHY_SCHEMA)
 
     # --- artifacts -------------------------------------------------------------------------
     def _mixture_manifest_path(self) -> Path | None:
@@ -593,3 +693,65 @@ def histogram(
         .select("bin", "lo", "hi", *([by] if by else []), "count")
         .sort(on)
     )
+
+
+# --- "why was this document dropped?" ------------------------------------------------------
+def dropped_by(why: pl.DataFrame) -> dict[str, Any] | None:
+    """The row of `Run.why` that dropped the document (the first with a drop_reason), as a
+    dict; None when every stage it reached kept it (or it is in none)."""
+    rows = why.filter(pl.col("drop_reason").is_not_null())
+    return rows.row(0, named=True) if rows.height else None
+
+
+def format_why(why: pl.DataFrame, doc_id: str, run: str | os.PathLike | None = None) -> str:
+    """`Run.why` as text: a line per stage (kept, or the reason and any error message),
+    then which stage dropped the document, or that none did."""
+    where = f" in {run}" if run is not None else ""
+    if why.is_empty():
+        return (
+            f"no stage{where} has a document with id {doc_id!r} (ids are the input's own `id`, "
+            f'else "<file name>:<row>"; run.stage("extract").select("id") lists them)'
+        )
+    width = max(why["stage"].str.len_chars().max(), 5)
+    lines = [f"document {doc_id!r}{where}:"]
+    for r in why.iter_rows(named=True):
+        lines.append(f"  {r['stage']:<{width}}  {r['drop_reason'] or 'kept'}  ({r['part']})")
+        if r["error"]:
+            # the message may quote a request or a config value: no credential in a terminal
+            lines.append(f"  {'':<{width}}  error: {scrub(r['error'])}")
+    hit = dropped_by(why)
+    if hit is None:
+        lines.append(f"kept by every stage it went through (the last: {why['stage'][-1]})")
+    else:
+        lines.append(f"dropped by {hit['stage']}: {hit['drop_reason']}")
+    return "\n".join(lines)
+
+
+def why_command(run: str, doc_id: str) -> int:
+    """Print why `doc_id` was dropped in the run folder `run`; the exit code: 0 when some
+    stage has the document, 1 when none does, 2 when `run` is not a run folder.
+    `python -m pipeline.inspect why RUN ID` (and `primer why RUN ID`) call this."""
+    try:
+        opened = open_run(run)
+    except FileNotFoundError as e:
+        print(f"primer why: {e}", file=sys.stderr)
+        return 2
+    frame = opened.why(doc_id)
+    print(format_why(frame, doc_id, opened.path))
+    return 0 if frame.height else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.inspect", description=__doc__.split("\n")[0]
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("why", help="every stage a document went through, and which dropped it")
+    w.add_argument("run", help="the run folder (what `primer run` wrote)")
+    w.add_argument("doc_id", help="the document's id")
+    args = p.parse_args(argv)
+    return why_command(args.run, args.doc_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

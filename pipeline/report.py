@@ -37,7 +37,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.inspect import MissingData, Run, histogram, open_run
+from pipeline.inspect import SAMPLE_SEED, MissingData, Run, histogram, open_run
 
 log = logging.getLogger("primer")
 
@@ -419,7 +419,11 @@ def section_edu_samples(
     s = run.samples_per_edu_bucket(n=samples, chars=chars, max_parts=max_parts)
     if s.is_empty():
         raise MissingData(f"stage {stage!r} has no scored documents")
-    out = [_sampled_note(run, stage, max_parts)]
+    out = [
+        _sampled_note(run, stage, max_parts),
+        f'<p class="note">Picked by the xxh64 of the id (seed {SAMPLE_SEED}): the same '
+        "documents each time the report is written, on any machine.</p>",
+    ]
     for (bucket,), g in s.group_by("edu_int", maintain_order=True):
         out.append(f"<h3>edu_int {esc(bucket)}</h3>")
         for r in g.iter_rows(named=True):

@@ -73,6 +73,7 @@ def test_notebook_runs_on_the_quickstart(path, quickstart_run, tmp_path, monkeyp
     assert str(Path(run_dir).resolve()) in text  # it read the run it was given
     assert "image/png" in text  # and drew its plots
     assert "no edu_score stage" not in text and "no mixture" not in text
+    assert "dropped by quality: quality:" in text  # `run.why` on a document quality dropped
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -82,3 +83,4 @@ def test_notebook_runs_on_a_web_only_run(path, tmp_path, monkeypatch):
     run_dir = make_run(tmp_path / "run", web_only=True)
     text = _execute(path, run_dir, tmp_path, monkeypatch)
     assert "no edu_score stage in this run" in text and "no mixture in this run" in text
+    assert "dropped by quality: quality:gopher_min_words" in text

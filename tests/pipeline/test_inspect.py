@@ -6,15 +6,34 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
+import xxhash
 
-from pipeline.inspect import LINEAGE, MissingData, histogram, open_run, resolve_run_dir
+import pipeline.inspect as inspect_module
+from pipeline.inspect import (
+    LINEAGE,
+    SAMPLE_SEED,
+    MissingData,
+    dropped_by,
+    format_why,
+    histogram,
+    main,
+    open_run,
+    pick,
+    resolve_run_dir,
+    sample_key,
+    why_command,
+)
 from tests.conftest import REPO
 
 EVIL = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
+LEAKED = "sk-live-4f9aQ2xZ8mN3bV7cK1pL"  # a credential an error message happened to quote
+QUALITY_ERROR = f"ValueError: cannot count words (teacher key {LEAKED})"
 WEB = ["extract", "langid", "quality", "dedup"]
 
 
@@ -102,9 +121,15 @@ def make_run(root: Path, web_only: bool = False, evil: bool = False) -> Path:
         q_n_words=pl.int_range(20, 20 + pl.len(), dtype=pl.Int32),
         q_frac_words_alpha=pl.Series([0.5 + 0.04 * i for i in range(11)], dtype=pl.Float32),
         q_mean_word_len=pl.lit(4.5, dtype=pl.Float32),
-        drop_reason=pl.when(pl.col("id").is_in(["d09", "d10"])).then(pl.lit(bad_reason)),
+        drop_reason=pl.when(pl.col("id") == "d09")
+        .then(pl.lit(bad_reason))
+        .when(pl.col("id") == "d10")
+        .then(pl.lit("quality:error")),  # a row the stage could not process
+        error=pl.when(pl.col("id") == "d10").then(pl.lit(QUALITY_ERROR)),
     )
-    kept = add("quality", kept, 11)
+    kept = add("quality", kept, 11).drop("error")
+    older = root / "quality" / "part-0.parquet"  # written before the `error` column existed
+    pl.read_parquet(older).drop("error").write_parquet(older)
     kept = kept.with_columns(
         drop_reason=pl.when(pl.col("id") == "d08").then(pl.lit("dedup:exact_duplicate"))
     )
@@ -305,3 +330,187 @@ def test_run_folder_resolution(tmp_path, monkeypatch):
     assert resolve_run_dir(tmp_path) == tmp_path
     with pytest.raises(FileNotFoundError, match="PRIMER_RUN"):
         open_run(tmp_path / "missing")
+
+
+# --- "why was this document dropped?" ------------------------------------------------------
+
+
+def test_why_lists_every_stage_a_document_went_through(tiny_run):
+    why = tiny_run.why("d09")
+    assert why.columns == ["stage", "part", "drop_reason", "error"]
+    assert why.rows() == [
+        ("extract", "part-1", None, None),
+        ("langid", "part-1", None, None),
+        ("quality", "part-1", "quality:gopher_min_words", None),
+    ]
+    assert dropped_by(why) == {
+        "stage": "quality",
+        "part": "part-1",
+        "drop_reason": "quality:gopher_min_words",
+        "error": None,
+    }
+    # kept to the end: every stage, none dropped it (edu_score kept edu_int >= 2)
+    kept = tiny_run.why("d02")
+    assert kept["stage"].to_list() == [*WEB, "edu_score"]
+    assert kept["drop_reason"].null_count() == kept.height and dropped_by(kept) is None
+    assert tiny_run.why("d00")["drop_reason"].to_list()[-1] == "edu_score:below_phase1"
+    # synthetic rows are ids of their own, through their own stages
+    assert tiny_run.why("s2").rows() == [
+        ("generate", "part-1", None, None),
+        ("decontaminate", "part-1", "decontaminate:contaminated", None),
+    ]
+    assert tiny_run.why("no-such-id").is_empty()
+    assert tiny_run.why("no-such-id").columns == why.columns
+
+
+def test_why_shows_the_error_of_a_row_the_stage_could_not_process(tiny_run):
+    """The `error` column exists only in parts written since it was added (quality's
+    part-1 here): a stage or part without it reads as null, never a schema error."""
+    why = tiny_run.why("d10")
+    assert why.rows()[-1] == ("quality", "part-1", "quality:error", QUALITY_ERROR)
+    assert why["error"].to_list()[:-1] == [None, None]
+    text = format_why(why, "d10", tiny_run.path)
+    assert "dropped by quality: quality:error" in text
+    assert "error: ValueError: cannot count words" in text
+    assert LEAKED not in text  # a credential quoted by a message is masked when printed
+
+
+def test_why_reads_only_three_columns_with_the_id_filter_in_the_scan(tiny_run, monkeypatch):
+    """What makes it cheap on a big run: the scan of each stage projects id, drop_reason and
+    error, and the id filter runs inside the Parquet scan, not after a full read."""
+    plans = []
+    collect = pl.LazyFrame.collect
+
+    def spy(self, *a, **kw):
+        plans.append(self.explain())
+        return collect(self, *a, **kw)
+
+    monkeypatch.setattr(pl.LazyFrame, "collect", spy)
+    tiny_run.why("d09")
+    assert len(plans) == len([s for s in tiny_run.stages if tiny_run.files(s)])
+    for plan in plans:
+        scan = plan[plan.index("Parquet SCAN") :]
+        assert "SELECTION" in scan and "d09" in scan  # the predicate is pushed into the scan
+        n = int(re.search(r"PROJECT (\d+)/\d+ COLUMNS", scan).group(1))
+        assert n <= 3 and "text" not in plan
+
+
+def test_why_command_prints_and_returns_an_exit_code(tiny_run, tmp_path, capsys):
+    assert why_command(str(tiny_run.path), "d09") == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"document 'd09' in {tiny_run.path}:"
+    assert "quality:gopher_min_words  (part-1)" in out
+    assert out.rstrip().endswith("dropped by quality: quality:gopher_min_words")
+    assert main(["why", str(tiny_run.path), "d02"]) == 0
+    assert "kept by every stage it went through (the last: edu_score)" in capsys.readouterr().out
+    assert why_command(str(tiny_run.path), "nope") == 1  # in no stage
+    assert "no stage in" in capsys.readouterr().out
+    assert why_command(str(tmp_path / "missing"), "d09") == 2
+    assert "is not a run folder" in capsys.readouterr().err
+
+
+def _documented(snippet_start: str) -> str:
+    """The line of pipeline.inspect's docstring (the README's text) that starts so."""
+    lines = [ln.strip() for ln in inspect_module.__doc__.splitlines()]
+    [line] = [ln for ln in lines if ln.startswith(snippet_start)]
+    return line
+
+
+def test_the_documented_why_snippets_run_as_written_on_the_quickstart(
+    quickstart_run, tmp_path, monkeypatch
+):
+    """The docstring's (and README's) `why` lines, verbatim but for the id, from a folder
+    where runs/quickstart is the session's quickstart run: its stages differ in columns and
+    edu_score holds column parts (the tiny run above covers parts without `error`)."""
+    run_dir, _ = quickstart_run
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "quickstart").symlink_to(run_dir)
+    monkeypatch.chdir(tmp_path)
+    run = open_run(run_dir)
+    quality_drop = (
+        run.stage("quality", columns=["id", "drop_reason"])
+        .filter(pl.col("drop_reason").is_not_null())
+        .sort("id")
+        .collect()
+        .row(0, named=True)
+    )
+    edu_kept = run.edu_scores().filter(pl.col("kept")).sort("id").collect()["id"][0]
+    api = _documented('open_run("runs/quickstart").why(')
+    one_liner = _documented('pl.scan_parquet("runs/quickstart/*/*.parquet"')
+    for doc_id in (quality_drop["id"], edu_kept):
+        namespace: dict = {}
+        exec(
+            "from pipeline.inspect import open_run\nwhy = " + api.replace("DOC_ID", doc_id),
+            namespace,
+        )
+        why = namespace["why"]
+        exec("import polars as pl\nfound = " + one_liner.replace("DOC_ID", doc_id), namespace)
+        found = namespace["found"]
+        # the one-liner finds the same rows (path order, not run order)
+        stages = found["part"].str.split("/").list.get(-2).to_list()
+        assert sorted(zip(stages, found["drop_reason"], strict=True), key=str) == sorted(
+            zip(why["stage"], why["drop_reason"], strict=True), key=str
+        )
+        assert found["error"].null_count() == found.height
+        assert why["stage"].to_list()[:4] == WEB[: why.height]
+    assert (
+        dropped_by(open_run("runs/quickstart").why(quality_drop["id"]))["drop_reason"]
+        == (quality_drop["drop_reason"])
+    )
+    kept = open_run("runs/quickstart").why(edu_kept)
+    assert kept["stage"].to_list() == [*WEB, "edu_score"]  # edu_score read from its column part
+    assert dropped_by(kept) is None
+    # and the command line, as documented
+    cli = subprocess.run(
+        [sys.executable, "-m", "pipeline.inspect", "why", "runs/quickstart", quality_drop["id"]],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.rstrip().endswith(f"dropped by quality: {quality_drop['drop_reason']}")
+
+
+# --- stable sample picks -------------------------------------------------------------------
+
+
+def test_sample_key_is_xxh64_of_the_id_with_the_seed():
+    ids = pl.Series("id", ["d00", "synth-1", "", None, "é"])
+    assert sample_key(ids).to_list() == [
+        641297306691886958,
+        17007514205900273842,
+        3633977153420339851,
+        None,
+        16468414647005457966,
+    ]
+    assert sample_key(ids.drop_nulls(), seed=SAMPLE_SEED).to_list() == [
+        xxhash.xxh64_intdigest(s.encode(), SAMPLE_SEED) for s in ids.drop_nulls()
+    ]
+
+
+def test_picks_are_pinned_and_independent_of_row_order(tiny_run):
+    """The same run shows the same samples on every polars version: pinned here."""
+    frame = pl.DataFrame(
+        {"id": [f"doc-{i:03d}" for i in range(30)], "g": [i % 3 for i in range(30)]}
+    )
+    picked = pick(frame, "g", 2)
+    assert sorted(picked.rows()) == [
+        ("doc-000", 0), ("doc-008", 2), ("doc-012", 0),
+        ("doc-013", 1), ("doc-016", 1), ("doc-026", 2),
+    ]  # fmt: skip
+    shuffled = frame.sample(fraction=1.0, shuffle=True, seed=3)
+    assert pick(shuffled, "g", 2).equals(picked)
+    # edu_int 0 holds d00 and d06, 1 holds d01 and d07; the others one document each
+    one = tiny_run.samples_per_edu_bucket(n=1, chars=30)
+    assert one.select("edu_int", "id").rows() == [
+        (0, "d00"), (1, "d01"), (2, "d02"), (3, "d03"), (4, "d04"), (5, "d05"),
+    ]  # fmt: skip
+
+
+def test_the_readme_shows_the_tested_why_snippets():
+    """The README's "why" lines are the docstring's, which the test above runs."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for start in (
+        'open_run("runs/quickstart").why(',
+        'pl.scan_parquet("runs/quickstart/*/*.parquet"',
+    ):
+        assert _documented(start) in readme, start

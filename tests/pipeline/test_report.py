@@ -11,6 +11,7 @@ import time
 import pytest
 
 from pipeline.config import load_recipe
+from pipeline.inspect import open_run
 from pipeline.report import SECTIONS, main, write_report
 from pipeline.run import run_recipe
 from tests.conftest import fineweb_docs, write_jsonl_parts
@@ -116,3 +117,13 @@ def test_standalone_command(tmp_path, capsys):
     assert main([str(run), "--output", str(tmp_path / "r.html")]) == 0
     assert "r.html" in capsys.readouterr().out and (tmp_path / "r.html").is_file()
     assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_report_samples_are_the_stable_picks(tmp_path):
+    """The report shows inspect's picks (xxh64 of the id), and says how they were chosen."""
+    run = make_run(tmp_path / "run")
+    body = _sections(write_report(run, samples=2).read_text())["Sample documents per edu bucket"]
+    shown = re.findall(r'<div class="meta">(d\d\d) ', body)
+    picked = open_run(run).samples_per_edu_bucket(n=2)["id"].to_list()
+    assert shown == picked and sorted(shown) == [f"d{i:02d}" for i in range(8)]
+    assert "Picked by the xxh64 of the id (seed 17)" in body
