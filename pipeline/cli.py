@@ -1,25 +1,35 @@
 """The `primer` command line.
 
-    primer run configs/quickstart.yaml [--output DIR] [--stages a,b] [--set k=v ...] [--ray-address ADDR]
+    primer run RECIPE [--output DIR] [--stages a,b] [--set k=v ...] [--ray-address ADDR] [--retry-failed]
     primer stage NAME --input PATH_OR_GLOB... --output DIR [--set key=value ...]
     primer stages
+    primer why RUN_DIR ID
     primer train-smoke RUN_DIR [--steps 40] [--model phi3_tiny] [--seq-len 256] [--batch-size 4]
+    primer --version
 
-`run` executes a recipe's stages in order, resuming finished parts. `stage` runs one stage
-on given files into DIR/<stage>/ (what DAG tasks and debugging use); Parquet inputs written
-by an earlier Primer stage are read as such (kept rows only, all columns). `stages` lists
-every stage with its config keys and defaults. `train-smoke` trains a tiny Phi-3-architecture
-model on a run's mixture shards (RUN_DIR/mixture) and fails if the loss does not fall. Bad
-config fails before any work.
+`run` executes a recipe's stages in order, resuming finished parts (`--retry-failed` asks
+the teacher again for the rows it failed on). `stage` runs one stage on given files into
+DIR/<stage>/ (what DAG tasks and debugging use); Parquet inputs written by an earlier Primer
+stage are read as such (kept rows only, all columns). `stages` lists every stage with its
+config keys and defaults. `why` says which stage dropped a document and why. `train-smoke`
+trains a tiny Phi-3-architecture model on a run's mixture shards and fails if the loss does
+not fall.
+
+Exit codes: 0 done; 2 a mistake in the command, the recipe or its inputs, found before any
+work (one line naming the key or file); 1 a run that started and stopped (a guardrail, a
+full disk, a read-only folder, a run folder in use), with one line saying what and where,
+and what to do. `-v` adds debug logging and the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
+import traceback
+from importlib.metadata import PackageNotFoundError, version
 
-from generators.generate import DryRun
 from pipeline import registry
 from pipeline.config import (
     ConfigError,
@@ -29,46 +39,105 @@ from pipeline.config import (
     build_stage_config,
     load_recipe,
 )
+from pipeline.secrets import scrub
+
+
+def _version() -> str:
+    try:
+        return version("primer")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _StageList(argparse.Action):
+    """`-h` of `primer stage` lists the registered stages after the usual help."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        parser.print_help()
+        print("\nstages (primer stages shows their keys and defaults):")
+        for name in registry.names():
+            cls = registry.get(name)
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            print(f"  {name:<14} {doc}")
+        parser.exit()
+
+
+def _overrides(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config key (repeatable; values are YAML), e.g. {example}",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="primer", description="Primer: pretraining data factory")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(
+        prog="primer",
+        description="Primer: a data factory for small-model pretraining (Phi-3 style).",
+        epilog="Exit codes: 0 ok, 2 a mistake found before any work, 1 a run that stopped.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    p.add_argument("--version", action="version", version=f"primer {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run a recipe's stages in order, resuming finished work")
-    r.add_argument("recipe")
+    r.add_argument("recipe", help="recipe YAML (configs/quickstart.yaml, configs/phi3_mini.yaml)")
     r.add_argument("--output", help="run folder (default: the recipe's output, runs/<name>)")
-    r.add_argument("--stages", help="comma-separated subset of the recipe's stages")
     r.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key, e.g. stages.quality.min_words=100",
+        "--stages", help="comma-separated subset of the recipe's stages (their inputs must exist)"
     )
+    _overrides(r, "stages.quality.min_words=100")
     r.add_argument(
         "--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)"
     )
-    r.add_argument("--executor", choices=["ray", "local"], help="override the recipe's executor")
-
-    s = sub.add_parser("stage", help="run one stage on given files into OUTPUT/<stage>/")
-    s.add_argument("name")
-    s.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB")
-    s.add_argument("--output", required=True)
-    s.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="stage config key, e.g. min_score=0.8",
+    r.add_argument(
+        "--executor",
+        choices=["ray", "local"],
+        help="override the recipe's executor (local: in this process, for debugging)",
     )
-    s.add_argument("--ray-address")
-    s.add_argument("--executor", choices=["ray", "local"], default="ray")
+    r.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="ask the teacher again for the rows recorded as teacher errors (edu_annotate, "
+        "generate); later stages recompute only if answers were recovered",
+    )
+
+    s = sub.add_parser(
+        "stage",
+        help="run one stage on given files into OUTPUT/<stage>/",
+        add_help=False,
+        description="Run one registered stage on given files into OUTPUT/<stage>/.",
+    )
+    s.add_argument("-h", "--help", action=_StageList, nargs=0, help="this help and the stages")
+    s.add_argument("name", help="a registered stage (see the list below, or `primer stages`)")
+    s.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH_OR_GLOB",
+        help="input files, folders or globs (WARC/WET, JSONL, Parquet, HTML, stage outputs)",
+    )
+    s.add_argument("--output", required=True, help="run folder; the stage writes OUTPUT/NAME/")
+    _overrides(s, "min_score=0.8")
+    s.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    s.add_argument(
+        "--executor", choices=["ray", "local"], default="ray", help="ray (default) or local"
+    )
+    s.add_argument(
+        "--on-unknown-input",
+        choices=["skip", "fail"],
+        default="skip",
+        help="files no reader handles: skip them with a warning (default) or fail",
+    )
 
     sub.add_parser("stages", help="list stages with their config keys and defaults")
+
+    w = sub.add_parser("why", help="which stage dropped a document, and why")
+    w.add_argument("run", help="a run folder (runs/quickstart)")
+    w.add_argument("id", help="the document id")
 
     t = sub.add_parser(
         "train-smoke",
@@ -76,12 +145,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("run", help="a run folder (its mixture/ is read) or a mixture folder")
     t.add_argument("--model", default="phi3_tiny", help="phi3_tiny, phi3_mini or a model YAML")
-    t.add_argument("--steps", type=int, default=40)
-    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
+    t.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
     t.add_argument("--seq-len", type=int, default=256, help="window length (re-windows the shards)")
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--threads", type=int, default=2)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    t.add_argument("--seed", type=int, default=0, help="model init and window order seed")
     t.add_argument("--output", help="folder for metrics.json (default RUN/train_smoke_cli)")
     return p
 
@@ -124,17 +193,16 @@ def _train_smoke_command(args: argparse.Namespace) -> int:
 
 def _stage_command(args: argparse.Namespace) -> LoadedRecipe:
     from pipeline.config import apply_overrides
-    from pipeline.io import expand_inputs
 
-    try:
-        expand_inputs(args.input)
-    except FileNotFoundError as e:
-        raise ConfigError(f"--input: {e}") from None
     raw = apply_overrides({}, args.overrides)
     cls, cfg = build_stage_config(args.name, raw, f"stage {args.name} --set")
     spec = StageSpec(name=cls.name, cls=cls, config=cfg, inputs=list(args.input))
     recipe = Recipe(
-        name=f"stage-{cls.name}", output=args.output, executor=args.executor, stages={cls.name: {}}
+        name=f"stage-{cls.name}",
+        output=args.output,
+        executor=args.executor,
+        stages={cls.name: {}},
+        read={"on_unknown_input": args.on_unknown_input},
     )
     return LoadedRecipe(recipe=recipe, stages=[spec], path=None)
 
@@ -151,6 +219,63 @@ def _list_stages() -> None:
         print()
 
 
+def _root_cause(e: BaseException) -> tuple[BaseException, str | None]:
+    """The first OSError (disk full, read-only) under wrappers (PartError, Ray's task
+    errors), else the innermost cause; and the file a wrapper says it was writing."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    last, where = e, None
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        where = where or getattr(cur, "path", None)
+        if isinstance(cur, OSError) and not isinstance(cur, FileNotFoundError):
+            return cur, cur.filename or where
+        last = cur
+        nxt = getattr(cur, "cause", None)
+        cur = nxt if isinstance(nxt, BaseException) else (cur.__cause__ or cur.__context__)
+    return last, where
+
+
+_OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space (or use another --output), then run the "
+    "same command again; finished parts are kept",
+    errno.EDQUOT: "the disk quota is exceeded: free space, then run the same command again",
+    errno.EROFS: "the filesystem is read-only: choose a writable --output",
+    errno.EACCES: "permission denied: choose a folder you can write (--output) or fix its "
+    "permissions",
+    errno.EPERM: "operation not permitted: choose a folder you can write (--output)",
+}
+
+
+_OS_WORDS = {
+    errno.ENOSPC: "No space left on device",
+    errno.EDQUOT: "Disk quota exceeded",
+    errno.EROFS: "Read-only file system",
+    errno.EACCES: "Permission denied",
+}
+
+
+def _runtime_failure(e: BaseException) -> str:
+    from pipeline.lock import RunLocked
+    from pipeline.runner import GuardrailError
+
+    if isinstance(e, GuardrailError | RunLocked):
+        return str(e)
+    cause, where = _root_cause(e)
+    code = getattr(cause, "errno", None)
+    if isinstance(cause, OSError) and code is None:
+        # pyarrow's writers raise OSError without errno, naming it in the message only
+        text = str(cause)
+        code = next((c for c, word in _OS_WORDS.items() if word in text), None)
+    if isinstance(cause, OSError) and code in _OS_ADVICE:
+        return f"cannot write {where or 'a file of the run'}: {_OS_ADVICE[code]}"
+    if isinstance(cause, OSError):
+        at = f" ({where})" if where else ""
+        return f"{cause.strerror or cause}{at}; run again with -v for the traceback"
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"{text} (run again with -v for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -158,32 +283,53 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    command = "primer " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
         if args.command == "stages":
             _list_stages()
             return 0
         if args.command == "train-smoke":
             return _train_smoke_command(args)
+        if args.command == "why":
+            from pipeline.inspect import why_command
+
+            return why_command(args.run, args.id)
+        from generators.generate import DryRun
         from pipeline.run import format_summary, run_recipe
 
-        if args.command == "run":
-            loaded = load_recipe(args.recipe, args.overrides)
-            only = [s.strip() for s in args.stages.split(",")] if args.stages else None
-            summary = run_recipe(loaded, args.output, only, args.ray_address, args.executor)
-        else:
-            loaded = _stage_command(args)
-            summary = run_recipe(loaded, args.output, None, args.ray_address, args.executor)
+        try:
+            if args.command == "run":
+                loaded = load_recipe(args.recipe, args.overrides)
+                only = [s.strip() for s in args.stages.split(",")] if args.stages else None
+                summary = run_recipe(
+                    loaded, args.output, only, args.ray_address, args.executor,
+                    retry_failed=args.retry_failed, command=command,
+                )  # fmt: skip
+            else:
+                loaded = _stage_command(args)
+                summary = run_recipe(
+                    loaded, args.output, None, args.ray_address, args.executor, command=command
+                )
+        except DryRun as e:
+            print(str(e))
+            return 0
         print(format_summary(summary))
         return 0
-    except DryRun as e:
-        print(str(e))
-        return 0
-    except ConfigError as e:
-        print(f"primer: config error: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError) as e:
+        if args.verbose:
+            traceback.print_exc()
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        for line in scrub(str(e)).splitlines() or [type(e).__name__]:
+            print(f"primer: {kind}: {line.strip()}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"primer: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("primer: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"primer: {scrub(_runtime_failure(e))}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

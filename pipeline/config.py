@@ -21,8 +21,6 @@ working directory. `--set stages.quality.min_words=100` overrides any key from t
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import os
 import typing
 from collections.abc import Callable, Sequence
@@ -34,11 +32,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline import registry
+from pipeline.secrets import is_secret_key, looks_like_secret, scrub
 from pipeline.stage import Stage, StageConfig
 
 
 class ConfigError(ValueError):
-    """A recipe or override that cannot run; the message names the key and the fix."""
+    """A recipe or override that cannot run; the message names the key and the fix, one
+    line per problem (the CLI prints each as its own `primer: config error:` line)."""
 
 
 class RayConfig(BaseModel):
@@ -50,6 +50,24 @@ class RayConfig(BaseModel):
 
     num_cpus: int | None = Field(None, ge=1)
     """CPUs for a local Ray (None: all of this machine's). Ignored on a cluster."""
+
+
+class ReadConfig(BaseModel):
+    """How stages that read raw files (not an earlier stage's output) read them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text_column: str = "text"
+    """JSONL/Parquet/HF field that holds the document text."""
+
+    id_column: str = "id"
+    """Field that holds the document id (kept, as a string, when present; otherwise ids are
+    "<file>:<row>")."""
+
+    on_unknown_input: Literal["skip", "fail"] = "skip"
+    """Files in an input folder or glob that no reader handles (a LICENSE, a README, a
+    `.wat.gz` metadata file, a JSON manifest): "skip" lists them before any work, with a
+    warning, and counts them in the manifest and summary; "fail" stops before any work."""
 
 
 class Recipe(BaseModel):
@@ -68,7 +86,9 @@ class Recipe(BaseModel):
 
     ray: RayConfig = RayConfig()
 
-    stages: dict[str, dict[str, Any]]
+    read: ReadConfig = ReadConfig()
+
+    stages: dict[str, dict[str, Any] | None]
     """Stage name -> its config, in run order. `stage: dedup` runs a registered stage under
     another name (its output folder), e.g. a second dedup over synthetic text. The key `input` (paths or globs) feeds a stage
     from files, `input: "@dedup"` from an earlier stage's output; without it a stage reads
@@ -85,17 +105,7 @@ class StageSpec:
 
     def fingerprint(self) -> str:
         """Hash of what determines this stage's output given its input."""
-        blob = json.dumps(
-            {
-                "stage": self.name,
-                "version": self.cls.version,
-                "config": self.config.model_dump(
-                    mode="json", exclude=set(self.cls.fingerprint_exclude)
-                ),
-            },
-            sort_keys=True,
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return self.cls(self.config).fingerprint(self.name)
 
 
 @dataclass
@@ -176,6 +186,10 @@ def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel]) -> 
     lines = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in (prefix, *err["loc"]) if x != "")
+        if any(is_secret_key(k) for k in err["loc"]) or looks_like_secret(err.get("input")):
+            # Never echo what was typed where a secret (or a secret's name) goes.
+            lines.append(f"{loc}: {scrub(err['msg'])} (value not shown)")
+            continue
         if err["type"] == "extra_forbidden":
             known = list(_model_at(model, err["loc"][:-1]).model_fields)
             close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
@@ -185,7 +199,7 @@ def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel]) -> 
             lines.append(f"{loc}: unknown key{hint}")
         else:
             lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
-    return "\n  ".join(lines)
+    return "\n".join(lines)
 
 
 def build_stage_config(
@@ -198,7 +212,7 @@ def build_stage_config(
     try:
         return cls, cls.Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError("invalid config:\n  " + _format_error(e, where, cls.Config)) from None
+        raise ConfigError(_format_error(e, where, cls.Config)) from None
 
 
 def load_recipe(
@@ -216,15 +230,21 @@ def load_recipe(
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"recipe {str(path)!r} cannot be read: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(
+                f"{path}: the top level must be a mapping (name:, stages:, ...), "
+                f"not a {type(raw).__name__}"
+            )
         base = path.resolve().parent
     raw = apply_overrides(dict(raw or {}), overrides or [])
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(
-            f"{path or 'recipe'}: invalid:\n  " + _format_error(e, "", Recipe)
-        ) from None
+        lines = _format_error(e, "", Recipe).splitlines()
+        raise ConfigError("\n".join(f"{path or 'recipe'}: {line}" for line in lines)) from None
     if not recipe.stages:
         raise ConfigError(f"{path or 'recipe'}: `stages` is empty")
 
@@ -234,6 +254,15 @@ def load_recipe(
         inputs = body.pop("input", None)
         if isinstance(inputs, str):
             inputs = [inputs]
+        if inputs is not None and (
+            not isinstance(inputs, list) or not all(isinstance(x, str) and x for x in inputs)
+        ):
+            raise ConfigError(
+                f'stages.{name}.input: expected a path, a glob, "@stage" or a list of them '
+                f"(got {inputs!r})"
+            )
+        if not isinstance(body.get("stage", name), str):
+            raise ConfigError(f"stages.{name}.stage: expected a registered stage name")
         earlier = [spec.name for spec in specs]
         for ref in [*(inputs or []), *stage_refs(body)]:
             if ref.startswith("@") and ref[1:].split("/")[0] not in earlier:

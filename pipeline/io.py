@@ -80,6 +80,10 @@ class AtomicParquetWriter:
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
+        if len(table) == 0:
+            # A 0-row row group is legal Parquet, but readers that size batches by row
+            # groups (Hugging Face `datasets`: "BatchSize must be greater than 0") fail.
+            return
         table = conform(table)
         if self._writer is None:
             # Dictionary-encoding document text only costs time: texts rarely repeat in a
@@ -95,13 +99,14 @@ class AtomicParquetWriter:
         self.rows += len(table)
 
     def close(self, empty_schema: pa.Schema | None = None) -> int:
-        """Finish the file; with no batches written, write an empty file of `empty_schema`."""
+        """Finish the file; with no rows written, an empty file of `empty_schema` (a schema
+        and zero row groups)."""
         if self._writer is None:
             if empty_schema is None:
                 raise ValueError(f"no rows and no schema for {self.path}")
             if self._metadata:
                 empty_schema = empty_schema.with_metadata(self._metadata)
-            pq.write_table(empty_schema.empty_table(), self._tmp)
+            pq.ParquetWriter(self._tmp, empty_schema, compression=self._compression).close()
         else:
             self._writer.close()
         os.replace(self._tmp, self.path)
@@ -300,7 +305,7 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
 
 def is_stage_parquet(path: str | Path) -> bool:
     """A Primer stage output (Parquet with id, text and drop_reason), read directly."""
-    if not str(path).endswith(".parquet"):
+    if not str(path).lower().endswith(".parquet"):
         return False
     return {"id", "text", "drop_reason"} <= set(stage_schema(path).names)
 

@@ -46,11 +46,12 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.io import expand_inputs, iter_documents, read_json, write_json_atomic
 from pipeline.progress import Progress
-from pipeline.stage import ArtifactStage, StageConfig
+from pipeline.stage import ArtifactStage, PreflightError, StageConfig, is_ref
 
 log = logging.getLogger("primer")
 
@@ -200,7 +201,7 @@ def tokenize_part(
 
     columns = list(dict.fromkeys(["id", "text", *_filter_columns(expr)]))
     predicate = pl.sql_expr(expr) if expr else None
-    rows_in = rows = 0
+    rows_in = rows = no_text = 0
     t0 = time.monotonic()
     with IndexedDatasetWriter(prefix, dtype=np.uint16) as writer:
         for table in iter_documents([path], batch_rows, columns=columns):
@@ -213,6 +214,10 @@ def tokenize_part(
                     )
                 mask = pl.from_arrow(table.select(columns[2:])).select(predicate).to_series()
                 table = table.filter(pa.array(mask.fill_null(False).to_arrow()))
+            if table["text"].null_count:
+                # A kept row without text has no tokens to give; counted, never fatal.
+                no_text += table["text"].null_count
+                table = table.filter(pc.is_valid(table["text"]))
             if not len(table):
                 continue
             flat, lengths = tokenizer.encode_batch(table["text"].to_pylist())
@@ -225,6 +230,7 @@ def tokenize_part(
         "filter": expr,
         "rows_in": rows_in,
         "documents": rows,
+        "no_text": no_text,
         "tokens": int(info["tokens"]),
         "seconds": round(time.monotonic() - t0, 3),
     }
@@ -388,6 +394,21 @@ class MixtureStage(ArtifactStage):
     name: ClassVar[str] = "mixture"
     Config: ClassVar[type[StageConfig]] = MixtureConfig
     config: MixtureConfig
+
+    def preflight(self) -> None:
+        from pipeline.tokenizer import check_tokenizer_spec
+
+        try:
+            check_tokenizer_spec(self.config.tokenizer)
+        except ValueError as e:
+            raise PreflightError("tokenizer", str(e)) from None
+        for i, phase in enumerate(self.config.phases):
+            for j, src in enumerate(phase.sources):
+                files = [p for p in src.input if not is_ref(p)]
+                try:
+                    expand_inputs(files)
+                except FileNotFoundError as e:
+                    raise PreflightError(f"phases.{i}.sources.{j}.input", str(e)) from None
 
     def build(self, inputs: Sequence[str], out_dir: str, use_ray: bool) -> dict[str, Any]:
         from pipeline.tokenizer import load_tokenizer

@@ -13,7 +13,18 @@ workers; each worker builds the stage once (`setup()` loads models once per work
 feeds it pyarrow batches. Only per-part counts come back to the driver.
 
 A stage's output fingerprint chains its config with its input's fingerprint: change a
-threshold and the stage (and everything after it) is recomputed rather than mixed.
+threshold and the stage (and everything after it) is recomputed rather than mixed. Raw
+inputs are fingerprinted by their *stable path* (relative to the working directory when
+inside it, so the working dir a `ray job submit --working-dir` uploads to a new temporary
+path resumes the same run), size and a hash of their first and last 64 KiB.
+
+One document never stops a part: when `stage(table)` raises, the batch is split in halves
+until the rows that fail are found, and each is written with `drop_reason =
+"<stage>:error"` and the exception in `error`; the part goes on. More than
+`max_error_fraction` of a stage's rows failing is a broken stage, not bad data: the stage is
+left incomplete and the run stops (`GuardrailError`), as with `on_excess_drop: fail`.
+Duplicate ids inside one raw input file are made unique (the second "7" becomes "7#1") and
+counted (`ids_renamed`), so no two rows of a part share an id.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import xxhash
 
 from pipeline.io import (
     AtomicParquetWriter,
@@ -46,30 +58,59 @@ from pipeline.io import (
     stage_schema,
     write_json_atomic,
 )
-from pipeline.progress import Progress
+from pipeline.progress import Progress, configure_ray_data_logging
 from pipeline.schema import READ_COLUMNS, schema_for
-from pipeline.stage import ArtifactStage, GlobalStage, Stage
+from pipeline.secrets import mask
+from pipeline.stage import ArtifactStage, GlobalStage, MissingColumns, Stage, StageFatal
 
 log = logging.getLogger("primer")
+configure_ray_data_logging()
 
 
 class GuardrailError(RuntimeError):
-    """A stage dropped more of its input than its `max_drop_fraction` allows."""
+    """A stage dropped (or failed on) more of its input than its guardrail allows; its
+    manifest says `complete: false`, so nothing downstream reads it until it passes."""
+
+
+# Failures that are not one row's fault: bisecting a batch over them would only turn the
+# whole corpus into error rows. They stop the part (and the run) with a clear message.
+_FATAL = (MemoryError, OSError, MissingColumns, StageFatal)
+
+_SAMPLE_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
 class Part:
     name: str
-    source: str
+    source: str  # where to open it
     from_stage: bool  # a Primer stage output (Parquet with drop_reason) vs a raw input file
+    stable: str = ""  # the path recorded in fingerprints and lineage (see stable_path)
+
+    @property
+    def label(self) -> str:
+        return self.stable or self.source
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def part_name(path: str) -> str:
-    """A stable, readable part name for a raw input file."""
+def stable_path(path: str, anchor: str | Path | None = None) -> str:
+    """`path` as fingerprints and lineage record it: relative to `anchor` (default: the
+    working directory) when inside it, else absolute. A Ray job's working dir is unpacked to
+    a new temporary folder on every submission; its files keep their relative paths."""
+    absolute = os.path.abspath(path)
+    root = os.path.abspath(anchor if anchor is not None else os.getcwd())
+    try:
+        rel = os.path.relpath(absolute, root)
+    except ValueError:  # another drive (Windows)
+        return absolute
+    return absolute if rel == ".." or rel.startswith(".." + os.sep) else rel
+
+
+def part_name(path: str, stable: str | None = None) -> str:
+    """A stable, readable part name for a raw input file (its name and a digest of its
+    stable path)."""
     stem = Path(path).name
     for ext in (
         ".gz",
@@ -85,38 +126,73 @@ def part_name(path: str) -> str:
     ):
         stem = stem.removesuffix(ext)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:48] or "part"
-    digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+    key = stable if stable is not None else stable_path(path)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
     return f"{stem}-{digest}"
 
 
 def is_stage_output(path: str) -> bool:
-    """A Parquet file written by a Primer stage (it has `id` and `drop_reason`)."""
-    if not path.endswith(".parquet"):
+    """A Parquet file written by a Primer stage (it has `id` and `drop_reason`). A file
+    whose footer does not read is not one: the reader records it as a bad input."""
+    if not path.lower().endswith(".parquet"):
         return False
-    names = pq.read_schema(path).names
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError):
+        return False
     return "id" in names and "drop_reason" in names
 
 
-def plan_parts(files: Sequence[str]) -> list[Part]:
+def plan_parts(files: Sequence[str], anchor: str | Path | None = None) -> list[Part]:
     parts = []
     for f in files:
+        stable = stable_path(f, anchor)
         if is_stage_output(f) and Path(f).parent.joinpath("_parts").is_dir():
-            parts.append(Part(Path(f).stem, f, True))
+            parts.append(Part(Path(f).stem, f, True, stable))
         else:
-            parts.append(Part(part_name(f), f, is_stage_output(f)))
+            parts.append(Part(part_name(f, stable), f, is_stage_output(f), stable))
     names = [p.name for p in parts]
     if len(set(names)) != len(names):
         # Two inputs from different stage folders with the same part name: disambiguate.
-        parts = [Part(part_name(p.source), p.source, p.from_stage) for p in parts]
+        parts = [
+            Part(part_name(p.source, p.stable), p.source, p.from_stage, p.stable) for p in parts
+        ]
     return parts
 
 
-def input_fingerprint(parts: Sequence[Part]) -> str:
-    h = hashlib.sha256()
+def _content_sample(path: str, size: int) -> str:
+    """xxh64 of the first and last 64 KiB: content, not mtime, which copies and Ray's
+    working-dir unpacking do not keep. Two small reads per file, even on object storage."""
+    h = xxhash.xxh64()
+    with open(path, "rb") as f:
+        h.update(f.read(_SAMPLE_BYTES))
+        if size > 2 * _SAMPLE_BYTES:
+            f.seek(size - _SAMPLE_BYTES)
+            h.update(f.read(_SAMPLE_BYTES))
+        elif size > _SAMPLE_BYTES:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def input_fingerprint(parts: Sequence[Part], read: str = "") -> str:
+    """What the raw inputs are: stable path, size and content sample of each (and `read`,
+    the reader settings that change what is read from them)."""
+    h = hashlib.sha256(read.encode())
     for p in parts:
-        st = os.stat(p.source)
-        h.update(f"{p.name}\0{p.source}\0{st.st_size}\n".encode())
+        size = os.stat(p.source).st_size
+        h.update(f"{p.name}\0{p.label}\0{size}\0{_content_sample(p.source, size)}\n".encode())
     return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How raw input files are read (the recipe's `read:` section)."""
+
+    text_column: str = "text"
+    id_column: str = "id"
+
+    def fingerprint(self) -> str:
+        return f"text={self.text_column}\0id={self.id_column}"
 
 
 def _input_columns(part: Part) -> list[str]:
@@ -126,15 +202,31 @@ def _input_columns(part: Part) -> list[str]:
 
 
 def _iter_input(
-    part: Part, batch_rows: int, columns: Sequence[str] | None = None
+    part: Part,
+    batch_rows: int,
+    columns: Sequence[str] | None = None,
+    read: ReadOptions | None = None,
+    unique: Any = None,
 ) -> Iterator[pa.Table]:
-    """The part's rows to process; `columns` (stage outputs only) reads just those."""
+    """The part's rows to process; `columns` (stage outputs only) reads just those;
+    `unique` (a readers.UniqueIds) counts the ids a raw file repeats."""
     if part.from_stage:
         yield from iter_parquet(part.source, batch_rows=batch_rows, columns=columns)
-    else:
-        from pipeline.readers import iter_batches
+        return
+    from pipeline.readers import iter_batches
 
-        yield from iter_batches(part.source, batch_rows=batch_rows)
+    read = read or ReadOptions()
+    lineage = pa.scalar(part.label, pa.string())
+    for table in iter_batches(
+        part.source,
+        batch_rows=batch_rows,
+        text_column=read.text_column,
+        id_column=read.id_column,
+        unique_ids=unique,
+    ):
+        # Lineage names the stable path, not wherever this worker found the file.
+        idx = table.column_names.index("source_path")
+        yield table.set_column(idx, "source_path", pa.repeat(lineage, len(table)))
 
 
 def _fill_columns(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -144,26 +236,67 @@ def _fill_columns(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return table.select(schema.names).cast(schema)
 
 
-def process_part(stage: Stage, part: Part, out_dir: Path, fingerprint: str) -> dict[str, Any]:
+def _error_text(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:500]}" if msg else type(e).__name__
+
+
+def _guarded(stage: Stage, table: pa.Table) -> Iterator[pa.Table]:
+    """`stage(table)`, or, when it raises, the same batch split in halves until the rows
+    that fail are alone; each of those comes back as an error row (`<stage>:error`, the
+    exception in `error`) and the rest as the stage made them."""
+    try:
+        yield stage(table)
+        return
+    except _FATAL:
+        raise
+    except Exception as e:
+        if len(table) > 1:
+            mid = len(table) // 2
+            yield from _guarded(stage, table.slice(0, mid))
+            yield from _guarded(stage, table.slice(mid))
+            return
+        log.warning(
+            "%s: row %r could not be processed (%s); recorded as %s:error",
+            stage.name, table["id"][0].as_py() if "id" in table.column_names else "?",
+            _error_text(e), stage.name,
+        )  # fmt: skip
+        reason = pa.array([f"{stage.name}:error"], pa.string())
+        out = table.set_column(table.column_names.index("drop_reason"), "drop_reason", reason)
+        error = pa.array([_error_text(e)], pa.string())
+        if "error" in out.column_names:
+            yield out.set_column(out.column_names.index("error"), "error", error)
+        else:
+            yield out.append_column("error", error)
+
+
+def process_part(
+    stage: Stage, part: Part, out_dir: Path, fingerprint: str, read: ReadOptions | None = None
+) -> dict[str, Any]:
     """Run `stage` over one part and commit its output; returns the part's counts."""
     t0 = time.monotonic()
     batch_rows = stage.config.batch_rows
     path = out_dir / f"{part.name}.parquet"
-    read: list[str] | None = None
+    columns: list[str] | None = None
     if stage.annotates and part.from_stage:
         # A column part: read only what the stage needs, write only what it adds.
         if stage.unwritten_reasons:
             raise TypeError(f"stage {stage.name!r} annotates, so it must write every row")
-        read = ["id", *stage.needs]
-        schema = schema_for({"id", *stage.adds, "drop_reason"})
+        columns = ["id", *stage.needs]
+        schema = schema_for({"id", *stage.adds, "drop_reason", "error"})
         writer = AtomicParquetWriter(path, metadata=column_part_metadata(path, part.source))
     else:
-        schema = schema_for({*_input_columns(part), *stage.adds, "drop_reason"})
+        schema = schema_for({*_input_columns(part), *stage.adds, "drop_reason", "error"})
         writer = AtomicParquetWriter(path)
+    from pipeline.readers import UniqueIds
+
+    unique = None if part.from_stage else UniqueIds()
+    unwritten = pa.array([f"{stage.name}:{r}" for r in stage.unwritten_reasons], pa.string())
     rows_in = 0
     dropped: Counter[str] = Counter()
     try:
-        for table in _iter_input(part, batch_rows, read):
+        stage.ensure_setup()
+        for table in _iter_input(part, batch_rows, columns, read, unique):
             rows_in += len(table)
             if "drop_reason" in table.column_names and table["drop_reason"].null_count < len(table):
                 # Rows a reader already rejected (bad records) pass through, counted.
@@ -173,30 +306,28 @@ def process_part(stage: Stage, part: Part, out_dir: Path, fingerprint: str) -> d
                 dropped.update(bad["drop_reason"].to_pylist())
             if len(table) == 0:
                 continue
-            out = stage(table)
-            reasons = out["drop_reason"]
-            if reasons.null_count < len(out):
-                dropped.update(pc.drop_null(reasons).to_pylist())
-                if stage.unwritten_reasons:
-                    unwritten = [f"{stage.name}:{r}" for r in stage.unwritten_reasons]
-                    out = out.filter(
-                        pc.invert(pc.fill_null(pc.is_in(reasons, pa.array(unwritten)), False))
-                    )
-            writer.write(_fill_columns(out, schema))
+            for out in _guarded(stage, table):
+                reasons = out["drop_reason"]
+                if reasons.null_count < len(out):
+                    dropped.update(pc.drop_null(reasons).to_pylist())
+                    if len(unwritten):
+                        out = out.filter(
+                            pc.invert(pc.fill_null(pc.is_in(reasons, unwritten), False))
+                        )
+                writer.write(_fill_columns(out, schema))
         nbytes = writer.close(empty_schema=schema)
     except BaseException as e:
         writer.abort()
-        raise RuntimeError(
-            f"stage {stage.name!r} failed on {part.source}: {type(e).__name__}: {e}"
-        ) from e
+        raise PartError(stage.name, part.label, e, str(path)) from e
     n_dropped = sum(dropped.values())
     stats = {
         "part": part.name,
-        "source": part.source,
+        "source": part.label,
         "fingerprint": fingerprint,
         "rows_in": rows_in,
         "rows_out": rows_in - n_dropped,
         "dropped": dict(sorted(dropped.items())),
+        "ids_renamed": unique.renamed if unique is not None else 0,
         "bytes": nbytes,
         "seconds": round(time.monotonic() - t0, 3),
         "finished": _now(),
@@ -205,26 +336,47 @@ def process_part(stage: Stage, part: Part, out_dir: Path, fingerprint: str) -> d
     return stats
 
 
+class PartError(RuntimeError):
+    """A part that could not be processed at all (its file vanished, the disk is full, the
+    stage's model did not load); `cause` is the original exception."""
+
+    def __init__(
+        self, stage: str, source: str, cause: BaseException, path: str | None = None
+    ) -> None:
+        super().__init__(f"stage {stage!r} failed on {source}: {_error_text(cause)}")
+        self.cause = cause
+        self.path = path  # the part file it was writing
+
+
 class _PartWorker:
     """Ray Data UDF: one per worker, the stage built (and its model loaded) once."""
 
-    def __init__(self, stage: Stage, out_dir: str, fingerprint: str) -> None:
+    def __init__(
+        self, stage: Stage, out_dir: str, fingerprint: str, read: ReadOptions | None = None
+    ) -> None:
         self.stage = stage
         self.out_dir = Path(out_dir)
         self.fingerprint = fingerprint
+        self.read = read
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         stats = []
-        for name, source, from_stage in zip(
-            batch["name"], batch["source"], batch["from_stage"], strict=True
+        for name, source, from_stage, stable in zip(
+            batch["name"], batch["source"], batch["from_stage"], batch["stable"], strict=True
         ):
-            part = Part(str(name), str(source), bool(from_stage))
-            stats.append(json.dumps(process_part(self.stage, part, self.out_dir, self.fingerprint)))
+            part = Part(str(name), str(source), bool(from_stage), str(stable))
+            s = process_part(self.stage, part, self.out_dir, self.fingerprint, self.read)
+            stats.append(json.dumps(s))
         return {"stats": stats}
 
 
 def _run_parts_ray(
-    stage: Stage, parts: list[Part], out_dir: Path, fp: str, progress: Progress
+    stage: Stage,
+    parts: list[Part],
+    out_dir: Path,
+    fp: str,
+    progress: Progress,
+    read: ReadOptions | None = None,
 ) -> None:
     import ray
 
@@ -235,7 +387,7 @@ def _run_parts_ray(
     ds = ray.data.from_items([asdict(p) for p in parts], override_num_blocks=len(parts))
     ds = ds.map_batches(
         _PartWorker,
-        fn_constructor_args=(stage, str(out_dir), fp),
+        fn_constructor_args=(stage, str(out_dir), fp, read),
         batch_size=1,
         # One call at a time per actor, run on the actor's own thread: a part is one whole
         # task, so Ray Data's default single-thread wrapper (the UDF on a helper thread while
@@ -263,7 +415,7 @@ def _versions() -> dict[str, str]:
 
 def stage_summary(out_dir: Path) -> dict[str, Any]:
     """Counts of a stage over *all* committed parts, whichever attempt wrote them."""
-    rows_in = rows_out = nbytes = 0
+    rows_in = rows_out = nbytes = renamed = 0
     seconds = 0.0
     dropped: Counter[str] = Counter()
     parts = sorted((out_dir / "_parts").glob("*.json"))
@@ -273,26 +425,85 @@ def stage_summary(out_dir: Path) -> dict[str, Any]:
         rows_out += s["rows_out"]
         nbytes += s["bytes"]
         seconds += s["seconds"]
+        renamed += s.get("ids_renamed", 0)
         dropped.update(s["dropped"])
     return {
         "parts": len(parts),
         "rows_in": rows_in,
         "rows_out": rows_out,
         "dropped": dict(dropped.most_common()),
+        "ids_renamed": renamed,
         "bytes": nbytes,
         "work_seconds": round(seconds, 3),
     }
 
 
+class IncompleteStage(FileNotFoundError):
+    """A stage output that a later stage wants to read is missing or did not finish."""
+
+
 def output_files(stage_dir: Path) -> list[str]:
     """The committed Parquet parts of a finished stage, for the next stage to read."""
     manifest = stage_dir / "_manifest.json"
-    if not manifest.is_file() or not read_json(manifest).get("complete"):
-        raise FileNotFoundError(
-            f"{stage_dir} is not a finished stage output (no complete _manifest.json); "
-            f"run that stage first"
+    if not manifest.is_file():
+        raise IncompleteStage(
+            f"{stage_dir} is not a finished stage output (no _manifest.json); run stage "
+            f"{stage_dir.name!r} first"
         )
-    return [str(stage_dir / f"{p}.parquet") for p in read_json(manifest)["part_names"]]
+    m = read_json(manifest)
+    if not m.get("complete"):
+        why = m.get("failed") or "it did not finish"
+        raise IncompleteStage(
+            f"stage {stage_dir.name!r} in {stage_dir.parent} is not complete ({why}); fix "
+            f"that and run stage {stage_dir.name!r} again before the stages after it"
+        )
+    return [str(stage_dir / f"{p}.parquet") for p in m["part_names"]]
+
+
+def output_fingerprint(stage_dir: Path) -> str:
+    """What stages downstream chain into their own fingerprints: the stage's fingerprint
+    and its state's revision (a retry that recovered answers changes it)."""
+    m = read_json(stage_dir / "_manifest.json")
+    return m.get("output_fingerprint") or m["fingerprint"]
+
+
+def _guardrail(stage: Stage, summary: dict[str, Any]) -> dict[str, Any]:
+    sampled_out = {f"{stage.name}:{r}" for r in stage.unwritten_reasons}
+    lost = sum(n for r, n in summary["dropped"].items() if r not in sampled_out)
+    errors = summary["dropped"].get(f"{stage.name}:error", 0)
+    rows = summary["rows_in"]
+    frac = lost / rows if rows else 0.0
+    err_frac = errors / rows if rows else 0.0
+    cfg = stage.config
+    return {
+        "drop_fraction": round(frac, 4),
+        "max_drop_fraction": cfg.max_drop_fraction,
+        "exceeded": frac > cfg.max_drop_fraction,
+        "error_rows": errors,
+        "error_fraction": round(err_frac, 4),
+        "max_error_fraction": cfg.max_error_fraction,
+        "errors_exceeded": err_frac > cfg.max_error_fraction,
+    }
+
+
+def _guardrail_message(stage: Stage, name: str, summary: dict, guard: dict, out_dir: Path) -> str:
+    top = ", ".join(f"{k}: {v:,}" for k, v in list(summary["dropped"].items())[:5])
+    if guard["errors_exceeded"]:
+        return (
+            f"GUARDRAIL: stage {name!r} could not process {guard['error_rows']:,} of its "
+            f"{summary['rows_in']:,} input rows ({guard['error_fraction']:.1%}, over its "
+            f"max_error_fraction {guard['max_error_fraction']:.1%}): a broken stage or model, "
+            f"not bad data. The exceptions are in the `error` column of the "
+            f"'{stage.name}:error' rows under {out_dir} (`primer why RUN ID`); fix the cause, "
+            f"or raise stages.{name}.max_error_fraction, and run again."
+        )
+    return (
+        f"GUARDRAIL: stage {name!r} dropped {guard['drop_fraction']:.1%} of its "
+        f"{summary['rows_in']:,} input rows, over its max_drop_fraction "
+        f"{guard['max_drop_fraction']:.0%} (top reasons: {top}). Check the input and "
+        f"thresholds in {out_dir}; raise stages.{name}.max_drop_fraction (or set "
+        f"on_excess_drop: warn) to accept it, then run again."
+    )
 
 
 def _run_artifact(
@@ -318,11 +529,12 @@ def _run_artifact(
         "version": stage.version,
         "kind": "artifact",
         "fingerprint": fp,
-        "config": stage.config.model_dump(mode="json"),
+        "config": mask(stage.config.model_dump(mode="json")),
         "versions": _versions(),
-        "inputs": [p.source for p in parts],
+        "inputs": [p.label for p in parts],
         "part_names": stats.get("part_names", []),
         "complete": True,
+        "failed": None,
         "parts": 0,
         "rows_in": stats.get("rows_in", 0),
         "rows_out": stats.get("rows_out", stats.get("rows_in", 0)),
@@ -344,6 +556,15 @@ def _run_artifact(
     return manifest
 
 
+def _reset_parts(out_dir: Path) -> None:
+    """Forget a stage's committed parts (and its manifest), keeping `_state/`: a retry
+    re-processes every part with the state's new answers."""
+    shutil.rmtree(out_dir / "_parts", ignore_errors=True)
+    for f in out_dir.glob("*.parquet"):
+        f.unlink()
+    (out_dir / "_manifest.json").unlink(missing_ok=True)
+
+
 def run_stage(
     stage: Stage,
     files: Sequence[str],
@@ -352,16 +573,25 @@ def run_stage(
     upstream_fingerprint: str = "",
     config_fingerprint: str = "",
     name: str | None = None,
+    *,
+    read: ReadOptions | None = None,
+    skipped_inputs: Sequence[tuple[str, str]] = (),
+    retry_failed: bool = False,
+    anchor: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run one stage over `files` into `out_root/<name or stage.name>/`, skipping committed
     parts. `name` is the recipe's name for this use of the stage (a recipe may run `dedup`
-    twice, as `dedup` and `synth_dedup`); drop reasons keep the stage's own name."""
+    twice, as `dedup` and `synth_dedup`); drop reasons keep the stage's own name.
+    `config_fingerprint` defaults to the stage's own (`Stage.fingerprint`);
+    `skipped_inputs` ((file, why) the planner left out) are recorded in the manifest;
+    `retry_failed` asks a `retryable` stage's failed rows again (`reopen_failed`)."""
     name = name or stage.name
     out_dir = out_root / name
-    parts = plan_parts(files)
-    fp = hashlib.sha256(
-        f"{config_fingerprint}|{upstream_fingerprint or input_fingerprint(parts)}".encode()
-    ).hexdigest()[:16]
+    parts = plan_parts(files, anchor)
+    read = read or ReadOptions()
+    config_fingerprint = config_fingerprint or stage.fingerprint(name)
+    upstream = upstream_fingerprint or input_fingerprint(parts, read.fingerprint())
+    fp = hashlib.sha256(f"{config_fingerprint}|{upstream}".encode()).hexdigest()[:16]
 
     fp_file = out_dir / "_fingerprint"
     if fp_file.is_file() and fp_file.read_text().strip() != fp:
@@ -380,9 +610,22 @@ def run_stage(
     manifest_path = out_dir / "_manifest.json"
     previous = read_json(manifest_path) if manifest_path.is_file() else {}
     attempts = previous.get("attempts", [])
+    retries = previous.get("retries", [])
     started, t0 = _now(), time.monotonic()
     if isinstance(stage, ArtifactStage):
         return _run_artifact(stage, name, parts, out_dir, use_ray, fp, previous, started, t0)
+
+    retry: dict[str, Any] | None = None
+    if retry_failed and isinstance(stage, GlobalStage) and stage.retryable:
+        state_dir = out_dir / "_state"
+        failed = stage.reopen_failed(str(state_dir)) if state_dir.is_dir() else 0
+        if failed:
+            log.info("%s: --retry-failed: asking %d failed rows again", name, failed)
+            _reset_parts(out_dir)
+            previous = {}
+            retry = {"started": started, "failed_before": failed}
+        else:
+            log.info("%s: --retry-failed: no failed rows recorded", name)
 
     done = {p.stem for p in (out_dir / "_parts").glob("*.json")}
     pending = [p for p in parts if p.name not in done]
@@ -395,14 +638,14 @@ def run_stage(
         if pending and not (out_dir / "_state" / "_DONE").is_file():
             stage.prepare([p.source for p in parts], stage.state_dir, use_ray)
 
-    progress = Progress(stage.name, len(parts))
-    progress.parts = len(parts) - len(pending)
+    # Parts finished by earlier attempts are counted as done, not as this attempt's speed.
+    progress = Progress(stage.name, len(parts), done=len(parts) - len(pending))
     if pending:
         if use_ray:
-            _run_parts_ray(stage, pending, out_dir, fp, progress)
+            _run_parts_ray(stage, pending, out_dir, fp, progress, read)
         else:
             for part in pending:
-                s = process_part(stage, part, out_dir, fp)
+                s = process_part(stage, part, out_dir, fp, read)
                 progress.update(parts=1, rows=s["rows_in"])
         progress.close()
 
@@ -415,38 +658,45 @@ def run_stage(
             "wall_seconds": round(time.monotonic() - t0, 3),
         }
     )
-    sampled_out = {f"{stage.name}:{r}" for r in stage.unwritten_reasons}
-    lost = sum(n for r, n in summary["dropped"].items() if r not in sampled_out)
-    frac = lost / summary["rows_in"] if summary["rows_in"] else 0.0
-    guard = {
-        "drop_fraction": round(frac, 4),
-        "max_drop_fraction": stage.config.max_drop_fraction,
-        "exceeded": frac > stage.config.max_drop_fraction,
-    }
+    if retry is not None:
+        after = summary["dropped"].get(f"{stage.name}:teacher_error", 0)
+        retry |= {"failed_after": after, "recovered": retry["failed_before"] - after}
+        retries.append(retry)
+        log.info(
+            "%s: retry recovered %d of %d failed rows", name, retry["recovered"],
+            retry["failed_before"],
+        )  # fmt: skip
+    guard = _guardrail(stage, summary)
+    stop = guard["errors_exceeded"] or (guard["exceeded"] and stage.config.on_excess_drop == "fail")
+    message = _guardrail_message(stage, name, summary, guard, out_dir) if (
+        guard["exceeded"] or guard["errors_exceeded"]
+    ) else None  # fmt: skip
+    revision = stage.output_revision() if isinstance(stage, GlobalStage) else ""
     manifest = {
         "stage": name,
         "uses": stage.name,
         "version": stage.version,
         "fingerprint": fp,
-        "config": stage.config.model_dump(mode="json"),
+        "output_fingerprint": (
+            hashlib.sha256(f"{fp}|{revision}".encode()).hexdigest()[:16] if revision else fp
+        ),
+        "config": mask(stage.config.model_dump(mode="json")),
         "versions": _versions(),
-        "inputs": [p.source for p in parts],
+        "inputs": [p.label for p in parts],
+        "skipped_inputs": [{"path": f, "why": why} for f, why in skipped_inputs],
         "part_names": [p.name for p in parts],
-        "complete": True,
+        # A stage stopped by its guardrail is left incomplete: nothing downstream reads it.
+        "complete": not stop,
+        "failed": message if stop else None,
         **summary,
         "wall_seconds": round(sum(a["wall_seconds"] for a in attempts), 3),
         "attempts": attempts,
+        "retries": retries,
         "guardrail": guard,
     }
     write_json_atomic(manifest_path, manifest)
-    if guard["exceeded"]:
-        top = ", ".join(f"{k}: {v:,}" for k, v in list(summary["dropped"].items())[:5])
-        msg = (
-            f"GUARDRAIL: stage {stage.name!r} dropped {frac:.1%} of its {summary['rows_in']:,} input rows, "
-            f"over its max_drop_fraction {stage.config.max_drop_fraction:.0%} (top reasons: {top}). "
-            f"Check the input and thresholds; see {out_dir}."
-        )
-        if stage.config.on_excess_drop == "fail":
-            raise GuardrailError(msg)
-        log.warning("\n%s\n%s\n%s", "!" * 80, msg, "!" * 80)
+    if message:
+        if stop:
+            raise GuardrailError(message)
+        log.warning("\n%s\n%s\n%s", "!" * 80, message, "!" * 80)
     return manifest

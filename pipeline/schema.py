@@ -30,6 +30,7 @@ _FIELDS: list[pa.Field] = [
     pa.field("content_type", pa.string()),  # MIME type from the HTTP header, lower-cased
     pa.field("source_path", pa.string()),  # file the record was read from
     pa.field("drop_reason", pa.string()),  # null when kept; "<stage>:<reason>" otherwise
+    pa.field("error", pa.string()),  # "<Exception>: <message>" of a `<stage>:error` row
     # --- extract ---------------------------------------------------------------------------
     pa.field("n_chars", pa.int64()),
     # --- langid ----------------------------------------------------------------------------

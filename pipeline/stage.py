@@ -19,14 +19,82 @@ removed here. The runner keeps both kept and dropped rows on disk and counts the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.schema import conform
+from pipeline.schema import FIELDS, conform
+
+
+class PreflightError(ValueError):
+    """A config value that cannot work, found before any stage runs (`Stage.preflight`).
+
+    `key` is the dotted key inside the stage's config ("model", "teacher.local.model_path");
+    the recipe loader prefixes it with `stages.<name>.` and the CLI exits 2 with one line.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+def is_ref(value: Any) -> bool:
+    """A "@stage[/file]" value: a path inside an earlier stage's output, resolved when that
+    stage has run, so preflight checks cannot look at it yet."""
+    return isinstance(value, str) and value.startswith("@")
+
+
+def require_path(key: str, value: str | os.PathLike[str] | None, kind: str = "file") -> None:
+    """Preflight helper: `value` must be an existing file ("file"), folder ("dir") or
+    either ("any"); None and "@stage" references pass (checked when they exist)."""
+    if value is None or is_ref(value):
+        return
+    p = Path(os.path.expandvars(str(value))).expanduser()
+    ok = {"file": p.is_file, "dir": p.is_dir, "any": p.exists}[kind]()
+    if not ok:
+        what = {"file": "file", "dir": "folder", "any": "path"}[kind]
+        hint = "" if p.is_absolute() else f" (relative to the working directory {os.getcwd()})"
+        raise PreflightError(key, f"no such {what}: {str(value)!r}{hint}")
+
+
+class StageFatal(Exception):
+    """Raised by a stage for a failure that is no single row's fault (a state that does not
+    match its input, two rows it cannot tell apart): the runner stops the part with it and
+    never splits the batch to look for a bad row."""
+
+
+class MissingColumns(KeyError):
+    """A stage was handed a table without the columns it `needs`: a plan mistake (the stage
+    that adds them did not run), never one row's fault."""
+
+
+GUARDRAIL_KEYS = ("max_drop_fraction", "on_excess_drop", "max_error_fraction")
+"""StageConfig keys that judge a stage's output but never change it: raising a guardrail
+bound after a stop must not recompute the stage."""
+
+
+def nested_exclude(keys: Iterable[str]) -> dict[str, Any]:
+    """Dotted keys ("teacher.timeout_s") as the nested `exclude` mapping pydantic takes."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            nxt = node.setdefault(p, {})
+            if nxt is True:
+                break
+            node = nxt
+        else:
+            node[leaf] = True
+    return out
 
 
 class StageConfig(BaseModel):
@@ -41,6 +109,12 @@ class StageConfig(BaseModel):
 
     on_excess_drop: Literal["warn", "fail"] = "warn"
     """What to do when `max_drop_fraction` is exceeded."""
+
+    max_error_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    """Guardrail on rows the stage could not process (`<stage>:error`, the exception in the
+    `error` column): one bad document is recorded and the part goes on, but more than
+    this share of the stage's input failing is a broken stage or model, not bad data, and
+    the run stops (the stage is left incomplete) whatever `on_excess_drop` says."""
 
     batch_rows: int = Field(1000, ge=1)
     """Rows per batch handed to the stage (Ray Data `batch_size`)."""
@@ -59,8 +133,9 @@ class Stage:
     num_cpus: ClassVar[float] = 1.0
     num_gpus: ClassVar[float] = 0.0
     fingerprint_exclude: ClassVar[frozenset[str]] = frozenset()
-    """Config keys that do not change the output (a dry-run switch): changing them must not
-    make the runner recompute the stage."""
+    """Config keys that do not change the output (a dry-run switch, a teacher's timeout):
+    changing them must not make the runner recompute the stage. Dotted keys reach into
+    nested sections ("teacher.timeout_s")."""
     annotates: ClassVar[bool] = False
     """True when the stage only adds columns (`adds`, `drop_reason`) to rows it reads whole,
     from `needs` alone: over a previous stage's part it then writes a column part (`id`,
@@ -81,19 +156,45 @@ class Stage:
     def setup(self) -> None:
         """Load models or build tables; called once per worker before the first batch."""
 
+    def preflight(self) -> None:
+        """Check what can be checked before any stage of the run starts: files and folders
+        the config names, values a model must know (a language code). Raise
+        `PreflightError(key, message)`; "@stage" references are skipped (`is_ref`), they
+        are checked when that stage has run. Cheap: no model loads, no data reads."""
+
+    def fingerprint(self, name: str | None = None) -> str:
+        """Hash of what determines this stage's output given its input: its recipe name,
+        version and config, less `fingerprint_exclude` and the guardrail keys."""
+        exclude = nested_exclude({*GUARDRAIL_KEYS, *self.fingerprint_exclude})
+        blob = json.dumps(
+            {
+                "stage": name or self.name,
+                "version": self.version,
+                "config": self.config.model_dump(mode="json", exclude=exclude),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def ensure_setup(self) -> None:
+        """Run `setup()` once; the runner calls it before the first batch so that a model
+        that cannot load fails the part clearly instead of as a row error."""
+        if not self._ready:
+            self.setup()
+            self._ready = True
+
     def process(self, table: pa.Table) -> pa.Table:
         raise NotImplementedError
 
     def __call__(self, table: pa.Table) -> pa.Table:
         missing = [c for c in self.needs if c not in table.column_names]
         if missing:
-            raise KeyError(
+            raise MissingColumns(
                 f"stage {self.name!r} needs columns {missing}, the input has "
                 f"{table.column_names}; run the stage that adds them first"
             )
-        if not self._ready:
-            self.setup()
-            self._ready = True
+        self.ensure_setup()
+        table = _declared_types(table)
         if "drop_reason" not in table.column_names:
             table = table.append_column("drop_reason", pa.nulls(len(table), pa.string()))
         return conform(self.process(table))
@@ -107,6 +208,16 @@ class Stage:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+
+def _declared_types(table: pa.Table) -> pa.Table:
+    """Columns of Arrow type null (what a batch of all-missing values infers) get their
+    declared type, so no stage meets a column its string kernels cannot take."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_null(f.type) and f.name in FIELDS:
+            typ = FIELDS[f.name].type
+            table = table.set_column(i, pa.field(f.name, typ), table.column(i).cast(typ))
+    return table
 
 
 def mark_dropped(
@@ -148,8 +259,25 @@ class GlobalStage(Stage):
 
     state_dir: str | None = None
 
+    retryable: ClassVar[bool] = False
+    """True for stages whose rows can fail for a transient reason recorded in the state
+    (a teacher's timeout): `primer run --retry-failed` then asks those rows again."""
+
     def prepare(self, inputs: Sequence[str], state_dir: str, use_ray: bool) -> None:
         raise NotImplementedError
+
+    def reopen_failed(self, state_dir: str) -> int:
+        """`--retry-failed`: arrange for the next `prepare()` to ask again exactly the rows
+        recorded as failed, through the same checkpointed path, and return how many there
+        are (0: nothing to retry, the stage's parts stay as they are). Only for
+        `retryable` stages."""
+        raise TypeError(f"stage {self.name!r} has no failed rows to retry")
+
+    def output_revision(self) -> str:
+        """A short string that changes whenever the stage's state changes its output for the
+        same config and input (a retry recovered answers); downstream stages chain it into
+        their fingerprints, so they recompute only then. Called after the stage ran."""
+        return ""
 
     def __getstate__(self) -> dict[str, Any]:
         return {"config": self.config, "state_dir": self.state_dir}

@@ -146,6 +146,26 @@ class Tokenizer:
         )
 
 
+def check_tokenizer_spec(spec: str) -> None:
+    """Raise ValueError (what is wrong and what to write instead) for a spec that
+    `load_tokenizer` cannot load, without loading anything: a missing file or folder, or a
+    string that is neither a path nor a hub id. Hub ids are not looked up (offline)."""
+    if spec == "phi3":
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir() and not any((path / f).is_file() for f in ("tokenizer.json",)):
+            raise ValueError(f"{spec!r} is a folder without a tokenizer.json")
+        return
+    if spec.endswith((".json", ".gguf")) or spec.startswith(("/", ".", "~")):
+        raise ValueError(f"no such tokenizer file or folder: {spec!r}")
+    if not _HUB_ID.match(spec):
+        raise ValueError(
+            f"unknown tokenizer {spec!r}: use 'phi3', a path to a tokenizer.json, a folder "
+            "holding one, a .gguf, or a Hugging Face hub id 'owner/name'"
+        )
+
+
 def load_tokenizer(spec: str, *, eos: str | None = None, threads: int = 1) -> Tokenizer:
     """Load a tokenizer by spec ("phi3", a tokenizer.json, a snapshot folder, a .gguf, a hub id).
 

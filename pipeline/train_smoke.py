@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import yaml
 from pydantic import Field
 
-from pipeline.stage import ArtifactStage, StageConfig
+from pipeline.stage import ArtifactStage, PreflightError, StageConfig, require_path
 
 if TYPE_CHECKING:
     import torch
@@ -562,6 +562,13 @@ class TrainSmokeStage(ArtifactStage):
     name: ClassVar[str] = "train_smoke"
     Config: ClassVar[type[StageConfig]] = TrainSmokeConfig
     config: TrainSmokeConfig
+
+    def preflight(self) -> None:
+        try:
+            model_config_path(self.config.model)
+        except ModelConfigError as e:
+            raise PreflightError("model", str(e)) from None
+        require_path("mixture", self.config.mixture, "dir")
 
     def train(self, out_dir: str | Path) -> dict[str, Any]:
         """Run the smoke with this config (the stage and `primer train-smoke` both do)."""

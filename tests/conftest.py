@@ -51,11 +51,20 @@ def quickstart_run(ray_session, tmp_path_factory) -> tuple[Path, dict]:
     return run_dir, run_recipe(loaded, output=run_dir)
 
 
+def require_data(path: Path, what: str = "shared real data") -> Path:
+    """`path`, or a skip when it is absent; in CI (CI=true) an absent file fails the test,
+    so a checkout that lost its data cannot pass by skipping."""
+    if not path.exists():
+        message = f"{what} not found at {path}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message + " (CI=true: missing test data is a failure)")
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"shared real data not found at {SHARED}")
-    return SHARED
+    return require_data(SHARED)
 
 
 def fineweb_docs(n: int | None = None) -> list[dict]:

@@ -34,8 +34,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head():
     """A one-node Ray cluster on 127.0.0.1 with its job server and token authentication;
     yields the dashboard URL and the environment a client needs (the token)."""
     if not (BIN / "ray").is_file():
@@ -101,6 +101,15 @@ def ray_head(tmp_path):
         head.wait()
 
 
+def _submit(cmd: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    for _ in range(60):  # the job agent comes up a few seconds after the dashboard
+        done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+        if "No available agent to submit job" not in done.stderr:
+            return done
+        time.sleep(1)
+    return done
+
+
 def test_ray_job_submit_runs_a_recipe_on_the_cluster(ray_head, tmp_path):
     url, env = ray_head
     recipe = {
@@ -122,11 +131,7 @@ def test_ray_job_submit_runs_a_recipe_on_the_cluster(ray_head, tmp_path):
         "--runtime-env-json", json.dumps({"env_vars": {"OMP_NUM_THREADS": "1"}}),
         "--", "python", "-m", "pipeline.cli", "run", str(path), "--output", str(out),
     ]  # fmt: skip
-    for _ in range(60):  # the job agent comes up a few seconds after the dashboard
-        done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-        if "No available agent to submit job" not in done.stderr:
-            break
-        time.sleep(1)
+    done = _submit(cmd, env, REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout.lower()
     summary = json.loads((out / "run_summary.json").read_text())
@@ -136,3 +141,42 @@ def test_ray_job_submit_runs_a_recipe_on_the_cluster(ray_head, tmp_path):
     assert stages["quality"]["rows_out"] + sum(stages["quality"]["dropped"].values()) == 20
     # the driver ran on the cluster and joined it rather than starting a Ray of its own
     assert "Primer run 'cluster'" in done.stdout
+
+
+def test_a_resubmitted_job_resumes_after_the_working_dir_changed(ray_head, tmp_path):
+    """Ray unpacks `--working-dir` to a new temporary path (named by its content hash) on
+    every submission: inputs inside it are fingerprinted by their path relative to it, and
+    by content, so editing any other file and submitting again re-runs nothing."""
+    url, env = ray_head
+    work = tmp_path / "work"
+    (work / "configs").mkdir(parents=True)
+    (work / "data").mkdir()
+    for f in sorted((REPO / "data/sample").glob("ccnet-*.jsonl.gz")):
+        (work / "data" / f.name).write_bytes(f.read_bytes())
+    recipe = {
+        "name": "resub",
+        "executor": "ray",
+        "stages": {
+            "quality": {"input": ["../data/*.jsonl.gz"], "max_drop_fraction": 1.0},
+            "dedup": {},
+        },
+    }
+    (work / "configs/resub.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (work / "NOTES.md").write_text("first\n")
+    out = tmp_path / "run"
+    cmd = [
+        str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(work),
+        "--", "python", "-m", "pipeline.cli", "run", "configs/resub.yaml", "--output", str(out),
+    ]  # fmt: skip
+    first = _submit(cmd, env, work)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    manifest = json.loads((out / "quality/_manifest.json").read_text())
+    assert manifest["inputs"] == [f"data/{f.name}" for f in sorted((work / "data").iterdir())]
+
+    (work / "NOTES.md").write_text("edited: a new content hash, a new unpacked path\n")
+    again = _submit(cmd, env, work)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for stage in ("quality", "dedup"):
+        m = json.loads((out / stage / "_manifest.json").read_text())
+        assert len(m["attempts"]) == 2, stage  # the same folder, resumed, not recomputed
+        assert m["attempts"][-1]["parts_run"] == 0, stage

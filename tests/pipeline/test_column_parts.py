@@ -68,7 +68,7 @@ def test_column_part_reads_like_a_copied_part(base_run):
     cols, copy = output_files(base_run / "tag"), output_files(base_run / "copy")
 
     on_disk = pq.read_table(cols[0])
-    assert set(on_disk.column_names) == {"id", "edu_score", "drop_reason"}  # no text copied
+    assert set(on_disk.column_names) == {"id", "edu_score", "drop_reason", "error"}  # no text
     assert sum(Path(f).stat().st_size for f in cols) * 5 < sum(Path(f).stat().st_size for f in copy)
     assert stage_schema(cols[0]).names == stage_schema(copy[0]).names
     assert _whole(cols).equals(_whole(copy))
@@ -126,4 +126,5 @@ def test_column_parts_on_ray_match_in_process(base_run, ray_session):
         "id",
         "edu_score",
         "drop_reason",
+        "error",
     }

@@ -93,7 +93,7 @@ def test_cli_exits_2_with_a_readable_message(capsys):
 def test_cli_lists_stages_with_defaults(capsys):
     assert main(["stages"]) == 0
     out = capsys.readouterr().out
-    for name in ("extract_v1", "langid_v1", "quality_v1", "dedup_v1"):
+    for name in ("extract_v1", "langid_v1", "quality_v1", "dedup_v2"):
         assert name in out
     assert "min_score = 0.65" in out
 

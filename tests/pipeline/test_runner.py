@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -102,16 +103,33 @@ def test_guardrail_warns_or_stops(tmp_path, docs, caplog):
         )
 
 
-def test_stage_error_names_the_part(tmp_path, docs):
+def test_a_stage_broken_on_every_row_stops_and_is_left_incomplete(tmp_path, docs):
     class Broken(LengthStage):
         def process(self, table):
             raise ValueError("boom")
 
     files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 1)]
-    with pytest.raises(
-        RuntimeError, match=r"stage 'length' failed on .*docs-000.jsonl.gz: ValueError: boom"
-    ):
+    with pytest.raises(GuardrailError, match=r"could not process 120 of its 120 input rows"):
         run_stage(Broken(), files, tmp_path / "out", False)
+    manifest = json.loads((tmp_path / "out/length/_manifest.json").read_text())
+    assert not manifest["complete"] and "max_error_fraction" in manifest["failed"]
+    assert manifest["dropped"] == {"length:error": 120}
+    with pytest.raises(FileNotFoundError, match="not complete"):
+        output_files(tmp_path / "out/length")  # nothing downstream reads it
+    rows = pq.read_table(next((tmp_path / "out/length").glob("*.parquet")))
+    assert set(rows["error"].to_pylist()) == {"ValueError: boom"}
+
+
+def test_a_setup_failure_is_not_a_row_error(tmp_path, docs):
+    class NoModel(LengthStage):
+        def setup(self):
+            raise OSError("model.bin: no such file")
+
+    files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 1)]
+    with pytest.raises(
+        RuntimeError, match=r"stage 'length' failed on .*docs-000.jsonl.gz: OSError: model.bin"
+    ):
+        run_stage(NoModel(), files, tmp_path / "out", False)
     assert not list((tmp_path / "out/length").glob("*.parquet"))  # nothing half-written
 
 
