@@ -141,6 +141,8 @@ def test_ray_job_submit_runs_a_recipe_on_the_cluster(ray_head, tmp_path):
     assert stages["quality"]["rows_out"] + sum(stages["quality"]["dropped"].values()) == 20
     # the driver ran on the cluster and joined it rather than starting a Ray of its own
     assert "Primer run 'cluster'" in done.stdout
+    # Ray Data's INFO lines (plans, "Starting execution") stay in its log file, off the console
+    assert "streaming_executor" not in done.stdout + done.stderr
 
 
 def test_a_resubmitted_job_resumes_after_the_working_dir_changed(ray_head, tmp_path):
