@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -116,7 +117,37 @@ class LoadedRecipe:
 
     @property
     def output(self) -> Path:
-        return Path(os.path.expandvars(self.recipe.output or f"runs/{self.recipe.name}"))
+        return Path(expand_vars(self.recipe.output or f"runs/{self.recipe.name}", "output", False))
+
+
+def expand_vars(value: str, key: str, strict: bool = True) -> str:
+    """`$VAR` / `${VAR}` expanded; with `strict`, a variable that is not set is a
+    ConfigError naming it (os.path.expandvars would leave "$PRIMER_CC" in the path, to fail
+    later as "matches no file")."""
+    expanded = os.path.expandvars(value)
+    left = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+    if left and strict:
+        raise ConfigError(
+            f"{key}: {value!r} uses ${left[0]}, which is not set in the environment; "
+            f"export it (e.g. export {left[0]}=/data/...) or write the path out"
+        )
+    return expanded
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error: two `quality:`
+    sections would otherwise silently keep the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def stage_refs(value: Any) -> list[str]:
@@ -225,10 +256,12 @@ def load_recipe(
     base = Path.cwd()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"recipe {str(path)!r} is a folder; name a recipe YAML file")
         if not path.is_file():
             raise ConfigError(f"recipe {str(path)!r} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -274,7 +307,15 @@ def load_recipe(
         if refs and len(refs) != len(inputs):
             raise ConfigError(f"stages.{name}.input: mix of @stage references and files")
         if inputs is not None and not refs:
-            inputs = [str(Path(base, Path(os.path.expandvars(p)).expanduser())) for p in inputs]
+            inputs = [
+                str(
+                    Path(
+                        base,
+                        Path(expand_vars(p, f"stages.{name}.input", check_inputs)).expanduser(),
+                    )
+                )
+                for p in inputs
+            ]
             if check_inputs:
                 from pipeline.io import expand_inputs
 
@@ -287,4 +328,6 @@ def load_recipe(
         uses = body.pop("stage", name)
         cls, cfg = build_stage_config(uses, body, f"stages.{name}")
         specs.append(StageSpec(name=name, cls=cls, config=cfg, inputs=inputs))
+    if check_inputs and recipe.output:
+        expand_vars(recipe.output, "output")  # an unset $VAR in the run folder is named now
     return LoadedRecipe(recipe=recipe, stages=specs, path=Path(path) if path else None)

@@ -183,6 +183,8 @@ def run_recipe(
     stage runs in order. `retry_failed` asks the failed rows of retryable (teacher) stages
     again; stages after them recompute only if answers were recovered."""
     out_root = Path(output) if output else loaded.output
+    if out_root.exists() and not out_root.is_dir():
+        raise ConfigError(f"--output: {out_root} is a file, not a run folder")
     selected = select_stages(loaded, only)
     plans = plan_run(loaded, selected, out_root)
     executor = executor or loaded.recipe.executor

@@ -124,3 +124,30 @@ def test_tracebacks_only_with_verbose(tmp_path, capsys):
     assert "Traceback" not in capsys.readouterr().err
     assert main(["-v", "run", recipe]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "body, where",
+    [
+        (f"name: r\nstages:\n  quality: {{input: [{FINEWEB}]}}\n  quality: {{min_words: 3}}\n",
+         "key 'quality' appears twice"),
+        ("name: r\nstages:\n  quality: {input: [$PRIMER_NOT_SET_HERE/*.jsonl]}\n",
+         "$PRIMER_NOT_SET_HERE, which is not set"),
+        (f"name: r\nstages:\n  quality: {{input: [{FINEWEB}]}}\n  mixture: {{tokenizer: /no/tok.json, "
+         "phases: [{name: p, tokens: 10, sources: [{name: w, input: '@quality', weight: 1}]}]}\n",
+         "stages.mixture.tokenizer"),
+    ],
+)  # fmt: skip
+def test_more_mistakes_found_before_any_work(tmp_path, capsys, body, where):
+    assert main(["run", _recipe(tmp_path, body), "--output", str(tmp_path / "out")]) == 2
+    assert where in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_is_a_file_or_a_recipe_that_is_a_folder(tmp_path, capsys):
+    body = f"name: r\nstages:\n  quality: {{input: [{FINEWEB}]}}\n"
+    (tmp_path / "taken").write_text("not a folder")
+    assert main(["run", _recipe(tmp_path, body), "--output", str(tmp_path / "taken")]) == 2
+    assert "is a file, not a run folder" in capsys.readouterr().err
+    assert main(["run", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
