@@ -49,4 +49,7 @@ bench: setup
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	# datatrove's own runtime deps, kept out of Primer's venv (see benchmarks/README.md)
 	$(BIN)/python -m pip install -q --target .bench/peer_site spacy orjson fasteners tokenizers
+	# datatrove's LanguageFilter insists on the fasttext-numpy2-wheel distribution by name: its
+	# metadata only (--no-deps, behind the venv on sys.path), so it runs the venv's fastText
+	$(BIN)/python -m pip install -q --no-deps --target .bench/peer_site fasttext-numpy2-wheel
 	$(BIN)/python benchmarks/web_stages.py
