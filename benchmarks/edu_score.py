@@ -42,13 +42,13 @@ How:
   least CPU time: raw predict (the floor; lines from `fasttext_lines` computed untimed),
   raw predict over Python texts with the transform timed (`raw/texts`), each scorer engine
   with its Arrow prep timed (`scorer/fasttext`, `scorer/fused`), `EduScoreStage(table)`
-  in-process, `run_stage(..., use_ray=False)` with each engine (the runner in-process:
+  in-process, `run_stage(...)` with each engine (the runner in-process:
   Parquet read, stage, Parquet write; setup and model load included), datatrove's filter
   over `Document`s whose text is the same preprocessed line, and a breakdown of the
   runner's per-part work (read, stage, write as the runner does and in other ways: zstd
   without dictionary for text, lz4, none).
 - Ray rows: one child runs `init_ray(num_cpus=--ray-cpus)` (untimed), then
-  `run_stage(..., use_ray=True)` `--ray-runs` times, each with a fresh output folder and
+  `run_stage(..., RayExecutor())` `--ray-runs` times, each with a fresh output folder and
   actor pool (actor start-up and model load timed). The first run also starts Ray Data's
   session actors; later runs find them up, as a recipe's later stages do, and the target
   is checked on the fastest of those.
@@ -349,7 +349,7 @@ def stage_local(paths: list[str], spec: dict, engine: str = "auto", out: str = "
     """run_stage in-process, a fresh stage and output folder each pass: the whole call timed,
     setup() (model load) included; the process's one-time imports fall in the first pass."""
     from filters.edu import EduScoreStage
-    from pipeline.runner import run_stage
+    from pipeline.stage_runner import run_stage
 
     manifests: list[dict] = []
 
@@ -357,7 +357,7 @@ def stage_local(paths: list[str], spec: dict, engine: str = "auto", out: str = "
         yield EduScoreStage(model=str(MODEL), engine=engine), _fresh_out(out)  # untimed
 
     def work(item: tuple[Any, Path]) -> tuple[int, int]:
-        manifests.append(run_stage(item[0], paths, item[1], use_ray=False))
+        manifests.append(run_stage(item[0], paths, item[1]))
         return _runner_result(manifests[-1])
 
     result = best_of(spec["passes"], fresh, work, None)
@@ -436,7 +436,7 @@ def stage_ray(paths: list[str], spec: dict) -> dict:
     actor-location tracker); later runs find them up, as a recipe's later stages do."""
     import ray
 
-    from pipeline.run import init_ray
+    from pipeline.executor import init_ray
 
     init_ray(num_cpus=spec["ray_cpus"])
     runs = [_one_ray_run(paths, spec["ray_cpus"], f"ray-{i}") for i in range(spec["ray_runs"])]
@@ -446,14 +446,15 @@ def stage_ray(paths: list[str], spec: dict) -> dict:
 
 def _one_ray_run(paths: list[str], cores: int, name: str) -> dict:
     from filters.edu import EduScoreStage
-    from pipeline.runner import run_stage
+    from pipeline.executor import RayExecutor
+    from pipeline.stage_runner import run_stage
 
     out = _fresh_out(name)
     stage = EduScoreStage(model=str(MODEL))
     procs = ProcessCPU()
     procs.start()
     w0, c0, t0 = time.perf_counter(), _cpu_seconds(), time.time()
-    manifest = run_stage(stage, paths, out, use_ray=True)
+    manifest = run_stage(stage, paths, out, RayExecutor())
     wall = time.perf_counter() - w0
     driver = _cpu_seconds() - c0
     time.sleep(2 * procs.interval)  # let the poller see the actors' last CPU before they exit
@@ -568,7 +569,7 @@ def _breakdown_pass(paths: list[str], stage: Any) -> dict:
     import pyarrow.parquet as pq
 
     from filters.fasttext_scorer import load_scorer, one_line
-    from pipeline.runner import _fill_columns, _input_columns, _iter_input, plan_parts
+    from pipeline.parts import _fill_columns, _input_columns, _iter_input, plan_parts
     from pipeline.schema import schema_for
 
     out = _fresh_out("breakdown")

@@ -34,7 +34,7 @@ from generators.generate import GenerateStage
 from generators.local_server import LocalServer
 from generators.seeds import STYLES, SeedsStage
 from generators.teacher import LocalServerConfig, TeacherConfig
-from pipeline.runner import run_stage
+from pipeline.stage_runner import run_stage
 
 
 def straight(base_url: str, key: str, requests: list[dict], parallel: int) -> tuple[float, int]:
@@ -102,7 +102,7 @@ def main() -> None:
                 )
             )
             t0 = time.perf_counter()
-            run_stage(stage_k, parts, out, use_ray=False)
+            run_stage(stage_k, parts, out)
             p_sec = time.perf_counter() - t0
             done = json.loads((out / "generate" / "_state" / "_DONE").read_text())
             p_tok = sum(

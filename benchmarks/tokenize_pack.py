@@ -14,12 +14,12 @@ How:
 - Rows, each in its own subprocess with every thread pool at one thread:
   - `raw encode_batch`: the floor, pinned to one core; texts read untimed, then
     `encode_batch(texts, add_special_tokens=False)` per 1,000 rows, timed, best of 3 passes.
-  - `stage, in-process`: `MixtureStage.build(use_ray=False)`, pinned to one core, one phase
+  - `stage, in-process`: `MixtureStage.build()` (in this process), pinned to one core, one phase
     taking every token of the input (on_short: scale), token cache emptied first; timed
     from the call to the manifest (tokenizer load, reading, tokenizing, shards).
     Peak RSS (VmHWM) of the process is the memory figure.
   - `stage, Ray`: as a recipe runs it: a local Ray with `--ray-cpus` CPUs (ray.init
-    untimed), `run_stage(MixtureStage, use_ray=True)` timed; per core = tokens / wall /
+    untimed), `run_stage(MixtureStage, RayExecutor())` timed; per core = tokens / wall /
     CPUs. Actor start-up and the tokenizer load per actor are included.
 - Tokens are the documents' own tokens (the EOS Primer appends is not counted), so every
   row counts the same tokens.
@@ -79,7 +79,7 @@ def prepare_input(scale: int) -> list[str]:
 
 
 def _stage(paths: list[str]) -> Any:
-    from pipeline.mixture import MixtureStage
+    from pipeline.tokens.mixture import MixtureStage
 
     return MixtureStage(
         on_short="scale",
@@ -104,7 +104,7 @@ def raw(paths: list[str], spec: dict) -> dict:
     import pyarrow.parquet as pq
     import tokenizers
 
-    from pipeline.tokenizer import phi3_tokenizer_json
+    from pipeline.tokens.tokenizer import phi3_tokenizer_json
 
     tok = tokenizers.Tokenizer.from_file(str(phi3_tokenizer_json()))
     batches = [pq.read_table(p, columns=["text"])["text"].to_pylist() for p in paths]
@@ -124,7 +124,7 @@ def stage_local(paths: list[str], spec: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     stage = _stage(paths)
     t0 = time.perf_counter()
-    stage.build(paths, str(out / "mixture"), use_ray=False)
+    stage.build(paths, str(out / "mixture"))
     wall = time.perf_counter() - t0
     tokens, docs, split = _tokens(out)
     return {
@@ -139,14 +139,14 @@ def stage_local(paths: list[str], spec: dict) -> dict:
 def stage_ray(paths: list[str], spec: dict) -> dict:
     import ray
 
-    from pipeline.run import init_ray
-    from pipeline.runner import run_stage
+    from pipeline.executor import RayExecutor, init_ray
+    from pipeline.stage_runner import run_stage
 
     out = WORK / "out-ray"
     shutil.rmtree(out, ignore_errors=True)
     init_ray(num_cpus=spec["ray_cpus"])
     t0 = time.perf_counter()
-    run_stage(_stage(paths), paths, out, use_ray=True)
+    run_stage(_stage(paths), paths, out, RayExecutor())
     wall = time.perf_counter() - t0
     ray.shutdown()
     tokens, docs, split = _tokens(out)
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if not FINEWEB.is_dir():
         raise SystemExit(f"no FineWeb sample at {FINEWEB}")
 
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.tokens.tokenizer import load_tokenizer
 
     load_tokenizer("phi3")  # fetch + convert once, outside every timing
     results: dict[str, dict[str, dict]] = {}

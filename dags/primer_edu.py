@@ -4,7 +4,7 @@ Scheduled on the Asset of the deduplicated web text (primer_web's `dedup`); fini
 `edu_score` starts primer_synthetic and, with `decontaminate`, primer_mixture.
 """
 
-from pipeline.orchestrate import primer_dag
+from pipeline.orchestration.dags import primer_dag
 
 edu = primer_dag(
     "primer_edu",

@@ -4,7 +4,7 @@ Scheduled on the Assets of what it mixes: `edu_score` (web) and `decontaminate`
 (synthetic); it runs once both have been updated since its last run.
 """
 
-from pipeline.orchestrate import primer_dag
+from pipeline.orchestration.dags import primer_dag
 
 mixture = primer_dag(
     "primer_mixture",

@@ -5,7 +5,7 @@ Scheduled on the Assets it reads from primer_edu: `edu_score` (web seed document
 primer_mixture.
 """
 
-from pipeline.orchestrate import primer_dag
+from pipeline.orchestration.dags import primer_dag
 
 synthetic = primer_dag(
     "primer_synthetic",

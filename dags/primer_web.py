@@ -2,10 +2,10 @@
 
 Runs when the recipe's input folder gets a new crawl (its Asset is updated) or on the
 cron in PRIMER_WEB_SCHEDULE; finishing `dedup` updates its Asset, which starts
-primer_edu. Everything comes from the recipe (see pipeline.orchestrate.primer_dag).
+primer_edu. Everything comes from the recipe (see pipeline.orchestration.dags.primer_dag).
 """
 
-from pipeline.orchestrate import primer_dag
+from pipeline.orchestration.dags import primer_dag
 
 web = primer_dag(
     "primer_web",

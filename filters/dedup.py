@@ -22,7 +22,7 @@ rows from 0 hold two different documents "0". The per-part pass (`process`) then
 rows up in that table. Run it as a recipe stage (`primer run`) or directly:
 
     stage = DedupStage()
-    stage.prepare(["a.parquet", "b.parquet"], "state/", use_ray=False)
+    stage.prepare(["a.parquet", "b.parquet"], "state/")
     out = stage(pq.read_table("a.parquet"))
 
 Hashing is defined here, not borrowed: the shingle hash is a polynomial hash over the UTF-8
@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 import xxhash
 from pydantic import Field, model_validator
 
+from pipeline.executor import LOCAL, Executor
 from pipeline.io import iter_documents, write_json_atomic
 from pipeline.stage import GlobalStage, StageConfig, StageFatal, mark_dropped, set_column
 
@@ -831,12 +832,15 @@ class DedupStage(GlobalStage):
     Config: ClassVar[type[StageConfig]] = DedupConfig
     needs: ClassVar[tuple[str, ...]] = ("id", "text")
     adds: ClassVar[tuple[str, ...]] = ("text_hash", "dup_cluster", "dup_cluster_size")
-    fingerprint_exclude: ClassVar[frozenset[str]] = frozenset({"ray_min_rows"})
+    transport_keys: ClassVar[frozenset[str]] = frozenset({"ray_min_rows"})
 
     config: DedupConfig
 
     def prepare(
-        self, inputs: Sequence[str] | Iterable[pa.Table], state_dir: str, use_ray: bool
+        self,
+        inputs: Sequence[str] | Iterable[pa.Table],
+        state_dir: str,
+        executor: Executor = LOCAL,
     ) -> None:
         """Find the clusters of all kept rows of `inputs` and write them to `state_dir`.
 
@@ -858,13 +862,14 @@ class DedupStage(GlobalStage):
                 return
             done.unlink()
         state.mkdir(parents=True, exist_ok=True)
+        use_ray = executor.uses_ray
         if use_ray and _rows_below(items, self.config.ray_min_rows):
             log.info("dedup: fewer than %d input rows; clusters computed in the driver",
                      self.config.ray_min_rows)  # fmt: skip
             use_ray = False
         if use_ray:
             if not items or not all(isinstance(p, str | os.PathLike) for p in items):
-                raise TypeError("dedup.prepare(use_ray=True) takes a non-empty list of file paths")
+                raise TypeError("dedup.prepare on Ray takes a non-empty list of file paths")
             edges, sources = _prepare_ray([str(p) for p in items], self.config)
         elif items:
             edges, sources = _prepare_local(items, self.config)
@@ -897,7 +902,7 @@ class DedupStage(GlobalStage):
         if self.state_dir is None or not (Path(self.state_dir) / DONE_FILE).is_file():
             raise RuntimeError(
                 f"dedup: no finished state in {self.state_dir!r} (missing {DONE_FILE}); "
-                "call prepare(inputs, state_dir, use_ray) over all inputs before process()"
+                "call prepare(inputs, state_dir) over all inputs before process()"
             )
         clusters = pq.read_table(Path(self.state_dir) / CLUSTERS_FILE)
         if "source_path" not in clusters.column_names:

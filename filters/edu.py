@@ -44,6 +44,7 @@ hundred documents (Spearman below 0).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -64,6 +65,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from filters.fasttext_scorer import Engine, Scorer, fasttext_lines, load_fasttext, make_scorer
 from generators import batch
 from generators.teacher import ChatRequest, TeacherConfig, preflight_teacher
+from pipeline.executor import LOCAL, Executor
 from pipeline.io import expand_inputs, iter_documents, write_json_atomic
 from pipeline.readers import is_saved_dataset
 from pipeline.stage import (
@@ -257,6 +259,11 @@ def _strata(lengths: np.ndarray, bins: Sequence[int]) -> np.ndarray:
     return np.searchsorted(np.asarray(bins, np.int64), lengths, side="right").astype(np.int16)
 
 
+def _indexed_candidates(item: tuple[int, str], cfg: EduAnnotateConfig) -> pa.Table:
+    """`_file_candidates` of one (index, file) pair, as the executor maps them."""
+    return _file_candidates(item[1], item[0], cfg)
+
+
 def _file_candidates(path: str, file_index: int, cfg: EduAnnotateConfig) -> pa.Table:
     """Per stratum, the `sample_size` kept documents of one file with the smallest keys:
     no final quota can need more, and no text is held."""
@@ -328,7 +335,7 @@ class EduAnnotateStage(GlobalStage):
     needs: ClassVar[tuple[str, ...]] = ("id", "text")
     adds: ClassVar[tuple[str, ...]] = RATING_COLUMNS[1:]
     unwritten_reasons = frozenset({"not_sampled"})
-    fingerprint_exclude = batch.TRANSPORT_EXCLUDE
+    transport_keys = batch.TRANSPORT_KEYS
     retryable: ClassVar[bool] = True
 
     config: EduAnnotateConfig
@@ -340,7 +347,7 @@ class EduAnnotateStage(GlobalStage):
         preflight_teacher(self.config.teacher)
 
     # -- prepare: sample, then rate, a checkpoint per request batch --
-    def prepare(self, inputs: Sequence[str], state_dir: str, use_ray: bool) -> None:
+    def prepare(self, inputs: Sequence[str], state_dir: str, executor: Executor = LOCAL) -> None:
         from generators.prompts import load_template
 
         cfg = self.config
@@ -355,7 +362,7 @@ class EduAnnotateStage(GlobalStage):
 
         sample_path = state / SAMPLE_FILE
         if not sample_path.is_file():
-            sample = self._draw_sample(files, use_ray)
+            sample = self._draw_sample(files, executor)
             tmp = state / f".{SAMPLE_FILE}.tmp-{os.getpid()}"
             pq.write_table(sample, tmp)
             os.replace(tmp, sample_path)
@@ -363,15 +370,11 @@ class EduAnnotateStage(GlobalStage):
         stats = self._rate(sample, template, state / RATINGS_DIR)
         write_json_atomic(state / DONE_FILE, stats)
 
-    def _draw_sample(self, files: list[str], use_ray: bool) -> pa.Table:
+    def _draw_sample(self, files: list[str], executor: Executor) -> pa.Table:
         cfg = self.config
-        if use_ray:
-            import ray
-
-            task = ray.remote(_file_candidates)
-            parts = ray.get([task.remote(f, i, cfg) for i, f in enumerate(files)])
-        else:
-            parts = [_file_candidates(f, i, cfg) for i, f in enumerate(files)]
+        parts = list(
+            executor.map(functools.partial(_indexed_candidates, cfg=cfg), [*enumerate(files)])
+        )
         cands = _top_per_stratum(
             pa.concat_tables([_CANDIDATES.empty_table(), *parts]), cfg.sample_size
         )
@@ -474,7 +477,7 @@ class EduAnnotateStage(GlobalStage):
         if not (state / DONE_FILE).is_file():
             raise RuntimeError(
                 f"edu_annotate: no finished ratings in {self.state_dir!r}; call "
-                "prepare(inputs, state_dir, use_ray) over all inputs before process()"
+                "prepare(inputs, state_dir) over all inputs before process()"
             )
         self._ratings = self.load_ratings()
 
@@ -627,7 +630,7 @@ def _read_label_table(source: str, cfg: EduTrainConfig) -> pa.Table:
 
 
 def _stage_files(path: str) -> list[str]:
-    from pipeline.runner import output_files
+    from pipeline.stage_runner import output_files
 
     p = Path(path)
     if (p / "_manifest.json").is_file():
@@ -798,7 +801,9 @@ class EduTrainStage(ArtifactStage):
         cfg = self.config
         return expected_scores(scorer, table["text"], cfg.lowercase, cfg.max_chars)
 
-    def build(self, inputs: Sequence[str], out_dir: str, use_ray: bool) -> dict[str, Any]:
+    def build(
+        self, inputs: Sequence[str], out_dir: str, executor: Executor = LOCAL
+    ) -> dict[str, Any]:
         cfg = self.config
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -157,6 +157,7 @@ class LangIdStage(Stage):
     needs = ("text",)
     adds = ("lang", "lang_score")
     uses_model = True
+    threshold_keys = frozenset({"languages", "min_score"})
 
     config: LangIdConfig
 
@@ -190,8 +191,7 @@ class LangIdStage(Stage):
             raise ValueError(f"langid.languages: {_unknown_languages(unknown, path, known)}")
         self._model = model
 
-    def process(self, table: pa.Table) -> pa.Table:
-        cfg = self.config
+    def score(self, table: pa.Table) -> pa.Table:
         n = len(table)
         text = table["text"]
         has_text = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0), False)
@@ -206,15 +206,16 @@ class LangIdStage(Stage):
             # fastText's softmax can round a hair above 1.0.
             score[idx] = np.minimum(np.concatenate(probs), 1.0)
 
-        lang_arr = pa.array(lang, pa.string())
-        score_arr = pa.array(score, pa.float32())
-        table = set_column(table, "lang", lang_arr)
-        table = set_column(table, "lang_score", score_arr)
+        table = set_column(table, "lang", pa.array(lang, pa.string()))
+        return set_column(table, "lang_score", pa.array(score, pa.float32()))
+
+    def mark(self, table: pa.Table) -> pa.Table:
+        cfg = self.config
         rules = []
         if cfg.languages:
             allowed = pa.array(cfg.languages, pa.string())
-            rules.append(("lang_not_allowed", pc.invert(pc.is_in(lang_arr, allowed))))
-        rules.append(("low_score", pc.less(score_arr, cfg.min_score)))
+            rules.append(("lang_not_allowed", pc.invert(pc.is_in(table["lang"], allowed))))
+        rules.append(("low_score", pc.less(table["lang_score"], cfg.min_score)))
         return mark_dropped(table, self.name, rules)
 
 

@@ -18,7 +18,7 @@ replaced by a failure.
 
 The stage around the store decides when it is stale (`state_stamp`, `open_state`): the
 stamp holds what decides the answers (model, sampling, templates, inputs) and leaves out
-the transport settings of `TRANSPORT_EXCLUDE`, which are also out of the stage's
+the transport settings of `TRANSPORT_KEYS`, which are also out of the stage's
 fingerprint. `--retry-failed` goes through `reopen_failed` and `answers_revision`.
 
     table, stats = run_checkpointed(requests, Path("state/completions"), TeacherConfig())
@@ -53,17 +53,17 @@ from generators.teacher import (
 )
 from pipeline.io import write_json_atomic
 from pipeline.progress import Progress
-from pipeline.stage import GUARDRAIL_KEYS, Stage, nested_exclude
+from pipeline.stage import Stage
 
 log = logging.getLogger("primer.teacher")
 
 DONE_FILE = "_DONE"
 STAMP_FILE = "_stamp.json"
 
-TRANSPORT_EXCLUDE: frozenset[str] = frozenset(
+TRANSPORT_KEYS: frozenset[str] = frozenset(
     {"request_batch", "retry_rounds", "batch_rows", *teacher_transport_keys("teacher")}
 )
-"""`fingerprint_exclude` of a stage that asks its teacher through `run_checkpointed`: the
+"""`transport_keys` of a stage that asks its teacher through `run_checkpointed`: the
 batching and retry settings (the store is keyed by id, so a new batch size reuses it) and
 the teacher's transport keys. The same keys stay out of its state stamp."""
 
@@ -167,12 +167,11 @@ def state_stamp(stage: Stage, inputs: Sequence[str], **extra: Any) -> dict[str, 
     """What decides a teacher stage's answers: its config without the keys its fingerprint
     leaves out (the same scheme, so a transport change touches neither), the input files
     (path, size, mtime) and `extra` (template hashes)."""
-    exclude = nested_exclude({*GUARDRAIL_KEYS, *stage.fingerprint_exclude})
     files = [str(p) for p in inputs]
     return {
         "stage": stage.name,
         "version": stage.version,
-        "config": stage.config.model_dump(mode="json", exclude=exclude),
+        "config": stage.output_config(),
         **extra,
         "inputs": [f"{p}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in files],
     }

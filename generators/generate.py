@@ -42,9 +42,11 @@ from pydantic import ConfigDict, Field
 from generators import batch
 from generators.prompts import Template, load_template
 from generators.teacher import ChatRequest, TeacherConfig, derive_seed, preflight_teacher
+from pipeline.executor import LOCAL, Executor
 from pipeline.io import iter_documents, write_json_atomic
 from pipeline.schema import FIELDS
 from pipeline.stage import (
+    DryRun,
     GlobalStage,
     PreflightError,
     Stage,
@@ -63,10 +65,6 @@ ADDS = (
     "prompt_tokens", "completion_tokens", "finish_reason", "temperature", "top_p",
     "max_tokens", "sample_seed",
 )  # fmt: skip
-
-
-class DryRun(Exception):
-    """`generate.dry_run` stopped the run after printing its estimate (not a failure)."""
 
 
 class GenerateConfig(StageConfig):
@@ -150,7 +148,7 @@ class GenerateStage(GlobalStage):
     Config: ClassVar[type[StageConfig]] = GenerateConfig
     needs: ClassVar[tuple[str, ...]] = ("id", "prompt", "style", "template_id", "template_version")
     adds: ClassVar[tuple[str, ...]] = ADDS
-    fingerprint_exclude = batch.TRANSPORT_EXCLUDE | {"dry_run", "dry_run_tokens_per_s"}
+    transport_keys = batch.TRANSPORT_KEYS | {"dry_run", "dry_run_tokens_per_s"}
     retryable: ClassVar[bool] = True
 
     config: GenerateConfig
@@ -205,7 +203,7 @@ class GenerateStage(GlobalStage):
             templates[name] = t if isinstance(t, str) else t.sha256
         return batch.state_stamp(self, inputs, templates=templates)
 
-    def prepare(self, inputs: Sequence[str], state_dir: str, use_ray: bool) -> None:
+    def prepare(self, inputs: Sequence[str], state_dir: str, executor: Executor = LOCAL) -> None:
         cfg = self.config
         self.state_dir = str(state_dir)
         state = Path(state_dir)

@@ -31,6 +31,7 @@ import yaml
 from pydantic import Field, field_validator
 
 from generators.prompts import PROMPTS_DIR, load_template, require_template
+from pipeline.executor import LOCAL, Executor
 from pipeline.io import iter_documents
 from pipeline.schema import schema_for
 from pipeline.stage import ArtifactStage, PreflightError, StageConfig, require_path
@@ -241,7 +242,9 @@ class SeedsStage(ArtifactStage):
         )  # fmt: skip
         return pa.table(out, schema=schema_for(SEED_COLUMNS))
 
-    def build(self, inputs: Sequence[str], out_dir: str, use_ray: bool) -> dict[str, Any]:
+    def build(
+        self, inputs: Sequence[str], out_dir: str, executor: Executor = LOCAL
+    ) -> dict[str, Any]:
         table = self.rows(inputs)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

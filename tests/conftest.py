@@ -23,7 +23,7 @@ def ray_session():
     """A local Ray with 2 CPUs, started once (ray.init takes ~4 s) and shared by all tests."""
     import ray
 
-    from pipeline.run import init_ray
+    from pipeline.executor import init_ray
 
     init_ray(num_cpus=2)
     yield ray
@@ -36,7 +36,7 @@ def quickstart_run(ray_session, tmp_path_factory) -> tuple[Path, dict]:
     down for the test's time budget: run ONCE per session (about 3 minutes) and shared by the
     end-to-end test, the report tests and the notebook tests. Returns (run folder, summary);
     read it, never write into it."""
-    from pipeline.config import load_recipe
+    from pipeline.recipe import load_recipe
     from pipeline.run import run_recipe
 
     small = [

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.config import load_recipe
 from pipeline.io import read_json
-from pipeline.run import format_summary, run_recipe
+from pipeline.recipe import load_recipe
+from pipeline.run import run_recipe
+from pipeline.summary import format_summary
 from tests.conftest import REPO, fineweb_docs, write_jsonl_parts
 
 STAGES = ["extract", "langid", "quality", "dedup"]
@@ -80,7 +81,7 @@ def test_quickstart_on_ray(quickstart_run):
     assert stages["decontaminate"]["rows_in"] == stages["synth_dedup"]["rows_out"]
 
     # the mixture: Phi-3 tokens in Megatron shards, synthetic data in phase 2, a smoke train
-    from pipeline.shards import IndexedDataset
+    from pipeline.tokens.shards import IndexedDataset
 
     mix = json.loads((run / "mixture/manifest.json").read_text())
     assert mix["tokenizer"]["name"] == "phi3" and mix["tokenizer"]["eos_id"] == 32000

@@ -286,7 +286,7 @@ def test_dedup_keeps_one_of_each_text_across_parts_with_repeated_ids(tmp_path):
     half = len(TEXTS) // 2
     parts = [table.slice(0, half), table.slice(half)]
     stage = DedupStage()
-    stage.prepare(parts, str(tmp_path / "state"), use_ray=False)
+    stage.prepare(parts, str(tmp_path / "state"))
     out = pa.concat_tables(stage(p) for p in parts)
     check_contract(out, table, DedupStage.adds, "dedup")
     kept = out.filter(pc.is_null(out["drop_reason"]))
@@ -361,14 +361,14 @@ def test_extract_every_page(backend):
 @pytest.fixture(scope="module")
 def phi3():
     from pipeline.assets import assets_dir
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.tokens.tokenizer import load_tokenizer
 
     require(assets_dir() / "phi3" / "tokenizer.json", "the Phi-3 tokenizer")
     return load_tokenizer("phi3")
 
 
 def test_the_phi3_tokenizer_encodes_every_document(phi3):
-    from pipeline.tokenizer import PHI3_MODEL_VOCAB_SIZE
+    from pipeline.tokens.tokenizer import PHI3_MODEL_VOCAB_SIZE
 
     texts = [t for t in TEXTS if t is not None]
     ids, lengths = phi3.encode_batch(texts)
@@ -381,7 +381,7 @@ def _tokenize_part(tokenizer, table: pa.Table, folder: Path) -> dict:
     """The mixture's per-part tokenizing pass over `table` written as a stage part."""
     import pyarrow.parquet as pq
 
-    from pipeline.mixture import tokenize_part
+    from pipeline.tokens.mixture import tokenize_part
 
     pq.write_table(table, folder / "part.parquet")
     return tokenize_part(tokenizer, str(folder / "part.parquet"), None, str(folder / "tok"), 64)
@@ -446,7 +446,7 @@ def test_dedup_and_extract_take_a_batch_of_no_rows(tmp_path):
 
     table = fuzz_table().slice(0, 0)
     stage = DedupStage()
-    stage.prepare([table], str(tmp_path / "state"), use_ray=False)
+    stage.prepare([table], str(tmp_path / "state"))
     check_contract(stage(table), table, DedupStage.adds, "dedup")
     empty = READ_SCHEMA.empty_table()
     check_contract(ExtractStage(backend="resiliparse")(empty), empty, ExtractStage.adds, "extract")

@@ -21,8 +21,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline.config import load_recipe
-from pipeline.orchestrate import stage_done
+from pipeline.orchestration.dags import stage_done
+from pipeline.recipe import load_recipe
 from pipeline.run import run_recipe
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""pipeline.orchestrate, what the DAG tasks call: the plan read from a recipe, the command
+"""pipeline.orchestration.dags, what the DAG tasks call: the plan read from a recipe, the command
 for one stage, a local `primer` process (its failure says why), and a Ray job through a
 fake JobSubmissionClient (no Ray dashboard here: the Jobs API needs `ray[default]`)."""
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import orchestrate
-from pipeline.orchestrate import (
+from pipeline.orchestration import dags as orchestrate
+from pipeline.orchestration.dags import (
     Settings,
     StageFailed,
     StageTimeout,
@@ -393,6 +393,6 @@ def test_a_stage_runs_as_a_real_ray_job(tmp_path):
 def test_importing_orchestrate_does_not_import_airflow():
     """The DAG factory lives here, but only `primer_dag` imports Airflow: the core install
     (no `dags` extra) imports this module, and so does every `primer run` it starts."""
-    code = "import sys, pipeline.orchestrate; print('airflow' in sys.modules)"
+    code = "import sys, pipeline.orchestration.dags; print('airflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -29,8 +29,8 @@ from filters.decontam import (
     hit_report,
     load_items,
 )
-from pipeline.runner import output_files, run_stage
 from pipeline.stage import PreflightError
+from pipeline.stage_runner import output_files, run_stage
 from tests.conftest import SAMPLE, SHARED, fineweb_docs
 
 
@@ -496,7 +496,7 @@ def test_runs_under_the_runner_with_drop_reasons_and_a_hit_report(real_stage, it
             pa.table({"id": [d["id"] for d in part], "text": [d["text"] for d in part]}), path
         )
         files.append(str(path))
-    m = run_stage(real_stage, files, tmp_path / "out", use_ray=False)
+    m = run_stage(real_stage, files, tmp_path / "out")
     assert m["rows_in"] == 6 and m["dropped"] == {"decontaminate:contaminated": 2}
 
     out = pa.concat_tables(

@@ -32,6 +32,7 @@ from filters.dedup import (
     normalise,
     text_hash,
 )
+from pipeline.executor import LOCAL, RayExecutor
 
 _SYLLABLES = ["ka", "lo", "mi", "ner", "tus", "va", "pe", "ri", "zon", "dal", "ush", "eb", "fo"]
 _VOCAB = sorted(
@@ -67,7 +68,7 @@ def clusters_of(texts: dict[str, str | None], **config) -> dict[str, tuple[str, 
     """prepare() in-process over one table -> {id: (dup_cluster, size, dup_kind)}."""
     table = pa.table({"id": list(texts), "text": pa.array(list(texts.values()), pa.large_string())})
     with tempfile.TemporaryDirectory() as state:
-        DedupStage(**config).prepare([table], state, use_ray=False)
+        DedupStage(**config).prepare([table], state)
         out = pq.read_table(Path(state) / "clusters.parquet").to_pylist()
     return {r["id"]: (r["dup_cluster"], r["dup_cluster_size"], r["dup_kind"]) for r in out}
 
@@ -258,14 +259,14 @@ EXPECTED = {
 def test_small_inputs_skip_ray_data(tmp_path, caplog):
     paths, _ = _write_parts(tmp_path)
     caplog.set_level("INFO", logger="primer")
-    DedupStage().prepare(paths, str(tmp_path / "state"), use_ray=True)  # no Ray needed
+    DedupStage().prepare(paths, str(tmp_path / "state"))
     assert "clusters computed in the driver" in caplog.text
 
 
 def test_stage_marks_duplicates_in_every_part(tmp_path):
     paths, rows = _write_parts(tmp_path)
     stage = DedupStage()
-    stage.prepare(paths, str(tmp_path / "state"), use_ray=False)
+    stage.prepare(paths, str(tmp_path / "state"))
     stage = pickle.loads(pickle.dumps(stage))  # as Ray ships it: config and state_dir
     outs = [stage(pq.read_table(p)) for p in paths]
     out = pa.concat_tables(outs).to_pylist()
@@ -294,11 +295,11 @@ def test_stage_marks_duplicates_in_every_part(tmp_path):
 def test_prepare_reuses_a_finished_state_and_redoes_one_for_another_config(tmp_path):
     paths, _ = _write_parts(tmp_path)
     state = tmp_path / "state"
-    DedupStage().prepare(paths, str(state), use_ray=False)
+    DedupStage().prepare(paths, str(state))
     first = (state / "clusters.parquet").stat().st_mtime_ns
-    DedupStage().prepare(paths, str(state), use_ray=False)
+    DedupStage().prepare(paths, str(state))
     assert (state / "clusters.parquet").stat().st_mtime_ns == first
-    DedupStage(near=False).prepare(paths, str(state), use_ray=False)
+    DedupStage(near=False).prepare(paths, str(state))
     kinds = pc.unique(pq.read_table(state / "clusters.parquet")["dup_kind"]).to_pylist()
     assert sorted(kinds) == ["exact_duplicate", "kept"]
     assert json.loads((state / "_DONE").read_text())["config"]["near"] is False
@@ -378,7 +379,7 @@ SHARD_LABELS = {
 def test_the_same_id_in_two_shards_is_two_documents(tmp_path):
     paths = _shards(tmp_path)
     stage = DedupStage()
-    stage.prepare(paths, str(tmp_path / "state"), use_ray=False)
+    stage.prepare(paths, str(tmp_path / "state"))
     assert _labels(stage, paths) == SHARD_LABELS
     clusters = pq.read_table(tmp_path / "state" / "clusters.parquet").to_pylist()
     assert [(Path(r["source_path"]).name, r["id"], r["dup_cluster_size"]) for r in clusters] == [
@@ -387,7 +388,7 @@ def test_the_same_id_in_two_shards_is_two_documents(tmp_path):
     ]  # fmt: skip
     # The kept document does not depend on the order the inputs come in.
     again = DedupStage()
-    again.prepare(paths[::-1], str(tmp_path / "state-reversed"), use_ray=False)
+    again.prepare(paths[::-1], str(tmp_path / "state-reversed"))
     assert _labels(again, paths) == SHARD_LABELS
 
 
@@ -404,8 +405,9 @@ def test_in_process_and_ray_prepare_give_identical_clusters(tmp_path, ray_ctx):
     tables = {}
     for use_ray in (False, True):
         state = tmp_path / f"state-{use_ray}"
+        executor = RayExecutor() if use_ray else LOCAL
         # ray_min_rows=0: the Ray Data path even for this small input
-        DedupStage(num_partitions=2, ray_min_rows=0).prepare(paths, str(state), use_ray=use_ray)
+        DedupStage(num_partitions=2, ray_min_rows=0).prepare(paths, str(state), executor)
         assert (state / "_DONE").is_file()
         tables[use_ray] = pq.read_table(state / "clusters.parquet")
     assert tables[False].equals(tables[True])
@@ -434,23 +436,23 @@ def test_in_process_and_ray_prepare_give_identical_clusters(tmp_path, ray_ctx):
 def test_rows_that_share_source_and_id_are_an_error_not_a_silent_keep(tmp_path):
     twice = pa.table({"id": ["7", "7", "8"], "text": [doc(30), doc(30), doc(31)]})
     with pytest.raises(dedup.DuplicateRowError, match=r"id '7' from source_path ''"):
-        DedupStage().prepare([twice], str(tmp_path / "s1"), use_ray=False)
+        DedupStage().prepare([twice], str(tmp_path / "s1"))
     # Across inputs too: rows without a source_path must have ids unique among them all.
     one, other = twice.slice(0, 1), twice.slice(1)
     with pytest.raises(dedup.DuplicateRowError, match="more than one kept row of the inputs"):
-        DedupStage().prepare([one, other], str(tmp_path / "s2"), use_ray=False)
+        DedupStage().prepare([one, other], str(tmp_path / "s2"))
     # The same source file reaching dedup twice would repeat all of its documents.
     src = pa.array(["shard.jsonl"] * 2)
     a = pa.table({"id": ["1", "2"], "text": [doc(32), doc(33)], "source_path": src})
     b = pa.table({"id": ["3", "4"], "text": [doc(34), doc(35)], "source_path": src})
     with pytest.raises(dedup.DuplicateRowError, match="'shard.jsonl' come in through 2 inputs"):
-        DedupStage().prepare([a, b], str(tmp_path / "s3"), use_ray=False)
+        DedupStage().prepare([a, b], str(tmp_path / "s3"))
     pq.write_table(a.append_column("drop_reason", pa.nulls(2, pa.string())), tmp_path / "a.parquet")
     with pytest.raises(dedup.DuplicateRowError, match="come in through 2 inputs"):
-        DedupStage().prepare([str(tmp_path / "a.parquet")] * 2, str(tmp_path / "s5"), use_ray=False)
+        DedupStage().prepare([str(tmp_path / "a.parquet")] * 2, str(tmp_path / "s5"))
     # process() over a batch with such rows says so too, whatever the state holds.
     stage = DedupStage()
-    stage.prepare([twice.slice(1)], str(tmp_path / "s4"), use_ray=False)
+    stage.prepare([twice.slice(1)], str(tmp_path / "s4"))
     with pytest.raises(dedup.DuplicateRowError, match="this batch"):
         stage(twice)
     # A row dropped earlier is not judged, so it may repeat a kept row's pair.
@@ -461,7 +463,7 @@ def test_rows_that_share_source_and_id_are_an_error_not_a_silent_keep(tmp_path):
 def test_rows_whose_keys_share_a_64_bit_hash_are_still_told_apart(tmp_path, monkeypatch):
     paths = _shards(tmp_path)
     stage = DedupStage()
-    stage.prepare(paths, str(tmp_path / "state"), use_ray=False)
+    stage.prepare(paths, str(tmp_path / "state"))
     # Every node hashing alike: the lookup must compare the nodes themselves.
     monkeypatch.setattr(dedup, "_node_hash", lambda nodes: np.zeros(len(nodes), np.uint64))
     assert _labels(stage, paths) == SHARD_LABELS

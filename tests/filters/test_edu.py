@@ -28,8 +28,8 @@ from filters.edu import (
 from filters.fasttext_scorer import load_fasttext
 from generators.prompts import load_template
 from generators.teacher import LocalServerConfig, TeacherConfig, VLLMConfig, derive_seed
-from pipeline.runner import run_stage
 from pipeline.stage import PreflightError
+from pipeline.stage_runner import run_stage
 from tests.conftest import REPO, SAMPLE, fineweb_docs
 from tests.fake_llm import chat, fake_server
 
@@ -109,7 +109,7 @@ def test_annotate_with_the_real_local_teacher(tmp_path):
     ]
     teacher = TeacherConfig(max_tokens=16, local=LocalServerConfig(n_threads=1, n_ctx=4096))
     stage = EduAnnotateStage(teacher=teacher, sample_size=6, max_doc_chars=1_200, request_batch=4)
-    m = run_stage(stage, files, tmp_path / "run", use_ray=False)
+    m = run_stage(stage, files, tmp_path / "run")
     assert m["rows_in"] == 60 and m["dropped"].get("edu_annotate:not_sampled") == 54
     assert not m["guardrail"]["exceeded"]  # unsampled rows are not "lost"
     out = pa.concat_tables(
@@ -145,7 +145,7 @@ def test_garbage_answers_are_recorded_failures_that_a_resume_retries(tmp_path):
     with fake_server(flaky) as (url, _):
         teacher = TeacherConfig(backend="openai", base_url=url, max_retries=0, max_concurrency=1)
         stage = EduAnnotateStage(teacher=teacher, **cfg)
-        m = run_stage(stage, files, tmp_path / "run", use_ray=False)
+        m = run_stage(stage, files, tmp_path / "run")
     assert m["dropped"]["edu_annotate:teacher_error"] == 4
     out = pq.read_table(
         tmp_path / "run" / "edu_annotate" / f"{m['part_names'][0]}.parquet"
@@ -163,7 +163,7 @@ def test_garbage_answers_are_recorded_failures_that_a_resume_retries(tmp_path):
     with fake_server(lambda n, b, h: (200, {}, chat('{"score": 3}'))) as (url, seen):
         teacher = TeacherConfig(backend="openai", base_url=url, max_retries=0)
         stage = EduAnnotateStage(teacher=teacher, **cfg)
-        stage.prepare(files, str(state), use_ray=False)
+        stage.prepare(files, str(state))
         assert len(seen) == 4
     ratings = stage.load_ratings()
     assert sorted(ratings["edu_label"].to_pylist()) == [2, 2, 3, 3, 3, 3]
@@ -178,7 +178,7 @@ def test_a_dead_teacher_fails_every_sampled_row_and_trips_the_guardrail(tmp_path
     files = [docs_parquet(tmp_path / "docs.parquet", fineweb_docs(10))]
     teacher = TeacherConfig(backend="openai", base_url=dead, max_retries=0, timeout_s=2)
     stage = EduAnnotateStage(teacher=teacher, sample_size=10, max_drop_fraction=0.5)
-    m = run_stage(stage, files, tmp_path / "run", use_ray=False)
+    m = run_stage(stage, files, tmp_path / "run")
     assert m["dropped"] == {"edu_annotate:teacher_error": 10}
     assert m["guardrail"]["exceeded"]
     rows = pq.read_table(
@@ -216,7 +216,7 @@ def test_retry_failed_asks_exactly_the_failed_ratings_again(tmp_path):
 
     with fake_server(first_three_fail) as (url, _):
         m = run_stage(EduAnnotateStage(teacher=rater(url), **RATE), files, tmp_path / "run",
-                      use_ray=False)  # fmt: skip
+                      )  # fmt: skip
     assert m["dropped"]["edu_annotate:teacher_error"] == 3
     state = tmp_path / "run" / "edu_annotate" / "_state"
 
@@ -229,7 +229,7 @@ def test_retry_failed_asks_exactly_the_failed_ratings_again(tmp_path):
         )
         revision = stage.output_revision()
         assert stage.reopen_failed(str(state)) == 3 == len(failed)
-        stage.prepare(files, str(state), use_ray=False)
+        stage.prepare(files, str(state))
         assert rated_ids(seen, ids) == failed
     after = stage.load_ratings()
     assert after["edu_label"].null_count == 0 and len(after) == 8
@@ -248,7 +248,7 @@ def test_transport_settings_keep_the_ratings_and_what_decides_them_does_not(tmp_
     state = run / "edu_annotate" / "_state"
     with fake_server(score_3) as (url, seen):
         first = EduAnnotateStage(teacher=rater(url), **RATE)
-        run_stage(first, files, run, use_ray=False)
+        run_stage(first, files, run)
         assert len(seen) == 8
     stamp = (state / "_stamp.json").read_text()
 
@@ -259,9 +259,9 @@ def test_transport_settings_keep_the_ratings_and_what_decides_them_does_not(tmp_
             sample_size=8, request_batch=5, retry_rounds=2, batch_rows=7,
         )  # fmt: skip
         assert moved.fingerprint() == first.fingerprint()
-        m = run_stage(moved, files, run, use_ray=False)  # the runner keeps the stage
+        m = run_stage(moved, files, run)  # the runner keeps the stage
         (state / "_DONE").unlink()  # and so does the stage when it prepares again
-        moved.prepare(files, str(state), use_ray=False)
+        moved.prepare(files, str(state))
         assert len(seen) == 0 and m["rows_in"] == 20
         assert (state / "_stamp.json").read_text() == stamp
 
@@ -269,7 +269,7 @@ def test_transport_settings_keep_the_ratings_and_what_decides_them_does_not(tmp_
         # when the runner did not delete the folder.
         stricter = EduAnnotateStage(teacher=rater(url), **RATE, max_answer_tokens=12)
         assert stricter.fingerprint() != first.fingerprint()
-        stricter.prepare(files, str(state), use_ray=False)
+        stricter.prepare(files, str(state))
         assert len(seen) == 8
 
 

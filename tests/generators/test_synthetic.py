@@ -13,8 +13,8 @@ import pytest
 from generators.generate import DryRun, GenerateStage, ValidateStage
 from generators.seeds import STYLES, SeedsStage, draw, load_taxonomy
 from generators.teacher import LocalServerConfig, TeacherConfig, derive_seed
-from pipeline.runner import run_stage
 from pipeline.stage import PreflightError
+from pipeline.stage_runner import run_stage
 from tests.conftest import fineweb_docs
 from tests.fake_llm import chat, fake_server
 
@@ -94,7 +94,7 @@ def test_generate_resumes_and_records_failures(tmp_path):
     cfg = dict(request_batch=4, retry_rounds=0)
     with fake_server(flaky) as (url, seen):
         teacher = TeacherConfig(backend="openai", base_url=url, max_retries=0, max_concurrency=1)
-        m = run_stage(GenerateStage(teacher=teacher, **cfg), parts, tmp_path / "run", use_ray=False)
+        m = run_stage(GenerateStage(teacher=teacher, **cfg), parts, tmp_path / "run")
     assert m["rows_in"] == 10 and len(seen) == 10
     failed = m["dropped"]["generate:teacher_error"]
     assert failed >= 2
@@ -146,7 +146,7 @@ def test_generate_retry_failed_asks_exactly_the_failed_prompts_again(tmp_path):
 
     with fake_server(first_two_fail) as (url, _):
         m = run_stage(GenerateStage(teacher=writer(url), **cfg), parts, tmp_path / "run",
-                      use_ray=False)  # fmt: skip
+                      )  # fmt: skip
     assert m["dropped"] == {"generate:teacher_error": 2}
     state = tmp_path / "run/generate/_state"
     rows = pa.concat_tables(pq.read_table(p) for p in (tmp_path / "run/generate").glob("*.parquet"))
@@ -157,7 +157,7 @@ def test_generate_retry_failed_asks_exactly_the_failed_prompts_again(tmp_path):
         stage.state_dir = str(state)
         revision = stage.output_revision()
         assert stage.reopen_failed(str(state)) == 2
-        stage.prepare(parts, str(state), use_ray=False)
+        stage.prepare(parts, str(state))
         assert generated_ids(seen, ids) == failed
         assert stage.output_revision() != revision
         # Done: a plain re-run, and a prepare with other transport settings, send nothing.
@@ -165,12 +165,12 @@ def test_generate_retry_failed_asks_exactly_the_failed_prompts_again(tmp_path):
         (state / "_DONE").unlink()
         moved = GenerateStage(teacher=writer(url, max_concurrency=1), request_batch=7)
         assert moved.fingerprint() == stage.fingerprint()
-        moved.prepare(parts, str(state), use_ray=False)
+        moved.prepare(parts, str(state))
         assert len(seen) == 2 and moved.output_revision() == stage.output_revision()
         # A new sampling temperature is a real change: every prompt is generated again.
         hotter = GenerateStage(teacher=writer(url), temperature=0.9, **cfg)
         assert hotter.fingerprint() != stage.fingerprint()
-        hotter.prepare(parts, str(state), use_ray=False)
+        hotter.prepare(parts, str(state))
         assert len(seen) == 2 + 9
     stamp = json.loads((state / "_stamp.json").read_text())
     assert stamp["config"]["temperature"] == 0.9 and set(stamp["templates"]) == {"synth_v1"}
@@ -187,12 +187,12 @@ def test_the_runner_retry_reprocesses_the_parts_with_the_recovered_answers(tmp_p
 
     with fake_server(first_two_fail) as (url, _):
         run_stage(GenerateStage(teacher=writer(url), retry_rounds=0), parts, tmp_path / "run",
-                  use_ray=False)  # fmt: skip
+                  )  # fmt: skip
     with fake_server(good) as (url, seen):
         stage = GenerateStage(teacher=writer(url), retry_rounds=0, request_batch=3)
-        m = run_stage(stage, parts, tmp_path / "run", use_ray=False, retry_failed=True)
+        m = run_stage(stage, parts, tmp_path / "run", retry_failed=True)
         assert len(seen) == 2 and m["dropped"] == {}
-        again = run_stage(stage, parts, tmp_path / "run", use_ray=False, retry_failed=True)
+        again = run_stage(stage, parts, tmp_path / "run", retry_failed=True)
         assert len(seen) == 2
     assert m["retries"][-1] | {"started": None} == {
         "started": None, "failed_before": 2, "failed_after": 0, "recovered": 2,
@@ -210,7 +210,7 @@ def test_a_seed_row_that_cannot_be_asked_is_recorded_not_fatal(tmp_path):
     table = table.set_column(table.column_names.index("prompt"), "prompt", prompt)
     pq.write_table(table, parts[0])
     with fake_server(good) as (url, seen):
-        m = run_stage(GenerateStage(teacher=writer(url)), parts, tmp_path / "run", use_ray=False)
+        m = run_stage(GenerateStage(teacher=writer(url)), parts, tmp_path / "run")
         assert len(seen) == 2
     assert m["dropped"] == {"generate:no_template": 1, "generate:empty_prompt": 1}
     rows = {r["id"]: r for r in pq.read_table(tmp_path / f"run/generate/{m['part_names'][0]}"
@@ -278,7 +278,7 @@ def test_generate_with_the_real_local_teacher(tmp_path):
     parts = seeds_parts(tmp_path / "seeds", per_style={"story": 2, "howto": 1}, web_max_seeds=0)
     teacher = TeacherConfig(local=LocalServerConfig(n_threads=2))
     stage = GenerateStage(teacher=teacher, max_tokens=48, style_max_tokens={}, request_batch=3)
-    m = run_stage(stage, parts, tmp_path / "run", use_ray=False)
+    m = run_stage(stage, parts, tmp_path / "run")
     rows = pa.concat_tables(
         pq.read_table(p) for p in (tmp_path / "run/generate").glob("*.parquet")
     ).to_pylist()

@@ -11,10 +11,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.inspect import open_run
+from pipeline.executor import RayExecutor
 from pipeline.io import StaleColumnPart, iter_documents, read_stage_part, stage_schema
-from pipeline.runner import output_files, run_stage
 from pipeline.stage import Stage, mark_dropped, set_column
+from pipeline.stage_runner import output_files, run_stage
+from pipeline.views.runs import open_run
 from tests.conftest import fineweb_docs, write_jsonl_parts
 from tests.pipeline.test_runner import LengthStage
 
@@ -54,7 +55,7 @@ class Upper(Stage):
 def base_run(tmp_path):
     files = [str(p) for p in write_jsonl_parts(tmp_path / "in", fineweb_docs(150), 3)]
     run = tmp_path / "run"
-    run_stage(LengthStage(min_chars=1000), files, run, use_ray=False)
+    run_stage(LengthStage(min_chars=1000), files, run)
     return run
 
 
@@ -63,8 +64,8 @@ def _whole(files, **kw) -> pa.Table:
 
 
 def test_column_part_reads_like_a_copied_part(base_run):
-    run_stage(Tag(), output_files(base_run / "length"), base_run, use_ray=False)
-    run_stage(TagCopying(), output_files(base_run / "length"), base_run, False, name="copy")
+    run_stage(Tag(), output_files(base_run / "length"), base_run)
+    run_stage(TagCopying(), output_files(base_run / "length"), base_run, name="copy")
     cols, copy = output_files(base_run / "tag"), output_files(base_run / "copy")
 
     on_disk = pq.read_table(cols[0])
@@ -78,7 +79,7 @@ def test_column_part_reads_like_a_copied_part(base_run):
     assert pa.concat_tables(got).equals(want)
 
     # A downstream stage reads whole kept rows; the inspection view matches too.
-    m = run_stage(Upper(), cols, base_run, use_ray=False)
+    m = run_stage(Upper(), cols, base_run)
     assert m["rows_in"] == len(want) > 0
     assert _whole(output_files(base_run / "upper"))["edu_score"].equals(want["edu_score"])
     run = open_run(base_run)
@@ -89,7 +90,7 @@ def test_column_part_reads_like_a_copied_part(base_run):
 
 
 def test_moved_run_folder_still_joins_and_a_rewritten_base_is_an_error(base_run, tmp_path):
-    run_stage(Tag(), output_files(base_run / "length"), base_run, use_ray=False)
+    run_stage(Tag(), output_files(base_run / "length"), base_run)
     before = _whole(output_files(base_run / "tag"))
     moved = tmp_path / "moved"
     shutil.move(base_run, moved)
@@ -106,7 +107,7 @@ def test_moved_run_folder_still_joins_and_a_rewritten_base_is_an_error(base_run,
 
 
 def test_misaligned_column_part_is_caught_row_by_row(base_run):
-    run_stage(Tag(), output_files(base_run / "length"), base_run, use_ray=False)
+    run_stage(Tag(), output_files(base_run / "length"), base_run)
     part = output_files(base_run / "tag")[0]
     t = pq.read_table(part)
     shuffled = t.take(pa.array(list(range(1, len(t))) + [0]))
@@ -119,8 +120,8 @@ def test_misaligned_column_part_is_caught_row_by_row(base_run):
 
 
 def test_column_parts_on_ray_match_in_process(base_run, ray_session):
-    run_stage(Tag(), output_files(base_run / "length"), base_run, use_ray=False)
-    run_stage(Tag(), output_files(base_run / "length"), base_run, True, name="tag_ray")
+    run_stage(Tag(), output_files(base_run / "length"), base_run)
+    run_stage(Tag(), output_files(base_run / "length"), base_run, RayExecutor(), name="tag_ray")
     assert _whole(output_files(base_run / "tag_ray")).equals(_whole(output_files(base_run / "tag")))
     assert set(pq.read_table(output_files(base_run / "tag_ray")[0]).column_names) == {
         "id",

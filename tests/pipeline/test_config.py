@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_recipe
+from pipeline.recipe import ConfigError, load_recipe
 from tests.conftest import REPO
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

@@ -1,4 +1,4 @@
-"""pipeline.inspect: a run folder opened with polars, on the real quickstart run and on tiny
+"""pipeline.views.runs: a run folder opened with polars, on the real quickstart run and on tiny
 run folders built here in the layout `primer run` writes (cheap, and able to leave stages out
 or plant hostile text)."""
 
@@ -14,8 +14,8 @@ import polars as pl
 import pytest
 import xxhash
 
-import pipeline.inspect as inspect_module
-from pipeline.inspect import (
+import pipeline.views.runs as inspect_module
+from pipeline.views.runs import (
     LINEAGE,
     SAMPLE_SEED,
     MissingData,
@@ -410,7 +410,7 @@ def test_why_command_prints_and_returns_an_exit_code(tiny_run, tmp_path, capsys)
 
 
 def _documented(snippet_start: str) -> str:
-    """The line of pipeline.inspect's docstring (the README's text) that starts so."""
+    """The line of pipeline.views.runs's docstring (the README's text) that starts so."""
     lines = [ln.strip() for ln in inspect_module.__doc__.splitlines()]
     [line] = [ln for ln in lines if ln.startswith(snippet_start)]
     return line
@@ -440,7 +440,7 @@ def test_the_documented_why_snippets_run_as_written_on_the_quickstart(
     for doc_id in (quality_drop["id"], edu_kept):
         namespace: dict = {}
         exec(
-            "from pipeline.inspect import open_run\nwhy = " + api.replace("DOC_ID", doc_id),
+            "from pipeline.views.runs import open_run\nwhy = " + api.replace("DOC_ID", doc_id),
             namespace,
         )
         why = namespace["why"]
@@ -462,7 +462,7 @@ def test_the_documented_why_snippets_run_as_written_on_the_quickstart(
     assert dropped_by(kept) is None
     # and the command line, as documented
     cli = subprocess.run(
-        [sys.executable, "-m", "pipeline.inspect", "why", "runs/quickstart", quality_drop["id"]],
+        [sys.executable, "-m", "pipeline.views.runs", "why", "runs/quickstart", quality_drop["id"]],
         capture_output=True,
         text=True,
     )

@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pipeline.loader import PhasedTokenDataset  # noqa: E402
-from pipeline.shards import IndexedDatasetWriter  # noqa: E402
+from pipeline.tokens.loader import PhasedTokenDataset  # noqa: E402
+from pipeline.tokens.shards import IndexedDatasetWriter  # noqa: E402
 
 torch.set_num_threads(1)
 

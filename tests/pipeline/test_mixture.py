@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError, load_recipe
 from pipeline.io import read_json
-from pipeline.mixture import (
+from pipeline.recipe import ConfigError, load_recipe
+from pipeline.run import run_recipe
+from pipeline.tokens.mixture import (
     MixtureConfig,
     MixtureError,
     MixtureStage,
@@ -21,8 +22,7 @@ from pipeline.mixture import (
     draw,
     parse_tokens,
 )
-from pipeline.run import run_recipe
-from pipeline.shards import IndexedDataset
+from pipeline.tokens.shards import IndexedDataset
 from tests.conftest import fineweb_docs
 
 
@@ -174,12 +174,12 @@ def _config(web: list[Path], p1: int, p2: int, **kw) -> MixtureConfig:
 
 
 def test_mixture_stage_writes_exact_phi3_shards(tmp_path, web_parts, caplog):
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.tokens.tokenizer import load_tokenizer
 
     tok = load_tokenizer("phi3")
     out = tmp_path / "run" / "mixture"
     stats = MixtureStage(_config(web_parts, 30_000, 40_000, shard_max_tokens=12_000)).build(
-        [], str(out), use_ray=False
+        [], str(out)
     )
     m = read_json(out / "manifest.json")
     assert m["tokenizer"]["sha256"] == tok.sha256 and m["tokenizer"]["eos_id"] == 32000
@@ -216,7 +216,7 @@ def test_mixture_stage_writes_exact_phi3_shards(tmp_path, web_parts, caplog):
 
     # a new budget re-mixes from the token cache without tokenizing again
     caplog.set_level(logging.INFO, logger="primer")
-    MixtureStage(_config(web_parts, 20_000, 10_000)).build([], str(out), use_ray=False)
+    MixtureStage(_config(web_parts, 20_000, 10_000)).build([], str(out))
     assert "0 input parts to tokenize (9 cached)" in caplog.text  # 3 files x 3 filters
     assert read_json(out / "manifest.json")["phases"][0]["tokens"] == 20_000
 

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from pipeline.config import load_recipe
-from pipeline.inspect import open_run
-from pipeline.report import SECTIONS, main, write_report
+from pipeline.recipe import load_recipe
 from pipeline.run import run_recipe
+from pipeline.views.report import SECTIONS, main, write_report
+from pipeline.views.runs import open_run
 from tests.conftest import fineweb_docs, write_jsonl_parts
 from tests.pipeline.test_inspect import make_run
 
@@ -102,7 +102,7 @@ def test_a_report_failure_does_not_fail_a_finished_run(web_run, tmp_path, monkey
     def broken(_):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("pipeline.report.write_report", broken)
+    monkeypatch.setattr("pipeline.views.report.write_report", broken)
     with caplog.at_level(logging.ERROR, logger="primer"):
         summary = run_recipe(load_recipe(raw=raw), output=tmp_path / "run")
     assert [s["stage"] for s in summary["stages"]] == ["extract", "langid", "quality", "dedup"]

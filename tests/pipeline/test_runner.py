@@ -11,8 +11,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.runner import GuardrailError, output_files, run_stage
+from pipeline.executor import RayExecutor
 from pipeline.stage import ArtifactStage, Stage, StageConfig, mark_dropped, set_column
+from pipeline.stage_runner import GuardrailError, output_files, run_stage
 from tests.conftest import fineweb_docs, write_jsonl_parts
 
 
@@ -47,7 +48,7 @@ def _rows(out_root, stage="length"):
 
 def test_counts_reasons_and_keeps_dropped_rows(tmp_path, docs):
     files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 4)]
-    m = run_stage(LengthStage(), files, tmp_path / "out", use_ray=False)
+    m = run_stage(LengthStage(), files, tmp_path / "out")
 
     expect_short = sum(len(d["text"]) < 2000 for d in docs)
     assert m["rows_in"] == len(docs)
@@ -61,13 +62,13 @@ def test_counts_reasons_and_keeps_dropped_rows(tmp_path, docs):
 
 def test_rerun_skips_finished_parts_and_change_recomputes(tmp_path, docs):
     files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 3)]
-    first = run_stage(LengthStage(), files, tmp_path / "out", False, config_fingerprint="a")
-    again = run_stage(LengthStage(), files, tmp_path / "out", False, config_fingerprint="a")
+    first = run_stage(LengthStage(), files, tmp_path / "out")
+    again = run_stage(LengthStage(), files, tmp_path / "out")
     assert again["attempts"][-1]["parts_run"] == 0
     assert again["rows_in"] == first["rows_in"] and len(again["attempts"]) == 2
 
     changed = run_stage(
-        LengthStage(min_chars=4000), files, tmp_path / "out", False, config_fingerprint="b"
+        LengthStage(min_chars=4000), files, tmp_path / "out"
     )
     assert changed["attempts"][-1]["parts_run"] == 3 and len(changed["attempts"]) == 1
     expect = sum(len(d["text"]) < 4000 for d in docs)
@@ -77,12 +78,12 @@ def test_rerun_skips_finished_parts_and_change_recomputes(tmp_path, docs):
 
 def test_partial_part_is_redone_not_doubled(tmp_path, docs):
     files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 3)]
-    run_stage(LengthStage(), files, tmp_path / "out", False)
+    run_stage(LengthStage(), files, tmp_path / "out")
     clean = _rows(tmp_path / "out")
     # Simulate a kill after a part's Parquet landed but before its commit marker did.
     marker = sorted((tmp_path / "out/length/_parts").glob("*.json"))[1]
     marker.unlink()
-    m = run_stage(LengthStage(), files, tmp_path / "out", False)
+    m = run_stage(LengthStage(), files, tmp_path / "out")
     assert m["attempts"][-1]["parts_run"] == 1
     assert _rows(tmp_path / "out") == clean
 
@@ -91,7 +92,7 @@ def test_guardrail_warns_or_stops(tmp_path, docs, caplog):
     files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 2)]
     with caplog.at_level(logging.WARNING, logger="primer"):
         m = run_stage(
-            LengthStage(min_chars=10**9, max_drop_fraction=0.5), files, tmp_path / "w", False
+            LengthStage(min_chars=10**9, max_drop_fraction=0.5), files, tmp_path / "w"
         )
     assert m["guardrail"]["exceeded"] and "GUARDRAIL" in caplog.text
     with pytest.raises(GuardrailError, match="dropped 100.0%"):
@@ -99,7 +100,6 @@ def test_guardrail_warns_or_stops(tmp_path, docs, caplog):
             LengthStage(min_chars=10**9, max_drop_fraction=0.5, on_excess_drop="fail"),
             files,
             tmp_path / "f",
-            False,
         )
 
 
@@ -110,7 +110,7 @@ def test_a_stage_broken_on_every_row_stops_and_is_left_incomplete(tmp_path, docs
 
     files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 1)]
     with pytest.raises(GuardrailError, match=r"could not process 120 of its 120 input rows"):
-        run_stage(Broken(), files, tmp_path / "out", False)
+        run_stage(Broken(), files, tmp_path / "out")
     manifest = json.loads((tmp_path / "out/length/_manifest.json").read_text())
     assert not manifest["complete"] and "max_error_fraction" in manifest["failed"]
     assert manifest["dropped"] == {"length:error": 120}
@@ -129,27 +129,27 @@ def test_a_setup_failure_is_not_a_row_error(tmp_path, docs):
     with pytest.raises(
         RuntimeError, match=r"stage 'length' failed on .*docs-000.jsonl.gz: OSError: model.bin"
     ):
-        run_stage(NoModel(), files, tmp_path / "out", False)
+        run_stage(NoModel(), files, tmp_path / "out")
     assert not list((tmp_path / "out/length").glob("*.parquet"))  # nothing half-written
 
 
 def test_ray_gives_the_same_rows_as_in_process(tmp_path, docs, ray_session):
     files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 4)]
-    local = run_stage(LengthStage(), files, tmp_path / "local", use_ray=False)
-    on_ray = run_stage(LengthStage(), files, tmp_path / "ray", use_ray=True)
+    local = run_stage(LengthStage(), files, tmp_path / "local")
+    on_ray = run_stage(LengthStage(), files, tmp_path / "ray", RayExecutor())
     assert _rows(tmp_path / "local") == _rows(tmp_path / "ray")
     assert local["dropped"] == on_ray["dropped"]
 
 
 def test_next_stage_reads_only_kept_rows(tmp_path, docs):
     files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 2)]
-    first = run_stage(LengthStage(), files, tmp_path / "out", False)
+    first = run_stage(LengthStage(), files, tmp_path / "out")
     kept_files = output_files(tmp_path / "out" / "length")
 
     class Longer(LengthStage):
         name = "longer"
 
-    second = run_stage(Longer(min_chars=4000), kept_files, tmp_path / "out", False)
+    second = run_stage(Longer(min_chars=4000), kept_files, tmp_path / "out")
     assert second["rows_in"] == first["rows_out"]
     # Part names follow the document through the stages.
     assert second["part_names"] == first["part_names"]
@@ -169,7 +169,7 @@ class SampleStage(LengthStage):
 
 def test_unwritten_reasons_are_counted_but_not_written(tmp_path, docs):
     files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 2)]
-    m = run_stage(SampleStage(), files, tmp_path / "out", False)
+    m = run_stage(SampleStage(), files, tmp_path / "out")
     written = _rows(tmp_path / "out", "sample")
     assert m["dropped"].get("sample:not_sampled", 0) > 0
     assert len(written) == m["rows_in"] - m["dropped"]["sample:not_sampled"]
@@ -181,7 +181,7 @@ class CountArtifact(ArtifactStage):
 
     name = "count"
 
-    def build(self, inputs, out_dir, use_ray):
+    def build(self, inputs, out_dir, executor=None):
         n = sum(pq.read_metadata(f).num_rows for f in inputs)
         (Path(out_dir) / "count.txt").write_text(str(n))
         return {"rows_in": n}
@@ -189,7 +189,7 @@ class CountArtifact(ArtifactStage):
 
 def test_artifact_stage_builds_once_and_recipes_reference_it(tmp_path, docs, monkeypatch):
     from pipeline import registry
-    from pipeline.config import load_recipe
+    from pipeline.recipe import load_recipe
     from pipeline.run import run_recipe
 
     monkeypatch.setitem(registry._STAGES, "length", f"{__name__}:LengthStage")

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import Field
 
+from pipeline.parts import plan_parts
 from pipeline.progress import Progress
-from pipeline.runner import GuardrailError, output_files, plan_parts, run_stage
 from pipeline.stage import Stage, StageConfig, mark_dropped, set_column
+from pipeline.stage_runner import GuardrailError, output_files, run_stage
 from tests.conftest import fineweb_docs, write_jsonl_parts
 
 
@@ -60,7 +61,7 @@ def test_one_bad_row_is_recorded_and_the_part_goes_on(tmp_path):
     docs[137] = {**docs[137], "text": docs[137]["text"] + " POISON"}
     docs[211] = {**docs[211], "text": "POISON " + docs[211]["text"]}
     f = _jsonl(tmp_path / "in/a.jsonl.gz", docs)
-    m = run_stage(Picky(batch_rows=64), [f], tmp_path / "out", use_ray=False)
+    m = run_stage(Picky(batch_rows=64), [f], tmp_path / "out")
 
     assert m["complete"] and m["rows_in"] == 300
     assert m["dropped"]["picky:error"] == 2
@@ -83,9 +84,9 @@ def test_error_rows_over_the_bound_stop_the_stage(tmp_path):
             for i in range(200)]  # fmt: skip
     f = _jsonl(tmp_path / "in/a.jsonl.gz", docs)
     with pytest.raises(GuardrailError, match=r"could not process 20 of its 200 input rows"):
-        run_stage(Picky(), [f], tmp_path / "out", use_ray=False)
+        run_stage(Picky(), [f], tmp_path / "out")
     # Raising the bound is a guardrail change, not a config change: no recompute, it passes.
-    m = run_stage(Picky(max_error_fraction=0.2), [f], tmp_path / "out", use_ray=False)
+    m = run_stage(Picky(max_error_fraction=0.2), [f], tmp_path / "out")
     assert m["complete"] and m["attempts"][-1]["parts_run"] == 0 and m["failed"] is None
 
 
@@ -93,7 +94,7 @@ def test_a_guardrail_stop_leaves_the_stage_incomplete(tmp_path):
     docs = [{"id": str(i), "text": "short"} for i in range(50)]
     f = _jsonl(tmp_path / "in/a.jsonl.gz", docs)
     with pytest.raises(GuardrailError, match="dropped 100.0%"):
-        run_stage(Picky(max_drop_fraction=0.5, on_excess_drop="fail"), [f], tmp_path / "o", False)
+        run_stage(Picky(max_drop_fraction=0.5, on_excess_drop="fail"), [f], tmp_path / "o")
     m = json.loads((tmp_path / "o/picky/_manifest.json").read_text())
     assert m["complete"] is False and m["failed"].startswith("GUARDRAIL")
     with pytest.raises(FileNotFoundError, match="GUARDRAIL"):
@@ -109,7 +110,7 @@ def test_duplicate_ids_in_one_file_are_made_unique_and_counted(tmp_path):
         {"id": "8", "text": "eight " * 50},
     ]
     f = _jsonl(tmp_path / "in/a.jsonl.gz", rows)
-    m = run_stage(Picky(), [f], tmp_path / "out", use_ray=False)
+    m = run_stage(Picky(), [f], tmp_path / "out")
     ids = _table(tmp_path / "out")["id"].to_pylist()
     assert ids == ["7", "7#1", "7#2", "7#1#1", "8"]  # deterministic, in reading order
     assert len(set(ids)) == len(ids)
@@ -131,13 +132,13 @@ def test_inputs_are_fingerprinted_by_stable_path_and_content(tmp_path, monkeypat
     a = tmp_path / "a" / "work"
     files = [str(p) for p in write_jsonl_parts(a / "data", docs, 2)]
     monkeypatch.chdir(a)
-    first = run_stage(Picky(), files, tmp_path / "out", use_ray=False)
+    first = run_stage(Picky(), files, tmp_path / "out")
     # The same working dir unpacked somewhere else (a new `ray job submit`): same parts.
     b = tmp_path / "b" / "work"
     shutil.copytree(a, b)
     monkeypatch.chdir(b)
     moved = [f.replace(str(a), str(b)) for f in files]
-    again = run_stage(Picky(), moved, tmp_path / "out", use_ray=False)
+    again = run_stage(Picky(), moved, tmp_path / "out")
     assert again["fingerprint"] == first["fingerprint"]
     assert again["attempts"][-1]["parts_run"] == 0
     assert again["inputs"] == ["data/docs-000.jsonl.gz", "data/docs-001.jsonl.gz"]
@@ -145,7 +146,7 @@ def test_inputs_are_fingerprinted_by_stable_path_and_content(tmp_path, monkeypat
     assert [p.name for p in plan_parts(moved)] == first["part_names"]
     # Different content under the same name is a different input.
     _jsonl(b / "data/docs-001.jsonl.gz", docs[:5])
-    changed = run_stage(Picky(), moved, tmp_path / "out", use_ray=False)
+    changed = run_stage(Picky(), moved, tmp_path / "out")
     assert changed["fingerprint"] != first["fingerprint"]
 
 
@@ -161,7 +162,7 @@ class Secretive(Picky):
 def test_secret_named_config_values_never_reach_the_manifest(tmp_path):
     f = _jsonl(tmp_path / "in/a.jsonl.gz", [{"id": "1", "text": "x " * 300}])
     stage = Secretive(api_key="sk-live-abcdef0123456789", hf_token="hf_AbCdEf0123456789xyz")
-    run_stage(stage, [f], tmp_path / "out", use_ray=False)
+    run_stage(stage, [f], tmp_path / "out")
     text = (tmp_path / "out/secretive/_manifest.json").read_text()
     assert "sk-live" not in text and "hf_AbCd" not in text
     config = json.loads(text)["config"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ConfigError, load_recipe
+from pipeline.recipe import ConfigError, load_recipe
 from pipeline.secrets import MASK, is_secret_key, looks_like_secret, mask, scrub
 from tests.conftest import SAMPLE
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.shards import IndexedDataset, IndexedDatasetWriter, main
+from pipeline.tokens.shards import IndexedDataset, IndexedDatasetWriter, main
 
 EOS = 32000
 

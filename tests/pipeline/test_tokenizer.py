@@ -22,7 +22,7 @@ import pytest
 
 from pipeline import assets
 from pipeline.assets import AssetError, fetch_phi3_vocab
-from pipeline.tokenizer import Tokenizer, TokenizerError, load_tokenizer, phi3_tokenizer_json
+from pipeline.tokens.tokenizer import Tokenizer, TokenizerError, load_tokenizer, phi3_tokenizer_json
 from tests.conftest import fineweb_docs
 
 

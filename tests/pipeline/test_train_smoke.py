@@ -1,4 +1,4 @@
-"""The Phi-3 model configs and the CPU training smoke (pipeline.train_smoke)."""
+"""The Phi-3 model configs and the CPU training smoke (pipeline.tokens.train_smoke)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from pipeline.train_smoke import (  # noqa: E402
+from pipeline.tokens.train_smoke import (  # noqa: E402
     ModelConfigError,
     TrainSmokeError,
     check_loss_fell,

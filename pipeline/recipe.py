@@ -24,7 +24,7 @@ import difflib
 import os
 import re
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline import registry
 from pipeline.secrets import is_secret_key, looks_like_secret, scrub
-from pipeline.stage import Stage, StageConfig
+from pipeline.stage import Stage, StageConfig, stage_refs
 
 
 class ConfigError(ValueError):
@@ -105,7 +105,8 @@ class StageSpec:
     inputs: list[str] | None  # raw patterns, resolved; None: the previous stage's output
 
     def fingerprint(self) -> str:
-        """Hash of what determines this stage's output given its input."""
+        """Hash of what determines this stage's output given its input (the runner chains
+        it with the input's)."""
         return self.cls(self.config).fingerprint(self.name)
 
 
@@ -148,29 +149,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
-
-
-def stage_refs(value: Any) -> list[str]:
-    """Every "@stage[/file]" string in a config value, nested lists and mappings included
-    (a mixture's sources name their inputs this way)."""
-    if isinstance(value, str):
-        return [value] if value.startswith("@") else []
-    if isinstance(value, dict):
-        return [r for v in value.values() for r in stage_refs(v)]
-    if isinstance(value, list | tuple):
-        return [r for v in value for r in stage_refs(v)]
-    return []
-
-
-def replace_refs(value: Any, resolve: Callable[[str], str]) -> Any:
-    """`value` with every "@stage[/file]" string replaced by `resolve(ref)`."""
-    if isinstance(value, str):
-        return resolve(value) if value.startswith("@") else value
-    if isinstance(value, dict):
-        return {k: replace_refs(v, resolve) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [replace_refs(v, resolve) for v in value]
-    return value
 
 
 def parse_value(text: str) -> Any:

@@ -30,7 +30,7 @@ memory-mapped (shared between DataLoader workers).
 
 Usage:
 
-    from pipeline.shards import IndexedDatasetWriter, IndexedDataset
+    from pipeline.tokens.shards import IndexedDatasetWriter, IndexedDataset
     with IndexedDatasetWriter("out/shard-00000") as w:
         w.add_document([5, 6, 7, eos])
         w.add_documents(flat_ids, lengths)      # many documents at once
@@ -38,7 +38,7 @@ Usage:
     ds = IndexedDataset("out/shard-00000")
     ds.get(0), ds.read_span(start=2, length=5)  # one document; the flat token stream
 
-    python -m pipeline.shards out/shard-00000   # documents, tokens, the first ids
+    python -m pipeline.tokens.shards out/shard-00000   # documents, tokens, the first ids
 """
 
 from __future__ import annotations
@@ -430,7 +430,7 @@ class IndexedDataset:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.shards", description="Summarise a Megatron indexed dataset."
+        prog="python -m pipeline.tokens.shards", description="Summarise a Megatron indexed dataset."
     )
     parser.add_argument("prefix", help="path without .bin/.idx")
     parser.add_argument("--ids", type=int, default=16, help="how many of the first ids to print")

@@ -1,6 +1,6 @@
 """Write `RUN/report.html`: a run's funnel, distributions, samples and mixture on one page.
 
-    python -m pipeline.report runs/quickstart        # -> runs/quickstart/report.html
+    python -m pipeline.views.report runs/quickstart        # -> runs/quickstart/report.html
 
 `primer run` writes it after `run_summary.json`, so every run folder can be read in a
 browser without a notebook. It holds: the run header (recipe, invocations, attempts, wall
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.inspect import SAMPLE_SEED, MissingData, Run, histogram, open_run
+from pipeline.views.runs import SAMPLE_SEED, MissingData, Run, histogram, open_run
 
 log = logging.getLogger("primer")
 
@@ -578,7 +578,7 @@ def render(run: Run, max_parts: int | None = MAX_PARTS, samples: int = 2, chars:
         f"<title>Primer run report: {esc(name)}</title><style>{CSS}</style></head><body>"
         f"<h1>Primer run report: {esc(name)}</h1>"
         f'<p class="note">{esc(run.path)} · written {now} · regenerate with '
-        f"<code>python -m pipeline.report {esc(run.path)}</code></p>"
+        f"<code>python -m pipeline.views.report {esc(run.path)}</code></p>"
         f"<nav>{''.join(nav)}</nav>{''.join(parts)}</body></html>\n"
     )
 
@@ -602,7 +602,7 @@ def write_report(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.report", description="Write RUN_DIR/report.html for a run."
+        prog="python -m pipeline.views.report", description="Write RUN_DIR/report.html for a run."
     )
     p.add_argument("run_dir")
     p.add_argument("-o", "--output", help="where to write (default RUN_DIR/report.html)")

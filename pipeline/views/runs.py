@@ -1,6 +1,6 @@
 """Open a run folder with polars: funnel, score distributions, samples, lineage, mixture.
 
-    from pipeline.inspect import open_run
+    from pipeline.views.runs import open_run
     run = open_run("runs/quickstart")            # or open_run(): $PRIMER_RUN, else runs/quickstart
     run.funnel()                                 # rows in / kept / dropped per stage, per reason
     run.stage("quality", kept_only=True).select("id", "q_n_words").collect()
@@ -10,7 +10,7 @@
     run.mixture()                                # tokens per phase and source
     run.why("DOC_ID")                            # every stage the document went through
 
-Why: the notebooks in notebooks/ and the run report (pipeline/report.py) read a run the
+Why: the notebooks in notebooks/ and the run report (pipeline/views/report.py) read a run the
 same way, so the loading lives here once and both stay short.
 
 Cheap by construction. Counts (funnel, drop reasons) come from `run_summary.json` and the
@@ -28,10 +28,10 @@ with a message naming what is missing.
 and passes on only the kept ones, so a document's rows across the stages, in run order,
 end at the stage that dropped it (a `<stage>:error` row also has the message in `error`):
 
-    from pipeline.inspect import open_run
+    from pipeline.views.runs import open_run
     open_run("runs/quickstart").why("DOC_ID")    # stage, part, drop_reason, error
 
-    python -m pipeline.inspect why runs/quickstart DOC_ID
+    python -m pipeline.views.runs why runs/quickstart DOC_ID
 
 `why` reads three columns (id, drop_reason, error) of the committed parts, filtered on
 the id while scanning; column parts (edu_score) hold id and drop_reason themselves, so no
@@ -66,7 +66,7 @@ import xxhash
 from pipeline.io import column_base
 from pipeline.secrets import scrub
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RUN = "runs/quickstart"
 
 LINEAGE = [
@@ -730,7 +730,7 @@ def format_why(why: pl.DataFrame, doc_id: str, run: str | os.PathLike | None = N
 def why_command(run: str, doc_id: str) -> int:
     """Print why `doc_id` was dropped in the run folder `run`; the exit code: 0 when some
     stage has the document, 1 when none does, 2 when `run` is not a run folder.
-    `python -m pipeline.inspect why RUN ID` (and `primer why RUN ID`) call this."""
+    `python -m pipeline.views.runs why RUN ID` (and `primer why RUN ID`) call this."""
     try:
         opened = open_run(run)
     except FileNotFoundError as e:
@@ -743,7 +743,7 @@ def why_command(run: str, doc_id: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.inspect", description=__doc__.split("\n")[0]
+        prog="python -m pipeline.views.runs", description=__doc__.split("\n")[0]
     )
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("why", help="every stage a document went through, and which dropped it")

@@ -1,7 +1,7 @@
 """The trainer's feed: packed, shuffled, rank-sharded windows over a two-phase token mixture.
 
 A mixture directory (`RUN/mixture/`) holds `manifest.json` and Megatron indexed-dataset
-shards (`pipeline.shards`). Each phase's token stream is its shards' documents back to back,
+shards (`pipeline.tokens.shards`). Each phase's token stream is its shards' documents back to back,
 in list order. With L = seq_len, window k of a phase holds
 
     input_ids = stream[k*L     : k*L + L]
@@ -29,7 +29,7 @@ are read per window with positioned reads (`IndexedDataset.read_span`).
 
 Usage (needs the `train` extra, for torch):
 
-    from pipeline.loader import PhasedTokenDataset
+    from pipeline.tokens.loader import PhasedTokenDataset
     ds = PhasedTokenDataset("runs/x/mixture", rank=rank, world_size=world, block=batch_size)
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=2)
     for step, batch in enumerate(dl):           # input_ids, labels: [B, L]; phase: [B]
@@ -51,8 +51,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.mixture import MANIFEST_FORMAT
-from pipeline.shards import IndexedDataset
+from pipeline.tokens.mixture import MANIFEST_FORMAT
+from pipeline.tokens.shards import IndexedDataset
 
 STATE_FORMAT = "primer-loader-state/1"
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's default ignore_index

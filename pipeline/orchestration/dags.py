@@ -31,7 +31,7 @@ Settings come from arguments or the environment (see `Settings.from_env`):
     PRIMER_RETRIES, PRIMER_RETRY_DELAY   task retries and seconds between them (2, 300)
     PRIMER_WEB_SCHEDULE      a cron for the web DAG instead of "new files in the input folder"
 
-    python -m pipeline.orchestrate plan [RECIPE]    # the stages the DAGs are built from
+    python -m pipeline.orchestration.dags plan [RECIPE]    # the stages the DAGs are built from
 
 The DAGs themselves are built here too, by `primer_dag` (the DAG files in dags/ are a call
 each): a DAG file imports only installed modules, so it loads wherever Airflow parses it,
@@ -61,7 +61,7 @@ from typing import Any, Protocol
 
 log = logging.getLogger("primer.orchestrate")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RECIPE = REPO / "configs" / "quickstart.yaml"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 _GLOB = re.compile(r"[*?[]")
@@ -154,7 +154,8 @@ def plan(recipe: str | Path, run_dir: str | Path, overrides: Sequence[str] = ())
     """The recipe's stages in run order, each with its output folder and what it reads.
 
     Input files need not exist yet: a DAG is parsed before the crawl it waits for lands."""
-    from pipeline.config import load_recipe, stage_refs
+    from pipeline.recipe import load_recipe
+    from pipeline.stage import stage_refs
 
     loaded = load_recipe(recipe, list(overrides), check_inputs=False)
     run = Path(run_dir)
@@ -602,7 +603,7 @@ def primer_dag(
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] != "plan":
-        print("usage: python -m pipeline.orchestrate plan [RECIPE]", file=sys.stderr)
+        print("usage: python -m pipeline.orchestration.dags plan [RECIPE]", file=sys.stderr)
         return 2
     s = Settings.from_env()
     if len(args) > 1:

@@ -21,7 +21,7 @@ on epochs. The stage runs in three steps:
    document ending with EOS), and `RUN/mixture/manifest.json` records per phase and source
    the documents, tokens and epochs, the tokenizer id and hash, seq_len, the seed and the
    inputs' hashes. Windows of seq_len (+1 for the shifted label) are cut by the loader
-   (pipeline/loader.py), so no document is lost at a window edge and any seq_len can be
+   (pipeline/tokens/loader.py), so no document is lost at a window edge and any seq_len can be
    read from the same shards.
 
 Memory: the driver holds per phase one small record per drawn document (~20 bytes);
@@ -31,7 +31,6 @@ tokens stream from the cache to the shards in bounded buffers.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -49,6 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.executor import LOCAL, Executor
 from pipeline.io import expand_inputs, iter_documents, read_json, write_json_atomic
 from pipeline.progress import Progress
 from pipeline.stage import ArtifactStage, PreflightError, StageConfig, is_ref
@@ -197,7 +197,7 @@ def tokenize_part(
     `prefix` (each document + EOS); write `prefix.json` (the commit marker) last."""
     import polars as pl
 
-    from pipeline.shards import IndexedDatasetWriter
+    from pipeline.tokens.shards import IndexedDatasetWriter
 
     columns = list(dict.fromkeys(["id", "text", *_filter_columns(expr)]))
     predicate = pl.sql_expr(expr) if expr else None
@@ -244,25 +244,27 @@ def _with_eos(flat: np.ndarray, lengths: np.ndarray, eos: int) -> tuple[np.ndarr
     return np.insert(flat, ends, np.asarray(eos, flat.dtype)), lengths + 1
 
 
-class _TokenizeWorker:
-    """Ray Data UDF: the tokenizer loaded once per actor, one input part per call."""
+class _TokenizeTask:
+    """One input part per call; the tokenizer is loaded on first use, once per worker (the
+    executor keeps this object alive in each actor)."""
 
     def __init__(self, tokenizer_spec: str, batch_rows: int) -> None:
-        from pipeline.tokenizer import load_tokenizer
-
-        self.tokenizer = load_tokenizer(tokenizer_spec)  # one thread: the actor has one CPU
+        self.tokenizer_spec = tokenizer_spec
         self.batch_rows = batch_rows
+        self._tokenizer: Any = None
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        out = []
-        for path, expr, prefix in zip(batch["path"], batch["filter"], batch["prefix"], strict=True):
-            expr = None if expr in (None, "") else str(expr)
-            out.append(
-                json.dumps(
-                    tokenize_part(self.tokenizer, str(path), expr, str(prefix), self.batch_rows)
-                )
-            )
-        return {"stats": out}
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tokenizer_spec": self.tokenizer_spec, "batch_rows": self.batch_rows}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    def __call__(self, job: _Job) -> dict[str, Any]:
+        if self._tokenizer is None:
+            from pipeline.tokens.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_spec)  # one thread: one CPU each
+        return tokenize_part(self._tokenizer, job.path, job.filter, job.prefix, self.batch_rows)
 
 
 @dataclass
@@ -276,7 +278,7 @@ def _input_files(spec: str) -> list[str]:
     """A stage output folder's committed parts, else files/globs."""
     p = Path(spec)
     if (p / "_manifest.json").is_file():
-        from pipeline.runner import output_files
+        from pipeline.stage_runner import output_files
 
         return output_files(p)
     return expand_inputs([spec])
@@ -396,7 +398,7 @@ class MixtureStage(ArtifactStage):
     config: MixtureConfig
 
     def preflight(self) -> None:
-        from pipeline.tokenizer import check_tokenizer_spec
+        from pipeline.tokens.tokenizer import check_tokenizer_spec
 
         try:
             check_tokenizer_spec(self.config.tokenizer)
@@ -410,8 +412,10 @@ class MixtureStage(ArtifactStage):
                 except FileNotFoundError as e:
                     raise PreflightError(f"phases.{i}.sources.{j}.input", str(e)) from None
 
-    def build(self, inputs: Sequence[str], out_dir: str, use_ray: bool) -> dict[str, Any]:
-        from pipeline.tokenizer import load_tokenizer
+    def build(
+        self, inputs: Sequence[str], out_dir: str, executor: Executor = LOCAL
+    ) -> dict[str, Any]:
+        from pipeline.tokens.tokenizer import load_tokenizer
 
         cfg = self.config
         out = Path(out_dir)
@@ -437,12 +441,12 @@ class MixtureStage(ArtifactStage):
             len(pending), len(jobs) - len(pending), tokenizer.name, tokenizer.sha256[:12],
         )  # fmt: skip
         cache.mkdir(parents=True, exist_ok=True)
-        self._tokenize(pending, use_ray)
+        self._tokenize(pending, executor)
         t_tok = time.monotonic() - t0
         stats = {p: read_json(f"{p}.json") for p in jobs}
 
         # -- 2. allocate ----------------------------------------------------------------
-        from pipeline.shards import IndexedDataset
+        from pipeline.tokens.shards import IndexedDataset
 
         phases_out, rows_in, used = [], 0, 0  # documents available / drawn at least once
         for pi, phase in enumerate(cfg.phases):
@@ -517,33 +521,14 @@ class MixtureStage(ArtifactStage):
             "manifest": str(out / "manifest.json"),
         }
 
-    def _tokenize(self, jobs: list[_Job], use_ray: bool) -> None:
+    def _tokenize(self, jobs: list[_Job], executor: Executor) -> None:
         if not jobs:
             return
         cfg = self.config
         progress = Progress("mixture:tokenize", len(jobs))
-        if use_ray:
-            import ray
-
-            workers = max(1, min(len(jobs), int(ray.cluster_resources().get("CPU", 1))))
-            ds = ray.data.from_items(
-                [{"path": j.path, "filter": j.filter or "", "prefix": j.prefix} for j in jobs],
-                override_num_blocks=len(jobs),
-            )
-            ds = ds.map_batches(
-                _TokenizeWorker,
-                fn_constructor_args=(cfg.tokenizer, cfg.tokenize_batch_rows),
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=workers),
-                num_cpus=1,
-            )
-            for row in ds.iter_rows():
-                progress.update(parts=1, rows=json.loads(row["stats"])["documents"])
-        else:
-            worker = _TokenizeWorker(cfg.tokenizer, cfg.tokenize_batch_rows)
-            for j in jobs:
-                s = tokenize_part(worker.tokenizer, j.path, j.filter, j.prefix, worker.batch_rows)
-                progress.update(parts=1, rows=s["documents"])
+        task = _TokenizeTask(cfg.tokenizer, cfg.tokenize_batch_rows)
+        for s in executor.map(task, jobs, uses_model=True):
+            progress.update(parts=1, rows=s["documents"])
         progress.close()
 
     def _write_phase(
@@ -555,7 +540,7 @@ class MixtureStage(ArtifactStage):
         eos: int,
     ) -> list[dict[str, Any]]:
         """Stream the drawn documents into shards of at most shard_max_tokens tokens."""
-        from pipeline.shards import IndexedDataset, IndexedDatasetWriter
+        from pipeline.tokens.shards import IndexedDataset, IndexedDatasetWriter
 
         shutil.rmtree(folder, ignore_errors=True)  # a killed attempt's shards and temp files
         folder.mkdir(parents=True)

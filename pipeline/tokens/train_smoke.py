@@ -21,7 +21,7 @@ FineWeb text.
 
     primer train-smoke runs/quickstart --steps 40 --model phi3_tiny --seq-len 256
 
-    from pipeline.train_smoke import count_parameters, load_model_config
+    from pipeline.tokens.train_smoke import count_parameters, load_model_config
     metrics = train_smoke_from_mixture("runs/quickstart/mixture", out_dir="runs/quickstart/smoke")
     count_parameters(load_model_config("phi3_mini"))  # 3821079552
 
@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import yaml
 from pydantic import Field
 
+from pipeline.executor import LOCAL, Executor
 from pipeline.stage import ArtifactStage, PreflightError, StageConfig, require_path
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("primer")
 
-MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 LOSS_CHUNK_TOKENS = 128
@@ -485,7 +486,7 @@ def train_smoke_from_mixture(
     import torch
 
     from pipeline.io import write_json_atomic
-    from pipeline.loader import PhasedTokenDataset
+    from pipeline.tokens.loader import PhasedTokenDataset
 
     config = load_model_config(model)
     dataset = PhasedTokenDataset(mixture_dir, seq_len=seq_len, seed=seed, block=batch_size)
@@ -585,7 +586,9 @@ class TrainSmokeStage(ArtifactStage):
             out_dir=out_dir,
         )
 
-    def build(self, inputs: Sequence[str], out_dir: str, use_ray: bool) -> dict[str, Any]:
+    def build(
+        self, inputs: Sequence[str], out_dir: str, executor: Executor = LOCAL
+    ) -> dict[str, Any]:
         cfg = self.config
         m = self.train(out_dir)
         return {"rows_in": m["steps"] * cfg.batch_size} | {

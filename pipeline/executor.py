@@ -1,0 +1,188 @@
+"""Where work runs: this process, or a Ray cluster. The one place Primer's stages reach Ray.
+
+A stage never imports ray. The runner hands every stage that does its own fan-out (a
+global stage's `prepare`, an artifact stage's `build`) an `Executor`, and the stage maps a
+function over items with it:
+
+    for result in executor.map(count_words, files):               # tasks
+        ...
+    for result in executor.map(Tokenize(spec), jobs, uses_model=True):  # one object per actor
+        ...
+
+`LocalExecutor` runs the calls one after another in this process (tests, `executor:
+local`, debugging). `RayExecutor` runs them as Ray Data tasks, or, with `uses_model=True`,
+in an actor pool where each actor unpickles `fn` once, so whatever `fn` loads lazily (a
+tokenizer, a model) is loaded once per actor, not once per item. Items and results travel
+pickled; results come back as they finish (not in item order), so a caller that needs an
+order sorts them. `fn` and the items must pickle; keep both small (paths, configs), and let
+the work read and write files.
+
+The runner maps its parts with the same executor (`map_parts` in pipeline/runner.py), so a
+stage's own fan-out and the runner's share one mechanism and one set of resources.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from pipeline.progress import configure_ray_data_logging
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Executor:
+    """Maps a function over items, here or on a cluster; see the module docstring."""
+
+    name: str = "base"
+    uses_ray: bool = False
+
+    def map(
+        self,
+        fn: Callable[[T], R],
+        items: Sequence[T],
+        *,
+        uses_model: bool = False,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+    ) -> Iterator[R]:
+        """`fn(item)` for every item, as each finishes. `uses_model`: `fn` loads something
+        heavy on first use; run it in a pool of long-lived workers (one load each)."""
+        raise NotImplementedError
+
+    def workers(self, num_cpus: float = 1.0, num_gpus: float = 0.0) -> int:
+        """How many calls can run at once with these resources each."""
+        raise NotImplementedError
+
+
+class LocalExecutor(Executor):
+    """Everything in this process, in item order."""
+
+    name = "local"
+
+    def map(
+        self,
+        fn: Callable[[T], R],
+        items: Sequence[T],
+        *,
+        uses_model: bool = False,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+    ) -> Iterator[R]:
+        for item in items:
+            yield fn(item)
+
+    def workers(self, num_cpus: float = 1.0, num_gpus: float = 0.0) -> int:
+        return 1
+
+
+class _Apply:
+    """Ray Data UDF: unpickle `fn` once (per actor, or per task), apply it to each item."""
+
+    def __init__(self, fn_blob: bytes) -> None:
+        self.fn = pickle.loads(fn_blob)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        return {"result": [pickle.dumps(self.fn(pickle.loads(b))) for b in batch["item"]]}
+
+
+def _apply_task(batch: dict[str, Any], fn_blob: bytes) -> dict[str, list]:
+    return _Apply(fn_blob)(batch)
+
+
+class RayExecutor(Executor):
+    """Ray Data over the cluster Ray is connected to (`init_ray` first)."""
+
+    name = "ray"
+    uses_ray = True
+
+    def workers(self, num_cpus: float = 1.0, num_gpus: float = 0.0) -> int:
+        import ray
+
+        res = ray.cluster_resources()
+        n = int(res.get("CPU", 1) // max(num_cpus, 0.001))
+        if num_gpus:
+            n = min(n, int(res.get("GPU", 0) // num_gpus))
+        return max(1, n)
+
+    def map(
+        self,
+        fn: Callable[[T], R],
+        items: Sequence[T],
+        *,
+        uses_model: bool = False,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+    ) -> Iterator[R]:
+        import ray
+
+        items = list(items)
+        if not items:
+            return
+        blob = pickle.dumps(fn)
+        ds = ray.data.from_items(
+            [{"item": pickle.dumps(item)} for item in items], override_num_blocks=len(items)
+        )
+        resources: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus or None}
+        if uses_model:
+            size = max(1, min(len(items), self.workers(num_cpus, num_gpus)))
+            # One call at a time per actor, run on the actor's own thread: an item is one
+            # whole unit of work, so Ray Data's default wrapper (the UDF on a helper thread
+            # while the actor thread batches) only costs time.
+            ds = ds.map_batches(
+                _Apply,
+                fn_constructor_args=(blob,),
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(
+                    size=size, max_concurrent_calls_per_actor=1, enable_true_multi_threading=True
+                ),
+                **resources,
+            )
+        else:
+            ds = ds.map_batches(_apply_task, fn_kwargs={"fn_blob": blob}, batch_size=1, **resources)
+        for row in ds.iter_rows():
+            yield pickle.loads(row["result"])
+
+
+LOCAL = LocalExecutor()
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> RayExecutor:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local Ray once."""
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # address="local": always a fresh local Ray, never a cluster some other `ray
+            # start` left running on this machine (join one with --ray-address/RAY_ADDRESS).
+            ray.init(
+                address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True
+            )
+        # Ray Data logs every dataset's plan at INFO; Primer's own progress lines say enough
+        # (pipeline/progress.py configures it, in workers too, before ray.data loads).
+        configure_ray_data_logging()
+        with contextlib.suppress(ImportError, AttributeError):
+            # ray.data may have been imported (and configured) before Primer set the variable.
+            from ray.data._internal.logging import configure_logging
+
+            configure_logging()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # Primer prints its own progress with rate and ETA
+    ctx.verbose_stats_logs = False
+    return RayExecutor()
+
+
+def executor_for(use_ray: bool) -> Executor:
+    """The executor a caller that knows only "Ray or not" means (Ray must be initialised)."""
+    return RayExecutor() if use_ray else LOCAL
+
+
+def collect(results: Iterable[R]) -> list[R]:
+    return list(results)

@@ -1,0 +1,1 @@
+"""Scheduled runs: Airflow 3 DAGs built from a recipe, one task per stage."""
