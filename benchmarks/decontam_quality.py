@@ -1,22 +1,23 @@
 """The `decontaminate` stage against lm-evaluation-harness's Janitor: recall, false
 positives, index build and throughput.
 
-What: on the real benchmark test sets of shared/data/benchmarks (~37k items), for Primer's
-`DecontaminateStage` (filters/decontam.py) and the peer, lm-evaluation-harness 0.4.13's
-`Janitor` (lm_eval/decontamination/janitor.py: the 13-gram decontamination of GPT-3's
+What: on the real benchmark test sets of shared/data/benchmarks, for Primer's
+`DecontaminateStage` (filters/decontam/decontaminate.py) and the peer,
+lm-evaluation-harness 0.4.13's `Janitor` (lm_eval/decontamination/janitor.py: the 13-gram decontamination of GPT-3's
 recipe that the harness ships, in its pure-Python mode; its C++ `janitor_util` is not on
 PyPI):
 - recall: 200 real items (60 GSM8K, 70 MMLU, 45 ARC, 25 HumanEval; seed 7) planted into
   real FineWeb documents verbatim, reformatted and lightly rephrased, exactly as
-  tests/filters/test_decontam.py plants them. Primer counts a hit only when the planted
-  item is among the items it names; the Janitor does not name items, so it counts any hit.
-- false positives: the 500 FineWeb and 20 CCNet documents of data/sample, plus the 169
-  trafilatura evaluation pages and 22 dolma WARC pages of shared/data, extracted with
-  Primer's `extract` stage; every hit is printed, to be read by hand.
+  tests/filters/test_decontam.py plants them (benchmarks/decontam_planting.py). Primer
+  counts a hit only when the planted item is among the items it names; the Janitor does not
+  name items, so it counts any hit.
+- false positives: the FineWeb and CCNet documents of data/sample, plus the trafilatura
+  evaluation pages and the dolma WARC pages of shared/data, extracted with Primer's
+  `extract` stage; every hit is printed, to be read by hand.
 - index: seconds (wall and CPU) and memory to load the items and build the index, in a
   fresh child process each: Arrow's pool peak, and the growth of the peak RSS and of the
   RSS after the build (what a Ray actor keeps), over the RSS before loading the items.
-- throughput: docs/s and docs/CPU-s on the sample's 520 web documents replicated
+- throughput: docs/s and docs/CPU-s on the sample's web documents replicated
   `--replicate` times; Primer calls the stage on 1,000-row tables (as the runner does), the
   Janitor `clean_python(text)` per document. The ratio is Primer / Janitor.
 
@@ -52,16 +53,16 @@ import pyarrow.compute as pc
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from filters.decontam import (  # noqa: E402
+from benchmarks.decontam_planting import FORMS, planted_docs  # noqa: E402
+from filters.decontam.benchmarks import Item, load_items  # noqa: E402
+from filters.decontam.decontaminate import (  # noqa: E402
     DecontamConfig,
     DecontaminateStage,
-    Item,
     load_index,
-    load_items,
 )
-from tests.conftest import SAMPLE, SHARED, fineweb_docs  # noqa: E402
-from tests.filters.test_decontam import _FORMS, planted_docs  # noqa: E402
 
+SHARED = REPO.parent / "shared" / "data"
+SAMPLE = REPO / "data" / "sample"
 BENCH = SHARED / "benchmarks"
 PEER = REPO / ".bench" / "lm_eval_site" / "lm_eval" / "decontamination" / "janitor.py"
 
@@ -101,6 +102,15 @@ def peer_hit(jan: Any, text: str) -> bool:
     )
 
 
+def fineweb_docs() -> list[dict]:
+    """The FineWeb documents of data/sample (id, text, url, timestamp)."""
+    docs: list[dict] = []
+    for f in sorted(SAMPLE.glob("fineweb-*.jsonl.gz")):
+        with gzip.open(f, "rt", encoding="utf-8") as fh:
+            docs.extend(json.loads(line) for line in fh)
+    return docs
+
+
 # --- index build, each in a fresh process ---------------------------------------------------
 
 
@@ -112,7 +122,7 @@ def _rss_mb() -> float:
 def _build_child(which: str, out: Any) -> None:
     import pyarrow as pa
 
-    from filters.dedup import normalise
+    from filters.text import normalise
 
     normalise(pa.array(["warm up"]))  # imports and Arrow's pool, not the index
     rss0 = _rss_mb()
@@ -187,7 +197,7 @@ def run_primer(stage: DecontaminateStage, texts: list[str]) -> pa.Table:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--replicate", type=int, default=4, help="copies of the 520 web docs")
+    ap.add_argument("--replicate", type=int, default=4, help="copies of the sample's web docs")
     args = ap.parse_args()
     load_janitor()  # fail early when the peer is missing
     report: dict[str, Any] = {}
@@ -201,12 +211,12 @@ def main() -> None:
     stage.setup()
     jan = build_peer(list(items.values()))
 
-    texts, meta = planted_docs(items)
+    texts, meta = planted_docs(items, [d["text"] for d in fineweb_docs()])
     hit_items = run_primer(stage, texts)["contam_items"].to_pylist()
     found = [json.loads(x) if x else [] for x in hit_items]
     peer = [peer_hit(jan, t) for t in texts]
     recall: dict[str, dict[str, float]] = {}
-    for form in _FORMS:
+    for form in FORMS:
         rows = [k for k, (f, _) in enumerate(meta) if f == form]
         recall[form] = {
             "primer_item": round(float(np.mean([meta[k][1] in found[k] for k in rows])), 3),

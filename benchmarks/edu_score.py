@@ -1,6 +1,6 @@
 """The `edu_score` stage against a raw fastText predict and datatrove's fastText filter.
 
-What: documents/second per core of the `edu_score` stage (filters/edu.py) at several
+What: documents/second per core of the `edu_score` stage (filters/edu/score.py) at several
 levels, from the bare model call up to the stage as a recipe runs it, each against two
 floors with the same model: `raw/predict`, fastText's `model.predict(lines, k=-1,
 threshold=0.0)` alone over the model's lines made beforehand (the strictest), and
@@ -154,10 +154,10 @@ BREAKDOWN = Row("diag/runner", "runner work per part, broken down")
 
 def prepare_model() -> Path:
     if not MODEL.is_file():
-        from filters.edu import EduTrainStage
+        from filters.edu.train import EduTrainStage
 
         stage = EduTrainStage(label_files=[str(LABELS)], cv_folds=0)
-        stage.build([str(p) for p in SAMPLE], str(MODEL_DIR), False)
+        stage.build([str(p) for p in SAMPLE], str(MODEL_DIR))
     return MODEL
 
 
@@ -322,7 +322,7 @@ def scorer_rows(engine: str) -> Callable[[list[str], dict], dict]:
 
 
 def stage_call(paths: list[str], spec: dict) -> dict:
-    from filters.edu import EduScoreStage
+    from filters.edu.score import EduScoreStage
 
     stage = EduScoreStage(model=str(MODEL))
     tables = list(batches(paths))
@@ -348,7 +348,7 @@ def _runner_result(manifest: dict) -> tuple[int, int]:
 def stage_local(paths: list[str], spec: dict, engine: str = "auto", out: str = "local") -> dict:
     """run_stage in-process, a fresh stage and output folder each pass: the whole call timed,
     setup() (model load) included; the process's one-time imports fall in the first pass."""
-    from filters.edu import EduScoreStage
+    from filters.edu.score import EduScoreStage
     from pipeline.stage_runner import run_stage
 
     manifests: list[dict] = []
@@ -445,7 +445,7 @@ def stage_ray(paths: list[str], spec: dict) -> dict:
 
 
 def _one_ray_run(paths: list[str], cores: int, name: str) -> dict:
-    from filters.edu import EduScoreStage
+    from filters.edu.score import EduScoreStage
     from pipeline.executor import RayExecutor
     from pipeline.stage_runner import run_stage
 
@@ -525,7 +525,7 @@ def _same_scores(docs: list) -> float:
     import numpy as np
     import pyarrow as pa
 
-    from filters.edu import expected_scores, label_values
+    from filters.edu.metrics import expected_scores, label_values
     from filters.fasttext_scorer import load_scorer
 
     scorer = load_scorer(MODEL)
@@ -556,7 +556,7 @@ def runner_breakdown(paths: list[str], spec: dict) -> dict:
     then, for comparison, write the whole rows as a stage that copies the text would, with
     zstd, lz4 and no compression; the stage's preprocessing and predict are timed again
     apart. `--passes` passes, the least time of each step kept."""
-    from filters.edu import EduScoreStage
+    from filters.edu.score import EduScoreStage
 
     stage = EduScoreStage(model=str(MODEL))
     stage(next(batches(paths[:1])).slice(0, WARMUP_DOCS))  # model load, untimed
@@ -569,7 +569,7 @@ def _breakdown_pass(paths: list[str], stage: Any) -> dict:
     import pyarrow.parquet as pq
 
     from filters.fasttext_scorer import load_scorer, one_line
-    from pipeline.parts import _fill_columns, _input_columns, _iter_input, plan_parts
+    from pipeline.parts import fill_columns, input_columns, iter_input, plan_parts
     from pipeline.schema import schema_for
 
     out = _fresh_out("breakdown")
@@ -586,7 +586,7 @@ def _breakdown_pass(paths: list[str], stage: Any) -> dict:
     for part in plan_parts(paths):
         schemas = {
             "columns": schema_for({"id", *stage.adds, "drop_reason"}),
-            "whole": schema_for({*_input_columns(part), *stage.adds, "drop_reason"}),
+            "whole": schema_for({*input_columns(part), *stage.adds, "drop_reason"}),
         }
         writers = {
             step: pq.ParquetWriter(
@@ -597,15 +597,15 @@ def _breakdown_pass(paths: list[str], stage: Any) -> dict:
             )
             for step, (what, codec) in WRITE_VARIANTS.items()
         }
-        it = _iter_input(part, BATCH_ROWS, ["id", *stage.needs])
+        it = iter_input(part, BATCH_ROWS, ["id", *stage.needs])
         while (table := timed("read", lambda it=it: next(it, None))) is not None:
             docs += len(table)
             result = timed("stage", lambda table=table: stage(table))
             # The stage's two big steps again, apart (not part of the runner's total).
             lines = timed("prep", lambda t=table: one_line(t["text"], **prep, newlines=False))
             timed("predict", lambda lines=lines: scorer.probs(lines, False, None))
-            cols = timed("conform", lambda r=result, s=schemas["columns"]: _fill_columns(r, s))
-            whole = _fill_columns(result, schemas["whole"])
+            cols = timed("conform", lambda r=result, s=schemas["columns"]: fill_columns(r, s))
+            whole = fill_columns(result, schemas["whole"])
             for step, w in writers.items():
                 r = cols if WRITE_VARIANTS[step][0] == "columns" else whole
                 timed(step, lambda w=w, r=r: w.write_table(r, row_group_size=max(len(r), 1)))

@@ -31,9 +31,9 @@ import httpx
 import pyarrow.parquet as pq
 
 from generators.generate import GenerateStage
-from generators.local_server import LocalServer
 from generators.seeds import STYLES, SeedsStage
-from generators.teacher import LocalServerConfig, TeacherConfig
+from generators.teacher.config import LocalServerConfig, TeacherConfig
+from generators.teacher.local import LocalServer
 from pipeline.stage_runner import run_stage
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="primer-bench-synth-"))
     per = max(1, args.prompts // len(STYLES))
     stats = SeedsStage(per_style=dict.fromkeys(STYLES, per), web_max_seeds=0).build(
-        [], str(work / "seeds"), False
+        [], str(work / "seeds")
     )
     parts = [str(work / "seeds" / f"{n}.parquet") for n in stats["part_names"]]
 

@@ -376,13 +376,14 @@ def _langid() -> Any:
 
 
 def _quality() -> Any:
-    from filters.quality import QualityStage
+    from filters.quality.quality import QualityStage
 
     return QualityStage()
 
 
 def primer_minhash(path: str, n: int) -> dict:
-    from filters.dedup import DedupConfig, minhash
+    from filters.dedup.config import DedupConfig
+    from filters.dedup.minhash import minhash
 
     config = DedupConfig()
 
@@ -394,7 +395,8 @@ def primer_minhash(path: str, n: int) -> dict:
 
 
 def primer_dedup_keys(path: str, n: int) -> dict:
-    from filters.dedup import DedupConfig, dedup_keys
+    from filters.dedup.config import DedupConfig
+    from filters.dedup.keys import dedup_keys
 
     config = DedupConfig()
 

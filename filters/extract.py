@@ -16,17 +16,15 @@ with `n_chars`, and every row that cannot yield text gets a recorded drop reason
                            its main-content pass take seconds to minutes (quadratic)
     extract:empty          no text, or fewer than `min_text_chars` non-blank characters
 
-Why the default backend is trafilatura: on trafilatura's English gold set (169 pages,
-`benchmarks/extraction_quality.py`) it scores F1 0.93 against resiliparse's 0.87, mostly by
-keeping boilerplate out (precision 0.91 against 0.80), which is what a pretraining corpus
-cares about most. resiliparse is 10-15x faster per core (~500-1000 pages/s against ~70-115)
-and stays one config key away (`backend: resiliparse`); at ~100 pages/s a core extracts a
-billion pages in ~3,000 core-hours, a cost worth paying once for cleaner text.
-`trafilatura_mode: fast` (no fallback extractors) matched trafilatura's default F1 (0.928
-against 0.929) with the most boilerplate kept out, at 1.4-1.6x its speed. Extraction runs
-as a per-row loop because each document is one call into a C (resiliparse) or lxml
-(trafilatura) library; the loop only touches the rows that need it, and the masks, the
-scatter of results and the drop reasons around it are vectorised.
+Why the default backend is trafilatura: on trafilatura's English gold set it scores higher
+than resiliparse, mostly by keeping boilerplate out, which is what a pretraining corpus
+cares about most; resiliparse is several times faster per core and stays one config key
+away (`backend: resiliparse`). `trafilatura_mode: fast` (no fallback extractors) keeps
+trafilatura's quality at a better speed. The README and `benchmarks/extraction_quality.py`
+give the measured F1 and pages/s. Extraction runs as a per-row loop because each document
+is one call into a C (resiliparse) or lxml (trafilatura) library; the loop only touches the
+rows that need it, and the masks, the scatter of results and the drop reasons around it
+are vectorised.
 
     python -m benchmarks.extraction_quality     # quality and speed of both backends
 """

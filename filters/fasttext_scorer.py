@@ -23,18 +23,17 @@ bigram. Two engines compute the same numbers:
   a softmax model's logits are linear in the average, so this is the same function, with
   `labels` floats per row where fastText reads `dim`. No Python object is made per
   document or token. The results differ from fastText's only by float rounding: fastText
-  adds up a line's rows in 32-bit floats, this engine in 64-bit over folded rows; about
-  3e-6 in a probability on FineWeb documents, 1.3e-5 on a 6,000-token line
+  adds up a line's rows in 32-bit floats, this engine in 64-bit over folded rows
   (tests/filters/test_fasttext_scorer.py checks it against `model.predict` on real and odd
-  text). About 2.3x predict's rate here (`python -m benchmarks.edu_score`).
+  text; README.md has the measured difference and speed, `python -m benchmarks.edu_score`).
 - `fasttext`: fastText's native `multilinePredict` on the same lines (UTF-8 bytes made in
   Arrow, so no Python str is decoded per document), exactly `model.predict`.
 
 `fused` covers what edu_train trains and DCLM-style classifiers: supervised, softmax loss,
 no character n-grams (`maxn` 0), not quantized. `engine="auto"` uses it for such a model
 and `fasttext` for anything else (a `.ftz`, hierarchical softmax, subwords), saying why.
-numba compiles the loop once per machine (cached beside this file, about 3 s) and is
-imported only when a scorer is built.
+numba compiles the loop once per machine (cached beside this file) and is imported only
+when a scorer is built.
 """
 
 from __future__ import annotations

@@ -1,34 +1,30 @@
-"""The `generate` and `validate` stages: synthetic documents from the teacher, then checked.
+"""The `generate` stage: synthetic documents from the teacher, one per seed prompt.
 
 `generate` (a GlobalStage) sends every prompt of its input (the `seeds` output) to the
-teacher interface of generators/teacher.py (`local`, `openai` or `vllm`), its answers
-stored by row id a request batch at a time (generators/batch.py): a run killed mid-way and
-started again generates only what is missing; nothing is generated twice or lost.
-`_state/_stamp.json` holds what decides the answers (model, sampling, budgets, seed, the
-templates' hashes, the input files): when that changes the stored answers are discarded;
-transport settings (`request_batch`, the teacher's URL, timeouts, retries, concurrency)
-may change freely. Sampling parameters and per-style token budgets come from config; each
-row records them with the teacher model, backend, token counts and finish reason. A failed
-request (timeout, dead server, garbage) is a row with `teacher_error`, its raw answer and
-reason `generate:teacher_error`; `primer run --retry-failed` asks exactly those again. A
-row that cannot be asked is recorded too: `generate:no_template` (its template is not in
+teacher (generators/teacher/: `local`, `openai` or `vllm`), its answers stored by row id a
+request batch at a time in `_state/completions/` (generators/teacher/checkpoint.py): a run
+killed mid-way and started again generates only what is missing; nothing is generated
+twice or lost. The runner discards the stored answers with the stage folder when what
+decides them changes (model, sampling, budgets, seed, the input, which chains the `seeds`
+stage's template and its hash); transport settings (`request_batch`, the teacher's URL,
+timeouts, retries, concurrency) are `transport_keys` and may change freely.
+
+Sampling parameters and per-style token budgets come from config; each row records them
+with the teacher model, backend, token counts and finish reason. A failed request
+(timeout, dead server, garbage) is a row with `teacher_error`, its raw answer and reason
+`generate:teacher_error`; `primer run --retry-failed` asks exactly those again. A row that
+cannot be asked is recorded too: `generate:no_template` (its template is not in
 configs/prompts/) or `generate:empty_prompt`.
 
 `dry_run: true` stops before the teacher starts and prints the number of prompts, the
-estimated prompt and completion tokens and the hours at `dry_run_tokens_per_s`.
-
-`validate` checks each generation: empty or outside word bounds, cut off at max_tokens,
-refusals and stock openings ("As an AI...", "Certainly! Here is..."), then the web path's
-own signals: Gopher repetition (filters/quality.py), language (filters/langid.py) and,
-with `edu_model`, the educational-value classifier (filters/edu.py). Rejected rows are
-kept with their reason (`validate:*`, `quality:*`, `langid:*`, `edu_score:*`).
+estimated prompt and completion tokens and the hours at `dry_run_tokens_per_s`. The
+generations are then checked by `validate` (generators/validate.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,26 +35,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import ConfigDict, Field
 
-from generators import batch
 from generators.prompts import Template, load_template
-from generators.teacher import ChatRequest, TeacherConfig, derive_seed, preflight_teacher
+from generators.teacher import checkpoint
+from generators.teacher.base import ChatRequest, derive_seed
+from generators.teacher.config import TeacherConfig
+from generators.teacher.factory import preflight_teacher
 from pipeline.executor import LOCAL, Executor
 from pipeline.io import iter_documents, write_json_atomic
-from pipeline.schema import FIELDS
-from pipeline.stage import (
-    DryRun,
-    GlobalStage,
-    PreflightError,
-    Stage,
-    StageConfig,
-    mark_dropped,
-    require_path,
-    set_column,
-)
+from pipeline.stage import DryRun, GlobalStage, StageConfig, mark_dropped, set_column
 
 log = logging.getLogger("primer.generate")
 
-DONE_FILE = batch.DONE_FILE
+DONE_FILE = checkpoint.DONE_FILE
 COMPLETIONS_DIR = "completions"
 ADDS = (
     "text", "teacher_model", "teacher_backend", "teacher_answer", "teacher_error",
@@ -148,7 +136,7 @@ class GenerateStage(GlobalStage):
     Config: ClassVar[type[StageConfig]] = GenerateConfig
     needs: ClassVar[tuple[str, ...]] = ("id", "prompt", "style", "template_id", "template_version")
     adds: ClassVar[tuple[str, ...]] = ADDS
-    transport_keys = batch.TRANSPORT_KEYS | {"dry_run", "dry_run_tokens_per_s"}
+    transport_keys = checkpoint.TRANSPORT_KEYS | {"dry_run", "dry_run_tokens_per_s"}
     retryable: ClassVar[bool] = True
 
     config: GenerateConfig
@@ -190,19 +178,6 @@ class GenerateStage(GlobalStage):
     def budget(self, style: str | None) -> int:
         return self.config.style_max_tokens.get(style or "", self.config.max_tokens)
 
-    def _stamp(self, inputs: Sequence[str]) -> dict[str, Any]:
-        """What decides the answers: the config (less transport), the inputs and the hash
-        of every template the seed rows name (a two-column read of the inputs)."""
-        names: set[str] = set()
-        cols = ("id", "template_id", "template_version")
-        for t in iter_documents(inputs, self.config.batch_rows, columns=cols):
-            names.update(pc.unique(_template_names(t)).drop_null().to_pylist())
-        templates = {}
-        for name in sorted(names):
-            t = _template(name)
-            templates[name] = t if isinstance(t, str) else t.sha256
-        return batch.state_stamp(self, inputs, templates=templates)
-
     def prepare(self, inputs: Sequence[str], state_dir: str, executor: Executor = LOCAL) -> None:
         cfg = self.config
         self.state_dir = str(state_dir)
@@ -215,11 +190,11 @@ class GenerateStage(GlobalStage):
                 cfg.dry_run_tokens_per_s,
             )
             raise DryRun(f"generate dry run: {json.dumps(est)}")
-        batch.open_state(state, self._stamp(inputs), self.name)
+        state.mkdir(parents=True, exist_ok=True)
         if (state / DONE_FILE).is_file():
             return
         requests = self._requests(inputs)
-        _, stats = batch.run_checkpointed(
+        _, stats = checkpoint.run_checkpointed(
             requests, state / COMPLETIONS_DIR, cfg.teacher, batch_size=cfg.request_batch,
             retry_rounds=cfg.retry_rounds, label=self.name,
         )  # fmt: skip
@@ -229,12 +204,12 @@ class GenerateStage(GlobalStage):
     def reopen_failed(self, state_dir: str) -> int:
         """Prompts whose generation failed; the next prepare() asks exactly those."""
         self.state_dir = str(state_dir)
-        return batch.reopen_failed(Path(state_dir), Path(state_dir) / COMPLETIONS_DIR)
+        return checkpoint.reopen_failed(Path(state_dir), Path(state_dir) / COMPLETIONS_DIR)
 
     def output_revision(self) -> str:
         if not self.state_dir:
             return ""
-        return batch.answers_revision(Path(self.state_dir) / COMPLETIONS_DIR)
+        return checkpoint.answers_revision(Path(self.state_dir) / COMPLETIONS_DIR)
 
     def setup(self) -> None:
         state = Path(self.state_dir or "")
@@ -242,7 +217,7 @@ class GenerateStage(GlobalStage):
             raise RuntimeError(
                 f"generate: no finished completions in {self.state_dir!r}; run prepare() first"
             )
-        self._done = batch.load_checkpoints(state / COMPLETIONS_DIR)
+        self._done = checkpoint.load_checkpoints(state / COMPLETIONS_DIR)
 
     def process(self, table: pa.Table) -> pa.Table:
         cfg = self.config
@@ -280,110 +255,3 @@ class GenerateStage(GlobalStage):
             [("no_template", no_template), ("empty_prompt", empty_prompt),
              ("not_generated", missing), ("teacher_error", failed)],
         )  # fmt: skip
-
-
-# --- validate --------------------------------------------------------------------------------
-
-REFUSALS = [
-    r"\bas an ai\b", r"\bas a language model\b", r"\bi(?:'m| am) (?:sorry|unable|not able)\b",
-    r"\bi can(?:no|')t (?:help|assist|provide|write|do)\b", r"\bi (?:cannot|won't) (?:help|comply)\b",
-]  # fmt: skip
-STOCK_OPENINGS = [
-    r"^\s*(?:certainly|sure|of course|absolutely)[!,.]", r"^\s*here(?:'s| is) (?:a|an|the|your)\b",
-    r"^\s*great question", r"^\s*i(?:'d| would) be (?:happy|glad) to",
-]  # fmt: skip
-
-
-class ValidateConfig(StageConfig):
-    """Settings of the `validate` stage."""
-
-    min_words: int = Field(60, ge=0)
-    max_words: int = Field(5_000, ge=1)
-    drop_truncated: bool = True
-    """Drop generations cut off at max_tokens (finish_reason "length")."""
-    refusal_patterns: list[str] = REFUSALS
-    """Case-insensitive regexes anywhere in the first 300 characters: a refusal."""
-    stock_openings: list[str] = STOCK_OPENINGS
-    """Case-insensitive regexes at the start: a chatty stock opening."""
-    repetition: bool = True
-    """Gopher repetition rules (the web path's thresholds, filters/quality.py)."""
-    languages: list[str] = ["en"]
-    min_lang_score: float = Field(0.65, ge=0, le=1)
-    edu_model: str | None = None
-    """An edu_train model ("@edu_train/model.bin"); with it, `edu_score` is added and rows
-    under `min_edu_score` are dropped."""
-    min_edu_score: float = Field(1.5, ge=0, le=5)
-
-
-class ValidateStage(Stage):
-    """Checks of synthetic documents; see the module docstring."""
-
-    name: ClassVar[str] = "validate"
-    version: ClassVar[int] = 1
-    Config: ClassVar[type[StageConfig]] = ValidateConfig
-    needs: ClassVar[tuple[str, ...]] = ("text",)
-    adds: ClassVar[tuple[str, ...]] = (
-        "n_chars", "lang", "lang_score", "edu_score", "edu_int", "edu_phase1", "edu_phase2",
-    )  # fmt: skip
-    uses_model: ClassVar[bool] = True
-
-    config: ValidateConfig
-
-    def preflight(self) -> None:
-        from filters.langid import LangIdStage
-
-        require_path("edu_model", self.config.edu_model, "file")
-        try:
-            LangIdStage(languages=self.config.languages).preflight()
-        except PreflightError as e:
-            raise PreflightError("languages", e.message) from None
-
-    def setup(self) -> None:
-        from filters.langid import LangIdStage
-        from filters.quality import QualityStage
-
-        cfg = self.config
-        self._refusal = re.compile("|".join(f"(?:{p})" for p in cfg.refusal_patterns), re.I)
-        self._stock = re.compile("|".join(f"(?:{p})" for p in cfg.stock_openings), re.I)
-        self._langid = LangIdStage(languages=cfg.languages, min_score=cfg.min_lang_score)
-        self._quality = (
-            QualityStage(gopher_quality=False, c4=False, fineweb=False) if cfg.repetition else None
-        )
-        self._edu = None
-        if cfg.edu_model:
-            from filters.edu import EduScoreStage
-
-            self._edu = EduScoreStage(
-                model=cfg.edu_model, phase1_min_score=cfg.min_edu_score,
-                phase2_min_score=max(cfg.min_edu_score, 2.5),
-            )  # fmt: skip
-
-    def process(self, table: pa.Table) -> pa.Table:
-        cfg = self.config
-        text = pc.fill_null(table["text"], "")
-        words = pc.list_value_length(pc.utf8_split_whitespace(text))
-        head = pc.utf8_slice_codeunits(text, 0, 300).to_pylist()
-        refusal = pa.array([bool(self._refusal.search(h)) for h in head], pa.bool_())
-        stock = pa.array([bool(self._stock.search(h)) for h in head], pa.bool_())
-        rules = [
-            ("empty", pc.equal(words, 0)),
-            ("too_short", pc.less(words, cfg.min_words)),
-            ("too_long", pc.greater(words, cfg.max_words)),
-            ("refusal", refusal),
-            ("stock_opening", stock),
-        ]
-        if cfg.drop_truncated and "finish_reason" in table.column_names:
-            rules.append(
-                ("truncated", pc.equal(pc.fill_null(table["finish_reason"], ""), "length"))
-            )
-        table = set_column(table, "n_chars", pc.utf8_length(text))
-        table = mark_dropped(table, self.name, rules)
-        table = self._langid(table)
-        if self._quality is not None:
-            table = self._quality(table)
-        if self._edu is not None:
-            table = self._edu(table)
-        for name in self.adds:  # declared columns are present, null without an edu model
-            if name not in table.column_names:
-                table = table.append_column(name, pa.nulls(len(table), FIELDS[name].type))
-        return table

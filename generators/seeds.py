@@ -16,6 +16,7 @@ The output is Parquet parts (`seeds-NNNNN.parquet`) that `generate` reads.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -196,6 +197,18 @@ class SeedsStage(ArtifactStage):
                 load_taxonomy(cfg.taxonomy)
             except (ValueError, yaml.YAMLError) as e:
                 raise PreflightError("taxonomy", str(e)) from None
+
+    def content_fingerprint(self) -> dict[str, str]:
+        """The template's and the taxonomy's sha256: editing either draws the prompts
+        again, and `generate`, which asks with that template, chains this in."""
+        cfg = self.config
+        out = {f"template.{cfg.template}": load_template(cfg.template).sha256}
+        tax = cfg.taxonomy if cfg.taxonomy is not None else str(DEFAULT_TAXONOMY)
+        if tax:
+            path = Path(os.path.expandvars(tax)).expanduser()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+            out["taxonomy"] = digest
+        return out
 
     def rows(self, inputs: Sequence[str]) -> pa.Table:
         cfg = self.config

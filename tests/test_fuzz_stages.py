@@ -218,7 +218,7 @@ def require_lid176() -> None:
 @pytest.fixture(scope="module")
 def edu_model(tmp_path_factory) -> str:
     """A tiny real fastText classifier (labels 0-4 by length) on the bundled FineWeb sample."""
-    from filters.edu import _fit_fasttext
+    from filters.edu.train import fit_fasttext
 
     folder = tmp_path_factory.mktemp("edu")
     lines = [
@@ -228,7 +228,7 @@ def edu_model(tmp_path_factory) -> str:
     (folder / "train.txt").write_text("\n".join(lines) + "\n")
     params = {"epoch": 5, "lr": 0.1, "dim": 8, "wordNgrams": 2, "bucket": 20_000,
               "minCount": 1, "thread": 1, "seed": 0}  # fmt: skip
-    _fit_fasttext(str(folder / "train.txt"), params, str(folder / "model.bin"))
+    fit_fasttext(str(folder / "train.txt"), params, str(folder / "model.bin"))
     return str(folder / "model.bin")
 
 
@@ -253,7 +253,8 @@ def benchmarks(tmp_path_factory) -> str:
 
 
 def test_quality_scores_every_document():
-    from filters.quality import QUALITY_COLUMNS, QualityStage
+    from filters.quality.quality import QualityStage
+    from filters.quality.signals import QUALITY_COLUMNS
 
     table = fuzz_table()
     out = QualityStage()(table)
@@ -280,7 +281,7 @@ def test_langid_labels_every_document():
 
 
 def test_dedup_keeps_one_of_each_text_across_parts_with_repeated_ids(tmp_path):
-    from filters.dedup import DedupStage
+    from filters.dedup.dedup import DedupStage
 
     table = fuzz_table()
     half = len(TEXTS) // 2
@@ -296,7 +297,7 @@ def test_dedup_keeps_one_of_each_text_across_parts_with_repeated_ids(tmp_path):
 
 
 def test_edu_score_scores_every_document(edu_model):
-    from filters.edu import EduScoreStage
+    from filters.edu.score import EduScoreStage
 
     table = fuzz_table()
     for engine in ("fused", "fasttext"):
@@ -307,7 +308,7 @@ def test_edu_score_scores_every_document(edu_model):
 
 
 def test_validate_checks_every_document(edu_model):
-    from generators.generate import ValidateStage
+    from generators.validate import ValidateStage
 
     require_lid176()
     table = fuzz_table()
@@ -322,7 +323,7 @@ def test_validate_checks_every_document(edu_model):
 
 @pytest.mark.parametrize("mode", ["drop", "cut"])
 def test_decontaminate_every_document(benchmarks, mode):
-    from filters.decontam import DecontaminateStage
+    from filters.decontam.decontaminate import DecontaminateStage
 
     rng = random.Random(SEED + 2)
     texts = [
@@ -381,7 +382,7 @@ def _tokenize_part(tokenizer, table: pa.Table, folder: Path) -> dict:
     """The mixture's per-part tokenizing pass over `table` written as a stage part."""
     import pyarrow.parquet as pq
 
-    from pipeline.tokens.mixture import tokenize_part
+    from pipeline.tokens.token_cache import tokenize_part
 
     pq.write_table(table, folder / "part.parquet")
     return tokenize_part(tokenizer, str(folder / "part.parquet"), None, str(folder / "tok"), 64)
@@ -407,11 +408,11 @@ def test_the_mixture_tokenizes_a_kept_row_without_text(phi3, tmp_path):
 
 
 def _stage(name: str, edu_model: str, benchmarks: str):
-    from filters.decontam import DecontaminateStage
-    from filters.edu import EduScoreStage
+    from filters.decontam.decontaminate import DecontaminateStage
+    from filters.edu.score import EduScoreStage
     from filters.langid import LangIdStage
-    from filters.quality import QualityStage
-    from generators.generate import ValidateStage
+    from filters.quality.quality import QualityStage
+    from generators.validate import ValidateStage
 
     if name in ("langid", "validate"):
         require_lid176()
@@ -441,7 +442,7 @@ def test_a_batch_of_no_rows(name, edu_model, benchmarks):
 
 
 def test_dedup_and_extract_take_a_batch_of_no_rows(tmp_path):
-    from filters.dedup import DedupStage
+    from filters.dedup.dedup import DedupStage
     from filters.extract import ExtractStage
 
     table = fuzz_table().slice(0, 0)

@@ -5,18 +5,16 @@ source names a stage output (or files), an optional filter over its columns (a p
 expression such as `edu_score >= 2.5`), a weight (its share of the phase's tokens) and a cap
 on epochs. The stage runs in three steps:
 
-1. tokenize: every input part of every source is filtered and tokenized (the fast
-   tokenizer's batch API, one Ray Data actor per CPU, the tokenizer loaded once per actor)
-   into a Megatron indexed dataset under `RUN/_cache/tokens/`, keyed by the input file,
-   the filter and the tokenizer hash. A killed run keeps finished parts, and a changed
-   budget or weight re-mixes without re-tokenizing.
-2. allocate: counts the available tokens per source and decides each source's tokens and
-   epochs, `weight x budget`; a source that cannot supply its share within `max_epochs`
-   fails the stage with a message naming it and the shortfall (or, with
-   `on_short: scale`, shrinks the phase budget until every source fits, keeping the
-   weights). Whole epochs repeat every document; a fractional epoch takes documents in a
-   seeded order, cutting the last one so the source's tokens are exact.
-3. write: each phase's documents, in a seeded shuffle across its sources, stream into
+1. tokenize (pipeline/tokens/token_cache.py): every input part of every source is filtered
+   and tokenized once, fanned out through the executor (the tokenizer loaded once per
+   worker), into a cache under `RUN/_cache/tokens/` that a killed run or a re-mix reuses.
+2. allocate (pipeline/tokens/allocation.py): counts the available tokens per source and
+   decides each source's tokens and epochs, `weight x budget`; a source that cannot supply
+   its share within `max_epochs` fails the stage with a message naming it and the
+   shortfall (or, with `on_short: scale`, shrinks the phase budget until every source
+   fits, keeping the weights). Whole epochs repeat every document; a fractional epoch
+   takes documents in a seeded order, cutting the last one so the source's tokens are exact.
+3. write (here): each phase's documents, in a seeded shuffle across its sources, stream into
    `RUN/mixture/<phase>/shard-NNNNN.bin/.idx` (Megatron-LM's format; uint16 ids, each
    document ending with EOS), and `RUN/mixture/manifest.json` records per phase and source
    the documents, tokens and epochs, the tokenizer id and hash, seq_len, the seed and the
@@ -24,54 +22,41 @@ on epochs. The stage runs in three steps:
    (pipeline/tokens/loader.py), so no document is lost at a window edge and any seq_len can be
    read from the same shards.
 
-Memory: the driver holds per phase one small record per drawn document (~20 bytes);
-tokens stream from the cache to the shards in bounded buffers.
+Memory: the driver holds per phase four integers per drawn document (source, part,
+document, tokens taken); tokens stream from the cache to the shards in bounded buffers.
+
+    mixture:                  # a recipe's stage (configs/quickstart.yaml has the full one)
+      phases:
+        - name: phase1
+          tokens: 200k
+          sources:
+            - {name: web, input: "@edu_score", weight: 1.0, max_epochs: 1}
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
-import os
-import re
 import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.executor import LOCAL, Executor
-from pipeline.io import expand_inputs, iter_documents, read_json, write_json_atomic
+from pipeline.io import expand_inputs, read_json, write_json_atomic
 from pipeline.progress import Progress
 from pipeline.stage import ArtifactStage, PreflightError, StageConfig, is_ref
+from pipeline.tokens.allocation import MixtureError, SourcePlan, allocate, draw, parse_tokens
+from pipeline.tokens.token_cache import TokenizeJob, TokenizeTask, cache_key
 
 log = logging.getLogger("primer")
 
 MANIFEST_FORMAT = "primer-mixture/1"
 _OPEN_READERS = 128  # token-cache parts kept open while writing a phase (LRU)
-_SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-
-
-class MixtureError(ValueError):
-    """A mixture that cannot be built as configured (a source short of its share)."""
-
-
-def parse_tokens(value: int | float | str) -> int:
-    """Token counts as written in recipes: 400000, "400k", "2.5B", "3.3T"."""
-    if isinstance(value, int | float):
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9_.]+)\s*([kKmMbBgGtT]?)\s*", str(value))
-    if not m:
-        raise ValueError(f"not a token count: {value!r} (use e.g. 400000, '400k', '2.5B')")
-    return int(float(m.group(1).replace("_", "")) * _SUFFIX.get(m.group(2).lower(), 1))
 
 
 class SourceConfig(BaseModel):
@@ -164,116 +149,6 @@ class MixtureConfig(StageConfig):
         return self
 
 
-# ---------------------------------------------------------------------------------------
-# 1. tokenize
-
-
-def _filter_columns(expr: str | None) -> list[str]:
-    if expr is None:
-        return []
-    import polars as pl
-
-    return list(pl.sql_expr(expr).meta.root_names())
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def cache_key(path: str, expr: str | None, tokenizer_sha: str) -> str:
-    st = os.stat(path)
-    blob = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{expr}\0{tokenizer_sha}"
-    return f"{Path(path).stem[:40]}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
-
-
-def tokenize_part(
-    tokenizer: Any, path: str, expr: str | None, prefix: str, batch_rows: int
-) -> dict[str, Any]:
-    """Tokenize the kept rows of one input file that pass `expr` into the indexed dataset
-    `prefix` (each document + EOS); write `prefix.json` (the commit marker) last."""
-    import polars as pl
-
-    from pipeline.tokens.shards import IndexedDatasetWriter
-
-    columns = list(dict.fromkeys(["id", "text", *_filter_columns(expr)]))
-    predicate = pl.sql_expr(expr) if expr else None
-    rows_in = rows = no_text = 0
-    t0 = time.monotonic()
-    with IndexedDatasetWriter(prefix, dtype=np.uint16) as writer:
-        for table in iter_documents([path], batch_rows, columns=columns):
-            rows_in += len(table)
-            if predicate is not None:
-                missing = [c for c in columns if c not in table.column_names]
-                if missing:
-                    raise MixtureError(
-                        f"{path}: filter {expr!r} needs columns {missing}, which this input lacks"
-                    )
-                mask = pl.from_arrow(table.select(columns[2:])).select(predicate).to_series()
-                table = table.filter(pa.array(mask.fill_null(False).to_arrow()))
-            if table["text"].null_count:
-                # A kept row without text has no tokens to give; counted, never fatal.
-                no_text += table["text"].null_count
-                table = table.filter(pc.is_valid(table["text"]))
-            if not len(table):
-                continue
-            flat, lengths = tokenizer.encode_batch(table["text"].to_pylist())
-            writer.add_documents(*_with_eos(flat, lengths, tokenizer.eos_id))
-            rows += len(table)
-        info = writer.finalize()
-    stats = {
-        "input": path,
-        "input_sha256": _file_sha256(path),
-        "filter": expr,
-        "rows_in": rows_in,
-        "documents": rows,
-        "no_text": no_text,
-        "tokens": int(info["tokens"]),
-        "seconds": round(time.monotonic() - t0, 3),
-    }
-    write_json_atomic(f"{prefix}.json", stats)
-    return stats
-
-
-def _with_eos(flat: np.ndarray, lengths: np.ndarray, eos: int) -> tuple[np.ndarray, np.ndarray]:
-    """Append EOS to every document of a flat batch (one vectorised insert)."""
-    ends = np.cumsum(lengths)
-    return np.insert(flat, ends, np.asarray(eos, flat.dtype)), lengths + 1
-
-
-class _TokenizeTask:
-    """One input part per call; the tokenizer is loaded on first use, once per worker (the
-    executor keeps this object alive in each actor)."""
-
-    def __init__(self, tokenizer_spec: str, batch_rows: int) -> None:
-        self.tokenizer_spec = tokenizer_spec
-        self.batch_rows = batch_rows
-        self._tokenizer: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"tokenizer_spec": self.tokenizer_spec, "batch_rows": self.batch_rows}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)
-
-    def __call__(self, job: _Job) -> dict[str, Any]:
-        if self._tokenizer is None:
-            from pipeline.tokens.tokenizer import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.tokenizer_spec)  # one thread: one CPU each
-        return tokenize_part(self._tokenizer, job.path, job.filter, job.prefix, self.batch_rows)
-
-
-@dataclass
-class _Job:
-    path: str
-    filter: str | None
-    prefix: str
-
-
 def _input_files(spec: str) -> list[str]:
     """A stage output folder's committed parts, else files/globs."""
     p = Path(spec)
@@ -282,108 +157,6 @@ def _input_files(spec: str) -> list[str]:
 
         return output_files(p)
     return expand_inputs([spec])
-
-
-# ---------------------------------------------------------------------------------------
-# 2. allocate
-
-
-@dataclass
-class SourcePlan:
-    name: str
-    weight: float
-    max_epochs: float
-    available_tokens: int
-    available_documents: int
-    tokens: int = 0
-
-    @property
-    def epochs(self) -> float:
-        return self.tokens / self.available_tokens if self.available_tokens else 0.0
-
-
-def allocate(
-    phase: str,
-    budget: int,
-    sources: Sequence[SourcePlan],
-    on_short: Literal["fail", "scale"] = "fail",
-) -> int:
-    """Set each source's `tokens` to its share of `budget`; return the phase's tokens.
-
-    Shares are exact to one token (largest remainder). A source whose share exceeds
-    `available x max_epochs` fails the phase, or with on_short="scale" the budget shrinks
-    to the largest one at which every source fits.
-    """
-    capacity = {s.name: int(s.available_tokens * s.max_epochs) for s in sources}
-    short = [
-        (s, math.ceil(s.weight * budget) - capacity[s.name])
-        for s in sources
-        if math.ceil(s.weight * budget) > capacity[s.name]
-    ]
-    if short and on_short == "fail":
-        lines = [
-            f"source {s.name!r} needs {math.ceil(s.weight * budget):,} tokens "
-            f"({s.weight:.0%} of {budget:,}) but has {s.available_tokens:,} tokens "
-            f"({s.available_documents:,} documents) x max_epochs {s.max_epochs:g} = "
-            f"{capacity[s.name]:,}: short by {gap:,} tokens"
-            for s, gap in short
-        ]
-        raise MixtureError(
-            f"phase {phase!r} cannot meet its budget of {budget:,} tokens:\n  "
-            + "\n  ".join(lines)
-            + "\n  Lower the phase's tokens or this source's weight, raise its max_epochs, "
-            "add data, or set on_short: scale."
-        )
-    if short:
-        scaled = min(int(capacity[s.name] / s.weight) for s, _ in short)
-        while scaled > 0 and any(math.ceil(s.weight * scaled) > capacity[s.name] for s in sources):
-            scaled -= 1
-        if scaled <= 0:
-            empty = [s.name for s, _ in short if capacity[s.name] == 0]
-            raise MixtureError(
-                f"phase {phase!r}: sources {empty} have no tokens; nothing to scale to"
-            )
-        log.warning(
-            "mixture: phase %r scaled from %s to %s tokens: %s short of its share",
-            phase, f"{budget:,}", f"{scaled:,}", ", ".join(s.name for s, _ in short),
-        )  # fmt: skip
-        budget = scaled
-    exact = [s.weight * budget for s in sources]
-    shares = [math.floor(x) for x in exact]
-    for i in sorted(range(len(sources)), key=lambda i: shares[i] - exact[i])[
-        : budget - sum(shares)
-    ]:
-        shares[i] += 1
-    for s, n in zip(sources, shares, strict=True):
-        s.tokens = n
-    return budget
-
-
-def draw(
-    lengths: np.ndarray, tokens: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Documents (indices into `lengths`) and how many tokens of each to take so that
-    the total is exactly `tokens`: whole epochs in fresh seeded orders, then a partial
-    epoch whose last document is cut. Returns (doc indices, token counts)."""
-    total = int(lengths.sum())
-    if tokens <= 0 or total == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    full, rest = divmod(tokens, total)
-    docs = [rng.permutation(len(lengths)) for _ in range(full)]
-    if rest:
-        order = rng.permutation(len(lengths))
-        cum = np.cumsum(lengths[order])
-        k = int(np.searchsorted(cum, rest))  # the document that crosses `rest`
-        docs.append(order[: k + 1])
-    idx = np.concatenate(docs) if docs else np.empty(0, np.int64)
-    take = lengths[idx].astype(np.int64)
-    if rest:
-        take[-1] -= int(take.sum()) - tokens
-    return idx.astype(np.int64), take
-
-
-# ---------------------------------------------------------------------------------------
-# 3. the stage
 
 
 class MixtureStage(ArtifactStage):
@@ -424,8 +197,8 @@ class MixtureStage(ArtifactStage):
         t0 = time.monotonic()
 
         # -- 1. tokenize every (input part, filter) once ---------------------------------
-        parts: dict[tuple[str, str], list[_Job]] = {}
-        jobs: dict[str, _Job] = {}
+        parts: dict[tuple[str, str], list[TokenizeJob]] = {}
+        jobs: dict[str, TokenizeJob] = {}
         for phase in cfg.phases:
             for src in phase.sources:
                 files = [f for spec in src.input for f in _input_files(spec)]
@@ -433,7 +206,7 @@ class MixtureStage(ArtifactStage):
                     raise MixtureError(f"phase {phase.name!r} source {src.name!r}: no input files")
                 for f in files:
                     prefix = str(cache / cache_key(f, src.filter, tokenizer.sha256))
-                    job = jobs.setdefault(prefix, _Job(f, src.filter, prefix))
+                    job = jobs.setdefault(prefix, TokenizeJob(f, src.filter, prefix))
                     parts.setdefault((phase.name, src.name), []).append(job)
         pending = [j for j in jobs.values() if not Path(f"{j.prefix}.json").is_file()]
         log.info(
@@ -521,12 +294,12 @@ class MixtureStage(ArtifactStage):
             "manifest": str(out / "manifest.json"),
         }
 
-    def _tokenize(self, jobs: list[_Job], executor: Executor) -> None:
+    def _tokenize(self, jobs: list[TokenizeJob], executor: Executor) -> None:
         if not jobs:
             return
         cfg = self.config
         progress = Progress("mixture:tokenize", len(jobs))
-        task = _TokenizeTask(cfg.tokenizer, cfg.tokenize_batch_rows)
+        task = TokenizeTask(cfg.tokenizer, cfg.tokenize_batch_rows)
         for s in executor.map(task, jobs, uses_model=True):
             progress.update(parts=1, rows=s["documents"])
         progress.close()
@@ -536,7 +309,7 @@ class MixtureStage(ArtifactStage):
         folder: Path,
         order: np.ndarray,
         phase: PhaseConfig,
-        parts: dict[tuple[str, str], list[_Job]],
+        parts: dict[tuple[str, str], list[TokenizeJob]],
         eos: int,
     ) -> list[dict[str, Any]]:
         """Stream the drawn documents into shards of at most shard_max_tokens tokens."""
@@ -588,7 +361,7 @@ class MixtureStage(ArtifactStage):
         src: SourceConfig,
         plan: SourcePlan,
         rows: np.ndarray,
-        parts: dict[tuple[str, str], list[_Job]],
+        parts: dict[tuple[str, str], list[TokenizeJob]],
         stats: dict[str, dict[str, Any]],
         phase: PhaseConfig,
     ) -> dict[str, Any]:

@@ -37,18 +37,17 @@ pool has one thread per core of the node, so N workers would run N x cores threa
 over N cores. The Rust library reads TOKENIZERS_PARALLELISM at every call, so `set_threads(1)`
 (what loading and unpickling do unless told `threads=`) takes effect at once; RAYON_NUM_THREADS,
 which `set_threads(n)` sets for n > 1, is read only when the library first starts its pool, so
-a larger n must come before the first parallel encode in the process. Measured on the FineWeb
-sample pinned to one core, a 2-thread pool was no faster than none (median 1.01x slower).
+a larger n must come before the first parallel encode in the process. On one core, a 2-thread
+pool was measured no faster than none.
 
-Pickling sends the name, the canonical JSON (1.3 MB) and the resolved ids, never a live handle;
-unpickling rebuilds the tokenizer from that JSON (~0.2 s) without touching the network or the
-asset cache, so a Ray worker gets exactly the tokenizer the driver loaded.
+Pickling sends the name, the canonical JSON and the resolved ids, never a live handle;
+unpickling rebuilds the tokenizer from that JSON without touching the network or the asset
+cache, so a Ray worker gets exactly the tokenizer the driver loaded.
 
 `encode_batch` uses `encode_batch_fast` (no offsets) when the library has it and turns ids into
 numpy with one `np.array` per document and one `np.concatenate`; measured against
 `np.fromiter` over `itertools.chain`, a preallocated buffer and one flat list, it was the
-fastest, and its cost (~55 ns/token) is almost all the library building each document's Python
-list of ids.
+fastest, and its cost is almost all the library building each document's Python list of ids.
 """
 
 from __future__ import annotations

@@ -6,32 +6,23 @@ model's vocabulary (a tokenizer/model mismatch), windows that are all padding. T
 trains `transformers.Phi3ForCausalLM` on the mixture's own batches and fails loudly
 (`TrainSmokeError`) if the loss does not fall.
 
-The model is built from `configs/models/<name>.yaml`, `transformers.Phi3Config` kwargs:
-`phi3_mini` is the real Phi-3-mini-4k architecture (3,821,079,552 parameters, counted on
-the meta device and never allocated), `phi3_tiny` the same family at 2 layers x 128 wide
-with the full 32,064-id vocabulary, so real Phi-3 token ids go in unchanged. Training is
-fp32 AdamW with a short linear warmup, cosine decay to a tenth and gradient clipping at 1.0.
-The loss is computed here from the logits: the loader's labels are already shifted
-(labels[t] is the target of position t, -100 ignored), and passing them to the model would
-shift them a second time.
-
-The default smoke (phi3_tiny, 40 steps of 4 x 256 tokens, 2 threads) trains in 20-25 s on
-an idle 2-core CPU (under 30 s with the imports); its loss falls from ~10.1 to ~7.7 on
-FineWeb text.
+The model is built from `configs/models/<name>.yaml` (pipeline/tokens/phi3.py); the
+default, `phi3_tiny`, has the full 32,064-id vocabulary, so real Phi-3 token ids go in
+unchanged. Training is fp32 AdamW with a short linear warmup, cosine decay to a tenth and
+gradient clipping at 1.0. The loss is computed here from the logits: the loader's labels
+are already shifted (labels[t] is the target of position t, -100 ignored), and passing
+them to the model would shift them a second time.
 
     primer train-smoke runs/quickstart --steps 40 --model phi3_tiny --seq-len 256
 
-    from pipeline.tokens.train_smoke import count_parameters, load_model_config
+    from pipeline.tokens.train_smoke import train_smoke_from_mixture
     metrics = train_smoke_from_mixture("runs/quickstart/mixture", out_dir="runs/quickstart/smoke")
-    count_parameters(load_model_config("phi3_mini"))  # 3821079552
 
 Needs the `train` extra (torch, transformers); both import lazily, inside the functions.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
 import logging
 import math
@@ -42,11 +33,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import yaml
 from pydantic import Field
 
 from pipeline.executor import LOCAL, Executor
 from pipeline.stage import ArtifactStage, PreflightError, StageConfig, require_path
+from pipeline.tokens.phi3 import ModelConfigError, load_model_config, model_config_path
 
 if TYPE_CHECKING:
     import torch
@@ -54,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("primer")
 
-MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 LOSS_CHUNK_TOKENS = 128
@@ -67,10 +57,6 @@ MIN_RELATIVE_DROP = 0.1
 """The loss "fell" when last_loss < first_loss * (1 - MIN_RELATIVE_DROP). From a fresh
 init (loss ~ ln 32064 = 10.4) a few dozen steps on real text fall by several nats; a run
 that moves less than 10% is not learning."""
-
-# Phi3Config kwargs that are not dataclass fields: the legacy RoPE keys it converts into
-# `rope_parameters`, and `head_dim`, which Phi3Attention reads when present.
-_EXTRA_CONFIG_KEYS = frozenset({"rope_theta", "rope_scaling", "partial_rotary_factor", "head_dim"})
 
 # What the metrics record about the architecture.
 _ARCH_KEYS = (
@@ -86,125 +72,8 @@ _ARCH_KEYS = (
 )
 
 
-class ModelConfigError(ValueError):
-    """A model YAML that cannot build a Phi3Config; the message names the file and the key."""
-
-
 class TrainSmokeError(RuntimeError):
     """The smoke could not train, or trained and the loss did not fall."""
-
-
-# -- model configs ------------------------------------------------------------------------
-
-
-def model_names() -> list[str]:
-    """The model configs shipped in configs/models/, by name."""
-    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
-
-
-def model_config_path(path_or_name: str | Path) -> Path:
-    """`phi3_tiny` -> configs/models/phi3_tiny.yaml; a path is returned as it is."""
-    text = str(path_or_name)
-    if "/" not in text and not text.endswith((".yaml", ".yml")):
-        path = MODELS_DIR / f"{text}.yaml"
-        if not path.is_file():
-            raise ModelConfigError(
-                f"no model config named {text!r}; known: {', '.join(model_names())} "
-                f"(or give a path to a YAML of Phi3Config kwargs)"
-            )
-        return path
-    path = Path(path_or_name)
-    if not path.is_file():
-        raise ModelConfigError(f"{path}: model config not found")
-    return path
-
-
-def load_model_config(path_or_name: str | Path, **overrides: Any) -> Phi3Config:
-    """A `transformers.Phi3Config` from a model YAML (a name in configs/models/ or a path).
-
-    Unknown keys are an error naming the key and the closest valid one: Phi3Config itself
-    keeps a misspelt kwarg as a stray attribute and builds the default model. `overrides`
-    replace keys of the file (`load_model_config("phi3_tiny", num_hidden_layers=4)`).
-    """
-    from transformers import Phi3Config
-
-    path = model_config_path(path_or_name)
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    if not isinstance(raw, dict):
-        raise ModelConfigError(f"{path}: expected a mapping of Phi3Config kwargs")
-    raw = {**raw, **overrides}
-    known = {f.name for f in dataclasses.fields(Phi3Config)} | _EXTRA_CONFIG_KEYS
-    for key in raw:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = (
-                f"did you mean {close[0]!r}?"
-                if close
-                else f"valid keys: {', '.join(sorted(known))}"
-            )
-            raise ModelConfigError(f"{path}: unknown key {key!r} ({hint})")
-    try:
-        config = Phi3Config(**raw)
-    except Exception as e:  # strict-dataclass type errors, RoPE validation
-        raise ModelConfigError(f"{path}: not a valid Phi3Config: {e}") from e
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    if "head_dim" not in raw and config.hidden_size % heads:
-        raise ModelConfigError(
-            f"{path}: hidden_size {config.hidden_size} is not a multiple of "
-            f"num_attention_heads {heads}"
-        )
-    if heads % kv:
-        raise ModelConfigError(
-            f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
-        )
-    return config
-
-
-def phi3_parameter_breakdown(config: Phi3Config) -> dict[str, int]:
-    """Parameters of Phi3ForCausalLM by tensor kind, from the config alone (no biases)."""
-    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q = config.num_attention_heads * head_dim
-    kv = config.num_key_value_heads * head_dim
-    embed = config.vocab_size * h
-    return {
-        "embed_tokens": embed,
-        "qkv_proj": layers * h * (q + 2 * kv),
-        "o_proj": layers * q * h,
-        "gate_up_proj": layers * h * 2 * inter,
-        "down_proj": layers * inter * h,
-        "layer_norms": layers * 2 * h,  # input_layernorm, post_attention_layernorm
-        "final_norm": h,
-        "lm_head": 0 if config.tie_word_embeddings else embed,
-    }
-
-
-def expected_phi3_parameters(config: Phi3Config) -> int:
-    """The analytic parameter count of Phi3ForCausalLM(config); see phi3_parameter_breakdown."""
-    return sum(phi3_parameter_breakdown(config).values())
-
-
-def count_parameters(config: Phi3Config) -> int:
-    """Parameters of Phi3ForCausalLM(config), counted on the meta device (no weights allocated).
-
-    Raises if the count disagrees with `expected_phi3_parameters`, i.e. if transformers'
-    Phi-3 changed shape under us.
-    """
-    import torch
-    from transformers import Phi3ForCausalLM
-
-    with torch.device("meta"):
-        model = Phi3ForCausalLM(config)
-    counted = sum(p.numel() for p in model.parameters())  # tied weights are listed once
-    expected = expected_phi3_parameters(config)
-    if counted != expected:
-        raise RuntimeError(
-            f"Phi3ForCausalLM has {counted:,} parameters but the Phi-3 formula gives "
-            f"{expected:,} ({phi3_parameter_breakdown(config)}); transformers' Phi-3 layout "
-            "changed, update phi3_parameter_breakdown"
-        )
-    return counted
 
 
 # -- training -------------------------------------------------------------------------------
@@ -276,9 +145,8 @@ def _loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Te
     The lm_head and the softmax run LOSS_CHUNK_TOKENS positions at a time rather than on one
     [tokens, 32064] logits tensor: each chunk's buffers stay under glibc's 32 MB mmap cap and
     are reused from the heap, where a full-size tensor is mapped and page-faulted afresh
-    every step. On phi3_tiny with 4 x 256 tokens (interleaved runs, 1 thread): 5x fewer page
-    faults, ~10% less CPU time a step and a lower peak; the loss equals the unchunked one
-    up to fp32 summation order.
+    every step: fewer page faults, less CPU time a step and a lower peak. The loss equals
+    the unchunked one up to fp32 summation order.
     """
     import torch.nn.functional as F
 

@@ -11,9 +11,8 @@ the smoke train's loss curve. A section whose stage is not in the run says so an
 skipped; a section that fails says why and the rest of the report is still written.
 
 Why this shape:
-- One self-contained file: CSS and charts are inline; charts are SVG drawn here (bars,
-  histograms, one line chart), not matplotlib: no plotting dependency in a core install,
-  about 0.6-1 s less import time per run, and text in charts stays text.
+- One self-contained file: CSS and charts are inline; charts are SVG drawn as strings
+  (pipeline/views/svg.py: bars, histograms, one line chart), not matplotlib.
 - Document text is untrusted (any web page, any teacher output): every string from the run
   is HTML-escaped, URLs are shown as text and never linked, and a Content-Security-Policy
   forbids scripts and remote loads even if something slipped through.
@@ -25,7 +24,6 @@ Why this shape:
 from __future__ import annotations
 
 import argparse
-import html
 import logging
 import os
 import sys
@@ -37,13 +35,13 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.views.runs import SAMPLE_SEED, MissingData, Run, histogram, open_run
+from pipeline.views.frames import SAMPLE_SEED, histogram
+from pipeline.views.runs import MissingData, Run, open_run
+from pipeline.views.svg import DROPPED, KEPT, PALETTE, esc, fmt_num, svg_hbars, svg_hist, svg_line
 
 log = logging.getLogger("primer")
 
 MAX_PARTS = 64  # parts scanned per stage for distributions and samples
-KEPT, DROPPED = "#4e79a7", "#e15759"
-PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#9c755f"]
 QUALITY_SIGNALS = [  # (column, clip at this quantile: long tails squash the rest)
     ("q_n_words", 0.99),
     ("q_mean_word_len", 0.995),
@@ -54,158 +52,8 @@ QUALITY_SIGNALS = [  # (column, clip at this quantile: long tails squash the res
 ]
 
 
-def esc(value: object) -> str:
-    """HTML-escape anything (quotes too: the result may sit in an attribute)."""
-    return html.escape("" if value is None else str(value), quote=True)
-
-
 def _secs(v: float | None) -> str:
     return "-" if v is None else f"{v:,.1f}"
-
-
-def _num(v: float | int | None, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 1):
-        return f"{int(v):,}"
-    if abs(v) >= 1000:
-        return f"{v:,.0f}"
-    return f"{v:.{digits}g}"
-
-
-# --- SVG charts ----------------------------------------------------------------------------
-def _svg(width: int, height: int, body: list[str], label: str) -> str:
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(label)}">'
-        + "".join(body)
-        + "</svg>"
-    )
-
-
-def _text(x: float, y: float, s: object, anchor: str = "start", cls: str = "") -> str:
-    c = f' class="{cls}"' if cls else ""
-    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{c}>{esc(s)}</text>'
-
-
-def _legend(items: Sequence[tuple[str, str]], x: float, y: float) -> list[str]:
-    out = []
-    for name, color in items:
-        out.append(f'<rect x="{x:.1f}" y="{y - 9:.1f}" width="10" height="10" fill="{color}"/>')
-        out.append(_text(x + 14, y, name))
-        x += 24 + 7 * len(name)
-    return out
-
-
-def svg_hbars(
-    labels: Sequence[str],
-    series: Sequence[tuple[str, Sequence[float], str]],
-    title: str,
-    width: int = 720,
-    fmt: Callable[[float], str] = _num,
-) -> str:
-    """Horizontal bars, one per label, each stacked from `series` (name, values, color)."""
-    row, gap, left, right, top = 18, 6, 150, 90, 40
-    totals = [sum(s[1][i] for s in series) for i in range(len(labels))]
-    scale = (width - left - right) / (max(totals, default=0) or 1)
-    height = top + len(labels) * (row + gap) + 4
-    body = [_text(0, 14, title, cls="t"), *_legend([(n, c) for n, _, c in series], left, 32)]
-    for i, label in enumerate(labels):
-        y = top + i * (row + gap)
-        short = label if len(label) <= 22 else label[:21] + "…"
-        body.append(_text(left - 6, y + row - 5, short, anchor="end"))
-        x = float(left)
-        for name, values, color in series:
-            w = values[i] * scale
-            if w > 0:
-                body.append(
-                    f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row}" fill="{color}">'
-                    f"<title>{esc(label)}: {esc(name)} {esc(fmt(values[i]))}</title></rect>"
-                )
-            x += w
-        body.append(_text(x + 4, y + row - 5, fmt(totals[i])))
-    return _svg(width, height, body, title)
-
-
-def svg_hist(
-    h: pl.DataFrame,
-    title: str,
-    width: int = 340,
-    height: int = 180,
-    by: str | None = "kept",
-    names: tuple[str, str] = ("kept", "dropped"),
-) -> str:
-    """A histogram from `inspect.histogram` (bin, lo, hi, [by], count), stacked by `by`
-    (True at the bottom, in KEPT's color; False above it, in DROPPED's)."""
-    left, right, top, bottom = 44, 10, 34, 30
-    pw, ph = width - left - right, height - top - bottom
-    bins = h["bin"].unique().sort().to_list()
-    lo = h.select(pl.col("lo").min()).item()
-    hi = h.select(pl.col("hi").max()).item()
-    if by is not None and by in h.columns:
-        layers = [(True, KEPT, names[0]), (False, DROPPED, names[1])]
-        counts = {
-            flag: dict(h.filter(pl.col(by) == flag).select("bin", "count").iter_rows())
-            for flag, _, _ in layers
-        }
-    else:
-        layers = [(True, KEPT, "documents")]
-        counts = {True: dict(h.select("bin", "count").iter_rows())}
-    stacks = [sum(counts[f].get(b, 0) for f, _, _ in layers) for b in bins]
-    ymax = max(stacks, default=0) or 1
-    bw = pw / max(len(bins), 1)
-    body = [_text(0, 13, title, cls="t")]
-    if len(layers) > 1:
-        body += _legend([(n, c) for _, c, n in layers], left, 28)
-    for i, b in enumerate(bins):
-        y = top + ph
-        for flag, color, name in layers:
-            c = counts[flag].get(b, 0)
-            if not c:
-                continue
-            bh = c / ymax * ph
-            y -= bh
-            row = h.filter(pl.col("bin") == b).row(0, named=True)
-            tip = f"{_num(row['lo'])} to {_num(row['hi'])}: {name} {c:,}"
-            body.append(
-                f'<rect x="{left + i * bw + 0.5:.1f}" y="{y:.1f}" width="{max(bw - 1, 0.5):.1f}" '
-                f'height="{bh:.1f}" fill="{color}"><title>{esc(tip)}</title></rect>'
-            )
-    axis_y = top + ph
-    body.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + pw}" y2="{axis_y}" class="ax"/>')
-    body.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{axis_y}" class="ax"/>')
-    body.append(_text(left - 4, top + 8, _num(ymax), anchor="end"))
-    body.append(_text(left - 4, axis_y, "0", anchor="end"))
-    if lo is not None:
-        body.append(_text(left, axis_y + 14, _num(lo), anchor="start"))
-        body.append(_text(left + pw / 2, axis_y + 14, _num((lo + hi) / 2), anchor="middle"))
-        body.append(_text(left + pw, axis_y + 14, _num(hi), anchor="end"))
-    return _svg(width, height, body, title)
-
-
-def svg_line(ys: Sequence[float], title: str, width: int = 720, height: int = 220) -> str:
-    """A line over steps 1..len(ys) with the y range and first/last step on the axes."""
-    left, right, top, bottom = 50, 12, 26, 30
-    pw, ph = width - left - right, height - top - bottom
-    lo, hi = min(ys), max(ys)
-    span = (hi - lo) or 1.0
-    n = len(ys)
-    pts = " ".join(
-        f"{left + (i / max(n - 1, 1)) * pw:.1f},{top + (hi - v) / span * ph:.1f}"
-        for i, v in enumerate(ys)
-    )
-    axis_y = top + ph
-    body = [
-        _text(0, 14, title, cls="t"),
-        f'<line x1="{left}" y1="{axis_y}" x2="{left + pw}" y2="{axis_y}" class="ax"/>',
-        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{axis_y}" class="ax"/>',
-        f'<polyline points="{pts}" fill="none" stroke="{KEPT}" stroke-width="2"/>',
-        _text(left - 4, top + 8, f"{hi:.3g}", anchor="end"),
-        _text(left - 4, axis_y, f"{lo:.3g}", anchor="end"),
-        _text(left, axis_y + 14, "step 1"),
-        _text(left + pw, axis_y + 14, f"step {n}", anchor="end"),
-    ]
-    return _svg(width, height, body, title)
 
 
 # --- HTML pieces ---------------------------------------------------------------------------
@@ -288,9 +136,9 @@ def section_funnel(run: Run, **_) -> str:
                 r["stage"],
                 r["uses"] if r["uses"] != r["stage"] else "",
                 r["kind"],
-                _num(r["rows_in"]),
-                _num(r["kept"]),
-                _num(r["dropped"]),
+                fmt_num(r["rows_in"]),
+                fmt_num(r["kept"]),
+                fmt_num(r["dropped"]),
                 f"{r['drop_fraction']:.1%}",
                 _secs(r["wall_seconds"]),
                 r["attempts"],
@@ -326,7 +174,7 @@ def section_drops(run: Run, **_) -> str:
         rows = [
             (
                 r["reason"],
-                _num(r["count"]),
+                fmt_num(r["count"]),
                 f"{r['share']:.1%}",
                 Raw(f'<span class="bar" style="width:{100 * r["count"] / total:.0f}px"></span>'),
             )
@@ -351,7 +199,10 @@ def section_language(run: Run, max_parts: int | None = MAX_PARTS, **_) -> str:
     out = _sampled_note(run, stage, max_parts)
     out += svg_hist(h, f"lang_score ({stage})", width=720, names=("kept", f"dropped by {stage}"))
     out += "<h3>Top languages</h3>" + table(
-        [(r["lang"], _num(r["documents"]), _num(r["kept"])) for r in langs.iter_rows(named=True)],
+        [
+            (r["lang"], fmt_num(r["documents"]), fmt_num(r["kept"]))
+            for r in langs.iter_rows(named=True)
+        ],
         ["lang", "documents", "kept"],
         num=[1, 2],
     )
@@ -390,7 +241,7 @@ def section_edu(run: Run, max_parts: int | None = MAX_PARTS, **_) -> str:
     aggs += [pl.col(c).sum().alias(c) for c in ("edu_phase1", "edu_phase2") if c in have]
     buckets = lf.group_by("edu_int").agg(aggs).sort("edu_int").collect()
     out += "<h3>Documents per edu_int</h3>" + table(
-        [tuple(_num(v) if i else v for i, v in enumerate(r)) for r in buckets.iter_rows()],
+        [tuple(fmt_num(v) if i else v for i, v in enumerate(r)) for r in buckets.iter_rows()],
         buckets.columns,
         num=list(range(1, buckets.width)),
     )
@@ -404,7 +255,7 @@ def section_edu(run: Run, max_parts: int | None = MAX_PARTS, **_) -> str:
         base = part.get("baseline_length") or {}
         for key in ("spearman", "roc_auc", "roc_auc_ge2", "macro_f1"):
             if key in part:
-                rows.append((name, key, _num(part[key]), _num(base.get(key))))
+                rows.append((name, key, fmt_num(part[key]), fmt_num(base.get(key))))
     if rows:
         out += "<h3>edu_train: classifier against the ratings</h3>" + table(
             rows, ["split", "metric", "edu_score", "document length (baseline)"], num=[2, 3]
@@ -428,7 +279,7 @@ def section_edu_samples(
         out.append(f"<h3>edu_int {esc(bucket)}</h3>")
         for r in g.iter_rows(named=True):
             status = "kept" if r.get("drop_reason") is None else f"dropped: {r['drop_reason']}"
-            meta = f"{r['id']} · edu_score {_num(r.get('edu_score'))} · {status}"
+            meta = f"{r['id']} · edu_score {fmt_num(r.get('edu_score'))} · {status}"
             if r.get("url"):
                 meta += f" · {r['url']}"
             out.append(f'<div class="meta">{esc(meta)}</div>')
@@ -449,7 +300,7 @@ def section_synthetic(run: Run, max_parts: int | None = MAX_PARTS, chars: int = 
         f"<p>Rows of <b>{esc(stage)}</b> (the last stage with synthetic lineage).</p>",
         table(
             [
-                (r[group], _num(r["documents"]), _num(r["kept"]))
+                (r[group], fmt_num(r["documents"]), fmt_num(r["kept"]))
                 for r in counts.iter_rows(named=True)
             ],
             [group, "documents", "kept"],
@@ -462,7 +313,7 @@ def section_synthetic(run: Run, max_parts: int | None = MAX_PARTS, chars: int = 
     for r in s.iter_rows(named=True):
         out.append(f"<h3>{esc(r.get(group))}: {esc(r['id'])}</h3>")
         skip = {"id", "text", "kept", "n_chars", "truncated"}
-        lineage = [(k, _num(v, 4) if isinstance(v, float) else v) for k, v in r.items()]
+        lineage = [(k, fmt_num(v, 4) if isinstance(v, float) else v) for k, v in r.items()]
         lineage = [(k, v) for k, v in lineage if k not in skip and v is not None]
         out.append(_kv(lineage))
         out.append(_doc(r["text"], r["truncated"], r["n_chars"]))
@@ -474,19 +325,19 @@ def section_mixture(run: Run, **_) -> str:
     df = run.mixture()
     tok = mix.get("tokenizer") or {}
     out = [
-        f"<p>Tokenizer <b>{esc(tok.get('name'))}</b> (vocabulary {_num(tok.get('vocab_size'))}, "
-        f"EOS {esc(tok.get('eos_id'))}), seq_len {_num(mix.get('seq_len'))}, "
+        f"<p>Tokenizer <b>{esc(tok.get('name'))}</b> (vocabulary {fmt_num(tok.get('vocab_size'))}, "
+        f"EOS {esc(tok.get('eos_id'))}), seq_len {fmt_num(mix.get('seq_len'))}, "
         f"seed {esc(mix.get('seed'))}.</p>"
     ]
     rows = [
         (
             r["phase"],
             r["source"],
-            _num(r["tokens"]),
+            fmt_num(r["tokens"]),
             f"{r['share']:.1%}",
-            _num(r["weight"]),
-            _num(r["documents"]),
-            f"{_num(r['epochs'])} / {_num(r['max_epochs'])}",
+            fmt_num(r["weight"]),
+            fmt_num(r["documents"]),
+            f"{fmt_num(r['epochs'])} / {fmt_num(r['max_epochs'])}",
             r["filter"] or "",
         )
         for r in df.iter_rows(named=True)
@@ -511,9 +362,9 @@ def section_train_smoke(run: Run, **_) -> str:
         raise MissingData("train_smoke/metrics.json has no losses")
     fell = "fell" if m.get("loss_fell") else "DID NOT FALL"
     out = (
-        f"<p>{len(losses)} steps, loss {_num(m.get('first_loss'))} → {_num(m.get('last_loss'))} "
-        f"({esc(fell)}); {_num(m.get('tokens'))} tokens at {_num(m.get('tokens_per_s'))} "
-        f"tokens/s; {_num(m.get('parameters'))} parameters.</p>"
+        f"<p>{len(losses)} steps, loss {fmt_num(m.get('first_loss'))} → {fmt_num(m.get('last_loss'))} "
+        f"({esc(fell)}); {fmt_num(m.get('tokens'))} tokens at {fmt_num(m.get('tokens_per_s'))} "
+        f"tokens/s; {fmt_num(m.get('parameters'))} parameters.</p>"
     )
     return out + svg_line(losses, "Smoke-train loss per step")
 

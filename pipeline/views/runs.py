@@ -11,7 +11,10 @@
     run.why("DOC_ID")                            # every stage the document went through
 
 Why: the notebooks in notebooks/ and the run report (pipeline/views/report.py) read a run the
-same way, so the loading lives here once and both stay short.
+same way, so the loading lives here once and both stay short. The module is over 500 lines
+because it is one class, `Run`, whose methods are that shared API; what is not a method
+lives beside it (pipeline/views/frames.py: sample picks and histograms; why.py: the "why
+was this document dropped?" answer and command line).
 
 Cheap by construction. Counts (funnel, drop reasons) come from `run_summary.json` and the
 stages' `_manifest.json`, never from a scan, so they also include rows a stage counts but
@@ -23,48 +26,21 @@ where asked for (`samples_per_edu_bucket`, `synthetic(text=...)`).
 A run may lack stages (a web-only recipe has no edu_score, synthetic path or mixture):
 `run.has("edu_score")` says so, and a helper whose stage is absent raises `MissingData`
 with a message naming what is missing.
-
-"Why was this document dropped?" Each stage writes the rows it drops with `drop_reason`
-and passes on only the kept ones, so a document's rows across the stages, in run order,
-end at the stage that dropped it (a `<stage>:error` row also has the message in `error`):
-
-    from pipeline.views.runs import open_run
-    open_run("runs/quickstart").why("DOC_ID")    # stage, part, drop_reason, error
-
-    python -m pipeline.views.runs why runs/quickstart DOC_ID
-
-`why` reads three columns (id, drop_reason, error) of the committed parts, filtered on
-the id while scanning; column parts (edu_score) hold id and drop_reason themselves, so no
-base part is joined. Without pipeline installed, the same with polars alone (stages
-differ in their columns, and older parts have no `error`: the scan takes the three,
-fills a missing one with nulls and ignores the rest; rows come in path order):
-
-    import polars as pl
-    pl.scan_parquet("runs/quickstart/*/*.parquet", schema={"id": pl.String, "drop_reason": pl.String, "error": pl.String}, missing_columns="insert", extra_columns="ignore", include_file_paths="part").filter(pl.col("id") == "DOC_ID").collect()
-
-Samples (`samples_per_edu_bucket`, `synthetic_samples`, the report's) are picked by the
-xxh64 of the id with a fixed seed, not by polars' hash (stable only within one polars
-version): a run shows the same documents on every machine and version.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
-import pyarrow as pa
-import xxhash
 
 from pipeline.io import column_base
-from pipeline.secrets import scrub
+from pipeline.views.frames import pick, spread
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RUN = "runs/quickstart"
@@ -88,7 +64,6 @@ LINEAGE = [
     "completion_tokens",
 ]
 EDU_COLUMNS = ["edu_score", "edu_int", "edu_phase1", "edu_phase2"]
-SAMPLE_SEED = 17
 # What `why` reads of every part: a missing column (older parts have no `error`) is null
 WHY_SCAN = {"id": pl.String, "drop_reason": pl.String, "error": pl.String}
 WHY_SCHEMA = {"stage": pl.String, "part": pl.String, "drop_reason": pl.String, "error": pl.String}
@@ -147,46 +122,6 @@ def _scan_part(path: Path) -> pl.LazyFrame:
     theirs = [c for c in own.collect_schema().names() if c != "id"]
     base = _scan_part(found[0]).filter(pl.col("drop_reason").is_null()).drop(theirs, strict=False)
     return pl.concat([base, own.drop("id")], how="horizontal")
-
-
-def sample_key(ids: pl.Series, seed: int = SAMPLE_SEED) -> pl.Series:
-    """xxh64 of each id's UTF-8 bytes with `seed` (null for a null id): the order samples
-    are picked in, the same on every polars version and machine."""
-    arr = pa.array(ids.cast(pl.String).to_arrow()).cast(pa.large_string())
-    _, offsets, data = arr.buffers()
-    off = np.frombuffer(offsets, np.int64)[arr.offset : arr.offset + len(arr) + 1].tolist()
-    mv = memoryview(data if data is not None else b"")
-    digest = xxhash.xxh64_intdigest
-    # one call per id, over the Arrow buffer (no vectorised xxh64 in polars or pyarrow);
-    # a pick hashes the ids of at most `max_parts` parts, once
-    keys = np.fromiter(
-        (digest(mv[a:b], seed) for a, b in zip(off[:-1], off[1:], strict=True)),
-        np.uint64,
-        len(arr),
-    )
-    return pl.Series(ids.name, keys, dtype=pl.UInt64).set(ids.is_null(), None)
-
-
-def pick(frame: pl.DataFrame, by: str, n: int, seed: int = SAMPLE_SEED) -> pl.DataFrame:
-    """The rows of up to `n` ids per value of `by`: those with the smallest `sample_key`
-    (ties by id), in that order; the same picks whatever order the rows come in."""
-    frame = frame.drop_nulls("id")
-    return (
-        frame.with_columns(_key=sample_key(frame["id"], seed))
-        .sort(["_key", "id"])
-        .filter(pl.int_range(pl.len()).over(by) < n)
-        .drop("_key")
-    )
-
-
-def _spread(items: list[Path], k: int | None) -> list[Path]:
-    """At most k items, evenly spread (first and last included), in order."""
-    if k is None or len(items) <= k:
-        return items
-    if k <= 1:
-        return items[:k]
-    step = (len(items) - 1) / (k - 1)
-    return [items[round(i * step)] for i in range(k)]
 
 
 class Run:
@@ -374,7 +309,7 @@ class Run:
             raise MissingData(
                 f"{self.path / name} has no Parquet parts (stage kind: {self.kind(name)})"
             )
-        files = _spread(files, max_parts)
+        files = spread(files, max_parts)
         if any(column_base(f) for f in files):  # column parts: each joined with its base
             lf = pl.concat([_scan_part(f) for f in files], how="diagonal_relaxed")
         else:
@@ -429,9 +364,9 @@ class Run:
         stage: str | None = None,
         max_parts: int | None = None,
     ) -> pl.DataFrame:
-        """Up to `n` documents per edu_int (0-5), picked by `sample_key` of the id (the same
-        ones every time, on every polars version), with the first `chars` characters of
-        their text. The pick reads only id and edu_int; text is then read for the picked
+        """Up to `n` documents per edu_int (0-5), picked by `frames.sample_key` of the id
+        (the same ones every time, on every polars version), with the first `chars`
+        characters of their text. The pick reads only id and edu_int; text is then read for the picked
         ids alone."""
         lf = self.stage(self.require("edu_score", stage), max_parts=max_parts)
         scored = (
@@ -510,7 +445,7 @@ class Run:
         max_parts: int | None = None,
     ) -> pl.DataFrame:
         """Up to `per_style` synthetic documents per style (kept ones unless `kept_only` is
-        False), picked by `sample_key` of the id, with their lineage and first `chars`
+        False), picked by `frames.sample_key` of the id, with their lineage and first `chars`
         characters."""
         lf = self.synthetic(stage=stage, kept_only=kept_only, max_parts=max_parts)
         group = "style" if "style" in lf.collect_schema().names() else "template_id"
@@ -532,8 +467,9 @@ class Run:
     def why(self, doc_id: str) -> pl.DataFrame:
         """stage, part, drop_reason, error: one row per stage (in run order) whose committed
         parts hold `doc_id`. Stages write the rows they drop and pass on only the kept ones,
-        so the first row with a drop_reason is the stage that dropped it (`dropped_by`);
-        none: every stage it reached kept it. An id in no stage gives an empty frame.
+        so the first row with a drop_reason is the stage that dropped it
+        (`pipeline.views.why.dropped_by`); none: every stage it reached kept it. An id in no
+        stage gives an empty frame.
 
         Reads only id, drop_reason and error, with the id filter applied while scanning,
         so it costs a pass over three columns, never the text."""
@@ -647,111 +583,3 @@ class Run:
             {"step": list(range(1, len(losses) + 1)), "loss": losses},
             schema={"step": pl.Int64, "loss": pl.Float64},
         )
-
-
-def histogram(
-    lf: pl.LazyFrame | pl.DataFrame,
-    column: str,
-    bins: int = 30,
-    by: str | None = None,
-    range: tuple[float, float] | None = None,  # noqa: A002 (numpy's name for it)
-    clip_quantile: float | None = None,
-) -> pl.DataFrame:
-    """Counts of `column` in `bins` equal-width bins (bin, lo, hi, [by], count), computed by
-    polars (two passes over that one column, never collected whole). Values outside the
-    range (or above the `clip_quantile` quantile) go into the edge bins; nulls and NaNs are
-    left out. Every bin (x every `by` value) is present, with 0 where empty."""
-    lf = lf.lazy()
-    x = pl.col(column).cast(pl.Float64)
-    lf = lf.filter(x.is_not_null() & x.is_finite())
-    if range is None:
-        hi = x.quantile(clip_quantile) if clip_quantile is not None else x.max()
-        lo_v, hi_v = lf.select(x.min(), hi.alias("_hi")).collect().row(0)
-    else:
-        lo_v, hi_v = range
-    if lo_v is None:  # no values at all
-        schema = {"bin": pl.Int32, "lo": pl.Float64, "hi": pl.Float64}
-        schema |= {by: pl.Boolean} if by else {}
-        return pl.DataFrame(schema=schema | {"count": pl.UInt32})
-    if hi_v is None or hi_v <= lo_v:
-        hi_v = lo_v + 1.0
-    width = (hi_v - lo_v) / bins
-    idx = ((x - lo_v) / width).floor().clip(0, bins - 1).cast(pl.Int32).alias("bin")
-    keys = [idx] + ([pl.col(by)] if by else [])
-    counts = lf.group_by(keys).agg(pl.len().alias("count")).collect()
-    grid = pl.DataFrame({"bin": pl.int_range(0, bins, eager=True).cast(pl.Int32)})
-    if by is not None:
-        grid = grid.join(counts.select(by).unique().sort(by), how="cross")
-    on = ["bin", by] if by else ["bin"]
-    return (
-        grid.join(counts, on=on, how="left")
-        .with_columns(
-            pl.col("count").fill_null(0).cast(pl.UInt32),
-            lo=lo_v + pl.col("bin") * width,
-            hi=lo_v + (pl.col("bin") + 1) * width,
-        )
-        .select("bin", "lo", "hi", *([by] if by else []), "count")
-        .sort(on)
-    )
-
-
-# --- "why was this document dropped?" ------------------------------------------------------
-def dropped_by(why: pl.DataFrame) -> dict[str, Any] | None:
-    """The row of `Run.why` that dropped the document (the first with a drop_reason), as a
-    dict; None when every stage it reached kept it (or it is in none)."""
-    rows = why.filter(pl.col("drop_reason").is_not_null())
-    return rows.row(0, named=True) if rows.height else None
-
-
-def format_why(why: pl.DataFrame, doc_id: str, run: str | os.PathLike | None = None) -> str:
-    """`Run.why` as text: a line per stage (kept, or the reason and any error message),
-    then which stage dropped the document, or that none did."""
-    where = f" in {run}" if run is not None else ""
-    if why.is_empty():
-        return (
-            f"no stage{where} has a document with id {doc_id!r} (ids are the input's own `id`, "
-            f'else "<file name>:<row>"; run.stage("extract").select("id") lists them)'
-        )
-    width = max(why["stage"].str.len_chars().max(), 5)
-    lines = [f"document {doc_id!r}{where}:"]
-    for r in why.iter_rows(named=True):
-        lines.append(f"  {r['stage']:<{width}}  {r['drop_reason'] or 'kept'}  ({r['part']})")
-        if r["error"]:
-            # the message may quote a request or a config value: no credential in a terminal
-            lines.append(f"  {'':<{width}}  error: {scrub(r['error'])}")
-    hit = dropped_by(why)
-    if hit is None:
-        lines.append(f"kept by every stage it went through (the last: {why['stage'][-1]})")
-    else:
-        lines.append(f"dropped by {hit['stage']}: {hit['drop_reason']}")
-    return "\n".join(lines)
-
-
-def why_command(run: str, doc_id: str) -> int:
-    """Print why `doc_id` was dropped in the run folder `run`; the exit code: 0 when some
-    stage has the document, 1 when none does, 2 when `run` is not a run folder.
-    `python -m pipeline.views.runs why RUN ID` (and `primer why RUN ID`) call this."""
-    try:
-        opened = open_run(run)
-    except FileNotFoundError as e:
-        print(f"primer why: {e}", file=sys.stderr)
-        return 2
-    frame = opened.why(doc_id)
-    print(format_why(frame, doc_id, opened.path))
-    return 0 if frame.height else 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.views.runs", description=__doc__.split("\n")[0]
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("why", help="every stage a document went through, and which dropped it")
-    w.add_argument("run", help="the run folder (what `primer run` wrote)")
-    w.add_argument("doc_id", help="the document's id")
-    args = p.parse_args(argv)
-    return why_command(args.run, args.doc_id)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline.orchestration.dags import stage_done
+from pipeline.orchestration.tasks import stage_done
 from pipeline.recipe import load_recipe
 from pipeline.run import run_recipe
 
@@ -158,7 +158,7 @@ def test_one_task_per_stage_in_recipe_order_with_an_outlet_asset(airflow, dag_id
         assert t["downstream"] == names[i + 1 : i + 2]
         assert t["outlets"] == [(airflow["run_dir"] / t["task_id"]).as_uri()]
         assert t["retries"] == 2
-        assert t["execution_timeout_s"] == 86400 + 120  # orchestrate's own timeout fires first
+        assert t["execution_timeout_s"] == 86400 + 120  # run_task's own timeout fires first
     assert dag["max_active_runs"] == 1  # runs of one DAG share the run folder
     assert dag["params"] == ["executor", "overrides", "ray_jobs_address"]
     assert dag["tags"] == ["primer"]

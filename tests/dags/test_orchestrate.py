@@ -1,4 +1,4 @@
-"""pipeline.orchestration.dags, what the DAG tasks call: the plan read from a recipe, the command
+"""pipeline.orchestration.tasks, what the DAG tasks call: the plan read from a recipe, the command
 for one stage, a local `primer` process (its failure says why), and a Ray job through a
 fake JobSubmissionClient (no Ray dashboard here: the Jobs API needs `ray[default]`)."""
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.orchestration import dags as orchestrate
-from pipeline.orchestration.dags import (
+from pipeline.orchestration import tasks
+from pipeline.orchestration.tasks import (
     Settings,
     StageFailed,
     StageTimeout,
@@ -29,7 +29,7 @@ from pipeline.orchestration.dags import (
     plan,
     run_local,
     run_ray_job,
-    run_stage,
+    run_task,
     submission_id,
 )
 
@@ -110,7 +110,7 @@ def test_plan_follows_the_recipe(tmp_path):
 
 
 def test_input_folder_stops_at_the_first_glob():
-    stage = orchestrate.StagePlan(
+    stage = tasks.StagePlan(
         "extract", "extract", Path("/r/extract"), (), ("/cc/2024/**/*.warc.gz", "/cc/a.wet")
     )
     assert input_folder(stage) == Path("/cc")
@@ -154,7 +154,7 @@ def test_run_stage_reports_primer_errors(tmp_path):
     """The real CLI, asked for a stage the recipe lacks: the task fails with its message."""
     s = Settings(recipe=RECIPE, run_dir=tmp_path)
     with pytest.raises(StageFailed) as e:
-        run_stage("nosuch", s)
+        run_task("nosuch", s)
     msg = str(e.value)
     assert "exit code 2" in msg
     assert "--stages: ['nosuch'] not in this recipe" in msg
@@ -170,12 +170,12 @@ def test_run_stage_runs_in_the_workdir_and_checks_the_manifest(tmp_path):
         recipe=RECIPE, run_dir=tmp_path, primer_bin=(sys.executable, "-c", fake), workdir=workdir
     )
     with pytest.raises(StageFailed, match="_manifest.json is not complete"):
-        run_stage("langid", s)
+        run_task("langid", s)
     assert (workdir / "ran_in").read_text() == str(workdir)
     (tmp_path / "langid").mkdir()
     manifest = {"stage": "langid", "complete": True, "rows_in": 5, "rows_out": 4}
     (tmp_path / "langid" / "_manifest.json").write_text(json.dumps(manifest))
-    result = run_stage("langid", s)
+    result = run_task("langid", s)
     assert result["rows_out"] == 4 and result["output"] == str(tmp_path / "langid")
 
 
@@ -192,7 +192,7 @@ class Job:
 
 @dataclass
 class FakeJobs:
-    """The JobSubmissionClient calls orchestrate makes; each submitted job walks
+    """The JobSubmissionClient calls run_ray_job makes; each submitted job walks
     `statuses`, one per get_job_status call, and its logs grow one line per call."""
 
     statuses: list[str]
@@ -215,7 +215,7 @@ class FakeJobs:
 
     def get_job_status(self, job_id):
         job = self._job(job_id)
-        if job.status not in orchestrate.TERMINAL:
+        if job.status not in tasks.TERMINAL:
             job.status = self.statuses[min(self.polls, len(self.statuses) - 1)]
         self.polls += 1
         return job.status
@@ -305,7 +305,7 @@ def test_run_stage_submits_a_ray_job_when_an_address_is_set(tmp_path):
     manifest = {"stage": "dedup", "complete": True, "rows_in": 9, "rows_out": 7}
     (tmp_path / "run" / "dedup" / "_manifest.json").write_text(json.dumps(manifest))
     jobs = FakeJobs(["RUNNING", "SUCCEEDED"])
-    result = run_stage("dedup", s, dag_id="primer_web", run_id="r1", client=jobs, poll_s=0)
+    result = run_task("dedup", s, dag_id="primer_web", run_id="r1", client=jobs, poll_s=0)
     assert result["rows_out"] == 7
     [sub] = jobs.submitted
     assert sub["submission_id"] == "primer-primer_web-r1-dedup"
@@ -372,14 +372,14 @@ def test_a_stage_runs_as_a_real_ray_job(tmp_path):
             ray_jobs_address=address,
             ray_primer_bin=str(Path(sys.executable).with_name("primer")),
         )
-        result = run_stage("extract", s, dag_id="d", run_id="r", client=client, poll_s=0.5)
+        result = run_task("extract", s, dag_id="d", run_id="r", client=client, poll_s=0.5)
         assert result["rows_in"] == result["rows_out"] > 0
         # the task's retry finds the finished job instead of running the stage again
-        run_stage("extract", s, dag_id="d", run_id="r", client=client, poll_s=0.5)
+        run_task("extract", s, dag_id="d", run_id="r", client=client, poll_s=0.5)
         ours = [j for j in client.list_jobs() if j.submission_id.startswith("primer-d-r-")]
         assert [j.submission_id for j in ours] == ["primer-d-r-extract"]
         with pytest.raises(StageFailed, match=r"--stages: \['nosuch'\] not in this recipe"):
-            run_stage("nosuch", s, dag_id="d", run_id="r", client=client, poll_s=0.5)
+            run_task("nosuch", s, dag_id="d", run_id="r", client=client, poll_s=0.5)
     finally:
         head.terminate()  # `ray start --block` stops the processes it started
         try:
@@ -390,9 +390,9 @@ def test_a_stage_runs_as_a_real_ray_job(tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_importing_orchestrate_does_not_import_airflow():
-    """The DAG factory lives here, but only `primer_dag` imports Airflow: the core install
-    (no `dags` extra) imports this module, and so does every `primer run` it starts."""
+def test_importing_orchestration_does_not_import_airflow():
+    """The DAG factory's module imports Airflow only inside `primer_dag`: the core install
+    (no `dags` extra) imports it and tasks.py, and so does every `primer run` it starts."""
     code = "import sys, pipeline.orchestration.dags; print('airflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

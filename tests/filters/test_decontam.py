@@ -1,10 +1,11 @@
-"""Tests of filters/decontam.py: benchmark loaders on the real test sets, n-gram hits and
+"""Tests of filters/decontam/: benchmark loaders on the real test sets, n-gram hits and
 misses on hand-made cases, cut mode, recall on benchmark items planted into real FineWeb
-documents, false positives on clean web text, and the stage under the runner.
+documents (benchmarks/decontam_planting.py), false positives on clean web text, the stage
+under the runner, and its fingerprint following the benchmark files.
 
 Run: .venv/bin/python -m pytest -q -s tests/filters/test_decontam.py  (-s prints the
-measured recall per planted form and the false-positive rate; ~10 s, half of it building
-the index of the ~37k real benchmark items once for the module)
+measured recall per planted form and the false-positive rate; about half of the time goes
+to building the index of the real benchmark items, once for the module)
 """
 
 from __future__ import annotations
@@ -23,12 +24,9 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from filters.decontam import (
-    DecontaminateStage,
-    Item,
-    hit_report,
-    load_items,
-)
+from benchmarks.decontam_planting import FORMS, plant, planted_docs, reformatted
+from filters.decontam.benchmarks import Item, load_items
+from filters.decontam.decontaminate import DecontaminateStage, hit_report
 from pipeline.stage import PreflightError
 from pipeline.stage_runner import output_files, run_stage
 from tests.conftest import SAMPLE, SHARED, fineweb_docs
@@ -267,6 +265,35 @@ def test_preflight_names_the_benchmark_source_that_is_not_there(tmp_path, gsm):
     ).preflight()
 
 
+def test_the_fingerprint_follows_the_benchmark_files_not_their_mtime(tmp_path, gsm):
+    first = gsm.fingerprint()
+    folder = Path(gsm.config.benchmarks[0])
+    bench = folder / "test.jsonl"
+    os.utime(bench, (1, 1))  # touched, not edited
+    (folder / "notes.txt").write_text("not a benchmark file")
+    assert DecontaminateStage(gsm.config).fingerprint() == first
+    bench.write_text(bench.read_text().replace("Marta", "Maria"))  # same size, new content
+    edited = gsm.fingerprint()
+    assert edited != first
+    (folder / "more.jsonl").write_text(json.dumps({"question": HOST, "answer": "x"}) + "\n")
+    assert gsm.fingerprint() not in (first, edited)
+    # A single file names itself; references and hub datasets are not hashed here.
+    assert list(DecontaminateStage(benchmarks=str(bench)).content_fingerprint()) == [str(bench)]
+    refs = DecontaminateStage(benchmarks=["@generate/bench", "hf:openai/gsm8k:main:test"])
+    assert refs.content_fingerprint() == {}
+
+
+def test_the_runner_recomputes_the_stage_when_a_benchmark_file_is_edited(tmp_path, gsm):
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": [f"{HOST} {QUESTION}", HOST]}), path)
+    m = run_stage(gsm, [str(path)], tmp_path / "out")
+    assert m["dropped"] == {"decontaminate:contaminated": 1}
+    bench = Path(gsm.config.benchmarks[0]) / "test.jsonl"
+    bench.write_text(json.dumps({"question": "An unrelated question " * 3, "answer": "x"}) + "\n")
+    m = run_stage(DecontaminateStage(gsm.config), [str(path)], tmp_path / "out")
+    assert m["attempts"][-1]["parts_run"] == 1 and m["dropped"] == {}
+
+
 # --- the real benchmarks --------------------------------------------------------------------
 
 
@@ -335,107 +362,16 @@ def test_the_index_is_small_and_records_its_build(real_stage):
 
 # --- recall on planted contamination -----------------------------------------------------------
 
-_LETTERS = "ABCDEFGH"
-_SUBSTITUTES = ["really", "certain", "quite", "several", "another", "specific", "given"]
-
-
-def _jitter(text: str, rng: np.random.Generator) -> str:
-    """The same words with other case, spacing, line breaks and punctuation."""
-    out = []
-    for w in text.split():
-        r = rng.random()
-        w = w.upper() if r < 0.1 else w.capitalize() if r < 0.2 else w
-        if rng.random() < 0.1:
-            w += str(rng.choice([",", ";", "...", " -", "!", ":"]))
-        out.append(w + str(rng.choice([" ", " ", " ", "  ", "\n", " \t"])))
-    return "".join(out).strip()
-
-
-def _choices(extra: tuple[str, ...], sep: str, style: str = "{}) ") -> str:
-    return sep.join(style.format(_LETTERS[i]) + c for i, c in enumerate(extra))
-
-
-def _verbatim(item: Item, rng: np.random.Generator) -> str:
-    # As stored in the benchmark file (GSM8K's answer with its calculator annotations).
-    return "\n".join((*item.main, *(item.alt or item.extra)))
-
-
-def _reformatted(item: Item, rng: np.random.Generator) -> str:
-    bench = item.benchmark
-    question = "Question: " + _jitter(" ".join(item.main), rng)
-    if bench == "gsm8k":
-        return f"{question}\nAnswer: {_jitter(item.extra[0], rng)}"
-    if bench == "humaneval":
-        code = item.main[0].replace("    ", "\t") + item.extra[0].replace("    ", "  ")
-        return f"Write this function.\n```python\n{code}\n```"
-    sep = str(rng.choice(["\n", "  ", " "]))
-    style = str(rng.choice(["{}) ", "({}) ", "{}. ", "{}: "]))
-    choices = _choices(tuple(_jitter(c, rng) for c in item.extra), sep, style)
-    return f"{question}\n{choices}\nAnswer: B"
-
-
-def _rephrased(item: Item, rng: np.random.Generator) -> str:
-    """Three words of the question changed and, with two or more, its sentences reordered;
-    choices in another order (labelled); the answer left out."""
-    words = " ".join(item.main).split()
-    for p in rng.choice(len(words), size=min(3, len(words)), replace=False):
-        words[p] = str(rng.choice(_SUBSTITUTES))
-    text = " ".join(words)
-    sentences = [s for s in text.replace("? ", "?|").replace(". ", ".|").split("|") if s]
-    if len(sentences) > 1:
-        sentences = sentences[1:] + sentences[:1]
-    text = " ".join(sentences)
-    if item.benchmark in ("gsm8k", "humaneval"):
-        return text
-    order = np.roll(np.arange(len(item.extra)), 1)
-    return f"{text}\n{_choices(tuple(item.extra[i] for i in order), chr(10))}"
-
-
-def _question_only(item: Item, rng: np.random.Generator) -> str:
-    """The question (or prompt) as stored, without choices or answer: a page quoting it."""
-    return "\n".join(item.main)
-
-
-_FORMS = {
-    "verbatim": _verbatim,
-    "reformatted": _reformatted,
-    "question_only": _question_only,
-    "rephrased": _rephrased,
-}
-
-
-def _plant(host: str, snippet: str, rng: np.random.Generator) -> str:
-    lines = host.split("\n")
-    at = int(rng.integers(0, len(lines) + 1))
-    return "\n".join([*lines[:at], snippet, *lines[at:]])
-
-
-def planted_docs(items: dict[str, Item]) -> tuple[list[str], list[tuple[str, str]]]:
-    """The planted documents: (texts, [(form, item id)]), the same in the test and in
-    benchmarks/decontam_quality.py."""
-    rng = np.random.default_rng(7)
-    chosen = []
-    for prefix, n in (("gsm8k/", 60), ("mmlu/", 70), ("arc_", 45), ("humaneval/", 25)):
-        ids = sorted(i for i in items if i.startswith(prefix))
-        chosen += [ids[j] for j in rng.choice(len(ids), size=n, replace=False)]
-    hosts = [d["text"] for d in fineweb_docs()]
-    texts, meta = [], []
-    for form, render in _FORMS.items():
-        for k, item_id in enumerate(chosen):
-            texts.append(_plant(hosts[k % len(hosts)], render(items[item_id], rng), rng))
-            meta.append((form, item_id))
-    return texts, meta
-
 
 @pytest.fixture(scope="module")
 def planted(real_stage, items) -> dict[str, dict[str, float]]:
     """200 real items (60 GSM8K, 70 MMLU, 45 ARC, 25 HumanEval) planted into real FineWeb
     documents in each form -> recall per form, overall and per benchmark."""
-    texts, meta = planted_docs(items)
+    texts, meta = planted_docs(items, [d["text"] for d in fineweb_docs()])
     out = real_stage(pa.table({"id": [str(i) for i in range(len(texts))], "text": texts}))
     found = [json.loads(x) if x else [] for x in out["contam_items"].to_pylist()]
     recall: dict[str, dict[str, float]] = {}
-    for form in _FORMS:
+    for form in FORMS:
         rows = [(i, i in f) for (fm, i), f in zip(meta, found, strict=True) if fm == form]
         per = {"all": np.mean([ok for _, ok in rows])}
         for bench in ("gsm8k", "mmlu", "arc", "humaneval"):
@@ -486,8 +422,8 @@ def test_clean_web_text_has_few_false_positives(real_stage):
 def test_runs_under_the_runner_with_drop_reasons_and_a_hit_report(real_stage, items, tmp_path):
     hosts = fineweb_docs(6)
     gsm, arc = items["gsm8k/test:17"], items["arc_easy/test:3"]
-    hosts[1]["text"] = _plant(hosts[1]["text"], "\n".join(gsm.main), np.random.default_rng(1))
-    hosts[4]["text"] += "\n" + _reformatted(arc, np.random.default_rng(2))
+    hosts[1]["text"] = plant(hosts[1]["text"], "\n".join(gsm.main), np.random.default_rng(1))
+    hosts[4]["text"] += "\n" + reformatted(arc, np.random.default_rng(2))
     files = []
     for k in range(2):
         part = hosts[k * 3 : k * 3 + 3]

@@ -1,8 +1,9 @@
-"""Tests of filters/dedup.py: normalisation, stable hashes and signatures, LSH clusters,
-the in-process and Ray prepare passes agreeing, and the stage marking the right rows.
+"""Tests of filters/dedup/ and filters/text.py: normalisation, stable hashes and
+signatures, LSH clusters, the in-driver and fanned-out prepare passes agreeing (locally and
+on Ray), the runner reusing or recomputing the state, and the stage marking the right rows.
 
-Run: .venv/bin/pytest tests/filters/test_dedup.py  (about 30 s, most of it Ray's start-up
-and its shuffles; everything else is in-process on synthetic text)
+Run: .venv/bin/pytest tests/filters/test_dedup.py  (most of the time is Ray's start-up;
+everything else is in-process on synthetic text)
 """
 
 from __future__ import annotations
@@ -22,17 +23,17 @@ import pytest
 import xxhash
 from pydantic import ValidationError
 
-import filters.dedup as dedup
-from filters.dedup import (
-    DedupConfig,
-    DedupStage,
-    connected_components,
-    jaccard_estimate,
-    minhash,
-    normalise,
-    text_hash,
-)
-from pipeline.executor import LOCAL, RayExecutor
+import filters.dedup.dedup as dedup_stage
+import filters.dedup.minhash as minhash_module
+import filters.text as text_module
+from filters.dedup.clusters import connected_components
+from filters.dedup.config import DedupConfig
+from filters.dedup.dedup import DedupStage
+from filters.dedup.keys import DuplicateRowError
+from filters.dedup.minhash import jaccard_estimate, minhash, text_hash
+from filters.text import normalise
+from pipeline.executor import LOCAL, LocalExecutor, RayExecutor
+from pipeline.stage_runner import run_stage
 
 _SYLLABLES = ["ka", "lo", "mi", "ner", "tus", "va", "pe", "ri", "zon", "dal", "ush", "eb", "fo"]
 _VOCAB = sorted(
@@ -111,7 +112,7 @@ def test_signatures_are_identical_across_calls_and_processes():
     assert first.shape == (2, 112) and first.dtype == np.uint32
     assert np.array_equal(first, minhash(texts))
     code = (
-        "import json, pyarrow as pa; from filters.dedup import minhash; "
+        "import json, pyarrow as pa; from filters.dedup.minhash import minhash; "
         "print(json.dumps(minhash(pa.array(['the quick brown fox jumps over the lazy dog']))"
         "[0].tolist()))"
     )
@@ -125,8 +126,8 @@ def test_signatures_do_not_depend_on_batching(monkeypatch):
     texts = [doc(i, n) for i, n in enumerate([300, 2, 0, 40, 700, 5, 1, 300])] + ["", "a b c"]
     alone = np.stack([minhash(pa.array([t]))[0] for t in texts])
     # Tiny groups and scratch force documents to straddle every internal boundary.
-    monkeypatch.setattr(dedup, "_GROUP_BYTES", 1000)
-    monkeypatch.setattr(dedup, "_SCRATCH_BYTES", 8 * 112 * 37)
+    monkeypatch.setattr(text_module, "GROUP_BYTES", 1000)
+    monkeypatch.setattr(minhash_module, "_SCRATCH_BYTES", 8 * 112 * 37)
     assert np.array_equal(minhash(pa.array(texts)), alone)
     empty = alone[[2, 8]]
     assert (empty == np.iinfo(np.uint32).max).all()  # no shingles, left out of LSH
@@ -256,11 +257,46 @@ EXPECTED = {
 }
 
 
-def test_small_inputs_skip_ray_data(tmp_path, caplog):
+class HereAsOnACluster(LocalExecutor):
+    """An executor that says it runs work on a cluster and runs it here, in item order:
+    dedup fans out over it exactly as over Ray, without Ray's start-up."""
+
+    uses_ray = True
+
+
+def test_small_inputs_are_not_fanned_out(tmp_path, caplog):
     paths, _ = _write_parts(tmp_path)
     caplog.set_level("INFO", logger="primer")
-    DedupStage().prepare(paths, str(tmp_path / "state"))
+    DedupStage().prepare(paths, str(tmp_path / "state"), HereAsOnACluster())
     assert "clusters computed in the driver" in caplog.text
+    assert json.loads((tmp_path / "state" / "_DONE").read_text())["fanned_out"] is False
+
+
+def test_fanned_out_prepare_gives_the_in_driver_clusters_and_cleans_up(tmp_path):
+    paths, _ = _write_parts(tmp_path)
+    paths += _shards(tmp_path)  # raw JSONL inputs, read by each map task as the runner would
+    tables = {}
+    for fan_out in (False, True):
+        state = tmp_path / f"state-{fan_out}"
+        executor = HereAsOnACluster() if fan_out else LOCAL
+        # More partitions than buckets with members: some partitions are empty.
+        DedupStage(num_partitions=37, ray_min_rows=0).prepare(paths, str(state), executor)
+        assert json.loads((state / "_DONE").read_text())["fanned_out"] is fan_out
+        assert sorted(p.name for p in state.iterdir()) == ["_DONE", "clusters.parquet"]
+        tables[fan_out] = pq.read_table(state / "clusters.parquet")
+    assert tables[True].equals(tables[False])
+    assert len(tables[True]) == len(EXPECTED) + len(SHARD_LABELS) - 1  # b.jsonl's 1: alone
+
+
+def test_fanned_out_prepare_checks_repeated_rows(tmp_path):
+    # The same source file reaching dedup twice would repeat all of its documents.
+    src = pa.array(["shard.jsonl"] * 2)
+    one = tmp_path / "one.parquet"
+    pq.write_table(
+        pa.table({"id": ["1", "2"], "text": [doc(32), doc(33)], "source_path": src}), one
+    )
+    with pytest.raises(DuplicateRowError, match="come in through 2 inputs"):
+        DedupStage(ray_min_rows=0).prepare([str(one)] * 2, str(tmp_path / "s2"), HereAsOnACluster())
 
 
 def test_stage_marks_duplicates_in_every_part(tmp_path):
@@ -292,17 +328,35 @@ def test_stage_marks_duplicates_in_every_part(tmp_path):
     assert outs[0].schema.field("text_hash").type == pa.uint64()
 
 
-def test_prepare_reuses_a_finished_state_and_redoes_one_for_another_config(tmp_path):
+def test_prepare_reuses_a_finished_state_as_it_is(tmp_path):
     paths, _ = _write_parts(tmp_path)
     state = tmp_path / "state"
     DedupStage().prepare(paths, str(state))
-    first = (state / "clusters.parquet").stat().st_mtime_ns
-    DedupStage().prepare(paths, str(state))
-    assert (state / "clusters.parquet").stat().st_mtime_ns == first
-    DedupStage(near=False).prepare(paths, str(state))
-    kinds = pc.unique(pq.read_table(state / "clusters.parquet")["dup_kind"]).to_pylist()
-    assert sorted(kinds) == ["exact_duplicate", "kept"]
-    assert json.loads((state / "_DONE").read_text())["config"]["near"] is False
+    first = (state / "clusters.parquet").read_bytes()
+    # Deciding whether a state is stale is the runner's job (it deletes the folder).
+    DedupStage(near=False).prepare(paths[:1], str(state))
+    assert (state / "clusters.parquet").read_bytes() == first
+
+
+def test_the_runner_recomputes_the_state_only_when_the_config_changes(tmp_path):
+    paths, _ = _write_parts(tmp_path)
+    out = tmp_path / "out"
+    state = out / "dedup" / "_state"
+
+    def kinds() -> list[str]:
+        return sorted(pc.unique(pq.read_table(state / "clusters.parquet")["dup_kind"]).to_pylist())
+
+    run_stage(DedupStage(), paths, out)
+    assert kinds() == ["exact_duplicate", "kept", "near_duplicate"]
+    (state / "marker").write_text("the state of the first run")
+    run_stage(DedupStage(), paths, out)
+    # Where the clusters are computed (transport keys) changes nothing either.
+    run_stage(DedupStage(num_partitions=3, ray_min_rows=10), paths, out)
+    assert (state / "marker").is_file()
+    m = run_stage(DedupStage(near=False), paths, out)
+    assert not (state / "marker").exists()
+    assert kinds() == ["exact_duplicate", "kept"]
+    assert m["dropped"] == {"dedup:exact_duplicate": 2}
 
 
 def test_process_before_prepare_says_what_to_do(tmp_path):
@@ -320,8 +374,6 @@ def test_config_needs_exact_or_near():
 
 
 def test_normalise_takes_batches_that_start_with_empty_or_punctuation_only_text():
-    from filters.dedup import normalise
-
     got = normalise(pa.array(["", "a"])).to_pylist()
     assert got == ["", "a"]
     assert normalise(pa.array([None, "A  b"])).to_pylist() == [None, "a b"]
@@ -392,11 +444,11 @@ def test_the_same_id_in_two_shards_is_two_documents(tmp_path):
     assert _labels(again, paths) == SHARD_LABELS
 
 
-def test_in_process_and_ray_prepare_give_identical_clusters(tmp_path, ray_ctx):
+def test_in_driver_and_ray_prepare_give_identical_clusters(tmp_path, ray_ctx):
     from pipeline.readers import iter_batches
 
     # Stage parts without source_path, and parts of two shards that repeat each other's ids
-    # carrying their rows' source_path (as the runner hands them on): one Ray Data run.
+    # carrying their rows' source_path (as the runner hands them on): one fan-out on Ray.
     paths, _ = _write_parts(tmp_path)
     (tmp_path / "raw").mkdir()
     for i, shard in enumerate(_shards(tmp_path / "raw")):
@@ -406,9 +458,10 @@ def test_in_process_and_ray_prepare_give_identical_clusters(tmp_path, ray_ctx):
     for use_ray in (False, True):
         state = tmp_path / f"state-{use_ray}"
         executor = RayExecutor() if use_ray else LOCAL
-        # ray_min_rows=0: the Ray Data path even for this small input
+        # ray_min_rows=0: fanned out over Ray even for this small input
         DedupStage(num_partitions=2, ray_min_rows=0).prepare(paths, str(state), executor)
-        assert (state / "_DONE").is_file()
+        assert json.loads((state / "_DONE").read_text())["fanned_out"] is use_ray
+        assert not (state / "partitions").exists()
         tables[use_ray] = pq.read_table(state / "clusters.parquet")
     assert tables[False].equals(tables[True])
     rows = tables[True].to_pylist()
@@ -435,25 +488,25 @@ def test_in_process_and_ray_prepare_give_identical_clusters(tmp_path, ray_ctx):
 
 def test_rows_that_share_source_and_id_are_an_error_not_a_silent_keep(tmp_path):
     twice = pa.table({"id": ["7", "7", "8"], "text": [doc(30), doc(30), doc(31)]})
-    with pytest.raises(dedup.DuplicateRowError, match=r"id '7' from source_path ''"):
+    with pytest.raises(DuplicateRowError, match=r"id '7' from source_path ''"):
         DedupStage().prepare([twice], str(tmp_path / "s1"))
     # Across inputs too: rows without a source_path must have ids unique among them all.
     one, other = twice.slice(0, 1), twice.slice(1)
-    with pytest.raises(dedup.DuplicateRowError, match="more than one kept row of the inputs"):
+    with pytest.raises(DuplicateRowError, match="more than one kept row of the inputs"):
         DedupStage().prepare([one, other], str(tmp_path / "s2"))
     # The same source file reaching dedup twice would repeat all of its documents.
     src = pa.array(["shard.jsonl"] * 2)
     a = pa.table({"id": ["1", "2"], "text": [doc(32), doc(33)], "source_path": src})
     b = pa.table({"id": ["3", "4"], "text": [doc(34), doc(35)], "source_path": src})
-    with pytest.raises(dedup.DuplicateRowError, match="'shard.jsonl' come in through 2 inputs"):
+    with pytest.raises(DuplicateRowError, match="'shard.jsonl' come in through 2 inputs"):
         DedupStage().prepare([a, b], str(tmp_path / "s3"))
     pq.write_table(a.append_column("drop_reason", pa.nulls(2, pa.string())), tmp_path / "a.parquet")
-    with pytest.raises(dedup.DuplicateRowError, match="come in through 2 inputs"):
+    with pytest.raises(DuplicateRowError, match="come in through 2 inputs"):
         DedupStage().prepare([str(tmp_path / "a.parquet")] * 2, str(tmp_path / "s5"))
     # process() over a batch with such rows says so too, whatever the state holds.
     stage = DedupStage()
     stage.prepare([twice.slice(1)], str(tmp_path / "s4"))
-    with pytest.raises(dedup.DuplicateRowError, match="this batch"):
+    with pytest.raises(DuplicateRowError, match="this batch"):
         stage(twice)
     # A row dropped earlier is not judged, so it may repeat a kept row's pair.
     dropped = twice.append_column("drop_reason", pa.array([None, "quality:x", None]))
@@ -465,5 +518,5 @@ def test_rows_whose_keys_share_a_64_bit_hash_are_still_told_apart(tmp_path, monk
     stage = DedupStage()
     stage.prepare(paths, str(tmp_path / "state"))
     # Every node hashing alike: the lookup must compare the nodes themselves.
-    monkeypatch.setattr(dedup, "_node_hash", lambda nodes: np.zeros(len(nodes), np.uint64))
+    monkeypatch.setattr(dedup_stage, "_node_hash", lambda nodes: np.zeros(len(nodes), np.uint64))
     assert _labels(stage, paths) == SHARD_LABELS

@@ -5,7 +5,9 @@ value better than their length does, in cross-validation and on the held-out spl
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,18 +18,15 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from filters.edu import (
-    SCORE_SCHEMA,
-    EduAnnotateStage,
-    EduScoreStage,
-    EduTrainStage,
-    allocate,
-    roc_auc,
-    spearman,
-)
+from filters.edu.annotate import SCORE_SCHEMA, EduAnnotateStage, allocate
+from filters.edu.metrics import roc_auc, spearman
+from filters.edu.score import EduScoreStage
+from filters.edu.train import EduTrainStage
 from filters.fasttext_scorer import load_fasttext
 from generators.prompts import load_template
-from generators.teacher import LocalServerConfig, TeacherConfig, VLLMConfig, derive_seed
+from generators.teacher.base import derive_seed
+from generators.teacher.config import LocalServerConfig, TeacherConfig, VLLMConfig
+from pipeline.executor import LOCAL
 from pipeline.stage import PreflightError
 from pipeline.stage_runner import run_stage
 from tests.conftest import REPO, SAMPLE, fineweb_docs
@@ -91,7 +90,7 @@ def test_the_sample_is_stratified_and_independent_of_partitioning(tmp_path):
     one = [docs_parquet(tmp_path / "all.parquet", docs)]
     three = [docs_parquet(tmp_path / f"p{i}.parquet", docs[i::3]) for i in range(3)]
     stage = EduAnnotateStage(sample_size=40, length_bins=[2_000, 6_000])
-    a, b = stage._draw_sample(one, False), stage._draw_sample(three, False)
+    a, b = stage._draw_sample(one, LOCAL), stage._draw_sample(three, LOCAL)
     assert a["id"].to_pylist() == b["id"].to_pylist() and len(a) == 40
     counts = np.bincount(a["stratum"].to_numpy(), minlength=3)
     assert counts.tolist() == [14, 13, 13]  # equal shares of 40 over 3 strata
@@ -245,12 +244,18 @@ def test_retry_failed_asks_exactly_the_failed_ratings_again(tmp_path):
 def test_transport_settings_keep_the_ratings_and_what_decides_them_does_not(tmp_path):
     files = [docs_parquet(tmp_path / "docs.parquet", fineweb_docs(20))]
     run = tmp_path / "run"
-    state = run / "edu_annotate" / "_state"
+    folder = run / "edu_annotate"
     with fake_server(score_3) as (url, seen):
         first = EduAnnotateStage(teacher=rater(url), **RATE)
-        run_stage(first, files, run)
+        m = run_stage(first, files, run)
         assert len(seen) == 8
-    stamp = (state / "_stamp.json").read_text()
+    # The runner alone decides when the ratings are stale: the template's hash is part of
+    # the stage's fingerprint, and the stage keeps no stamp of its own.
+    template = load_template("edu_annotate_v1")
+    assert first.content_fingerprint() == {"template.edu_annotate_v1": template.sha256}
+    assert sorted(p.name for p in (folder / "_state").iterdir()) == [
+        "_DONE", "ratings", "sample.parquet",
+    ]  # fmt: skip
 
     with fake_server(score_3) as (url, seen):
         moved = EduAnnotateStage(
@@ -259,18 +264,40 @@ def test_transport_settings_keep_the_ratings_and_what_decides_them_does_not(tmp_
             sample_size=8, request_batch=5, retry_rounds=2, batch_rows=7,
         )  # fmt: skip
         assert moved.fingerprint() == first.fingerprint()
-        m = run_stage(moved, files, run)  # the runner keeps the stage
-        (state / "_DONE").unlink()  # and so does the stage when it prepares again
-        moved.prepare(files, str(state))
-        assert len(seen) == 0 and m["rows_in"] == 20
-        assert (state / "_stamp.json").read_text() == stamp
+        again = run_stage(moved, files, run)  # the runner keeps the stage
+        assert len(seen) == 0 and again["fingerprint"] == m["fingerprint"]
+        # An attempt killed before it finished (no _DONE, no committed part) asks nothing
+        # again either: every stored rating is reused, whatever the batch size now.
+        (folder / "_state" / "_DONE").unlink()
+        shutil.rmtree(folder / "_parts")
+        for f in [*folder.glob("*.parquet"), folder / "_manifest.json"]:
+            f.unlink()
+        again = run_stage(moved, files, run)
+        assert len(seen) == 0 and again["rows_in"] == 20
+        assert again["dropped"] == m["dropped"]
 
-        # What decides a rating (here the answer budget) discards the stored ratings, also
-        # when the runner did not delete the folder.
+        # What decides a rating (here the answer budget) changes the fingerprint: the
+        # runner discards the stored ratings with the stage folder and rates again.
         stricter = EduAnnotateStage(teacher=rater(url), **RATE, max_answer_tokens=12)
         assert stricter.fingerprint() != first.fingerprint()
-        stricter.prepare(files, str(state))
+        run_stage(stricter, files, run)
         assert len(seen) == 8
+    assert {p.name[:7] for p in (folder / "_state" / "ratings").iterdir()} == {"g000001"}
+
+
+def test_a_model_given_as_a_file_path_is_part_of_the_fingerprint(tmp_path):
+    model = tmp_path / "m" / "model.bin"
+    model.parent.mkdir()
+    model.write_bytes(b"a fastText model")
+    stage = EduScoreStage(model=str(model))
+    fp, whole = stage.content_fingerprint(), stage.fingerprint()
+    assert fp == {"model": f"16:{hashlib.sha256(b'a fastText model').hexdigest()}"}
+    (model.parent / "metrics.json").write_text('{"preprocess": {"lowercase": true}}')
+    assert set(stage.content_fingerprint()) == {"model", "metrics.json"}
+    model.write_bytes(b"a retrained model")  # the same path, another model: score again
+    assert stage.content_fingerprint()["model"] != fp["model"] and stage.fingerprint() != whole
+    # An "@edu_train" model chains in through edu_train's own fingerprint.
+    assert EduScoreStage(model="@edu_train/model.bin").content_fingerprint() == {}
 
 
 # --- preflight ------------------------------------------------------------------------------
@@ -340,7 +367,7 @@ def test_preflight_of_edu_train_and_edu_score_finds_missing_files(tmp_path):
 def trained(tmp_path_factory) -> Path:
     """The classifier trained on the 500 rated FineWeb documents, ids joined to the sample."""
     out = tmp_path_factory.mktemp("edu_train")
-    EduTrainStage(label_files=[str(ANNOTATIONS)]).build(FINEWEB, str(out), False)
+    EduTrainStage(label_files=[str(ANNOTATIONS)]).build(FINEWEB, str(out))
     return out
 
 
@@ -364,9 +391,7 @@ def test_training_is_reproducible(trained, tmp_path):
     # Training runs in a fresh process: the same data and seed give the same model bytes,
     # whatever else ran in this process before (the local teacher did, above).
     for d in ("a", "b"):
-        EduTrainStage(label_files=[str(ANNOTATIONS)], cv_folds=0).build(
-            FINEWEB, str(tmp_path / d), False
-        )
+        EduTrainStage(label_files=[str(ANNOTATIONS)], cv_folds=0).build(FINEWEB, str(tmp_path / d))
     assert (tmp_path / "a/model.bin").read_bytes() == (tmp_path / "b/model.bin").read_bytes()
     m = json.loads((tmp_path / "a/metrics.json").read_text())
     assert m["held_out"] == json.loads((trained / "metrics.json").read_text())["held_out"]

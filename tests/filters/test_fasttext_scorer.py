@@ -58,7 +58,7 @@ def _train(folder: Path, specs: dict[str, tuple[list[bytes], dict]]) -> dict[str
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from filters.edu import _fit_fasttext
+    from filters.edu.train import fit_fasttext
 
     jobs = {}
     spawn = multiprocessing.get_context("spawn")
@@ -68,7 +68,7 @@ def _train(folder: Path, specs: dict[str, tuple[list[bytes], dict]]) -> dict[str
             path.write_bytes(b"\n".join(lines) + b"\n")
             args = {"epoch": 25, "lr": 0.1, "dim": 16, "wordNgrams": 2, "bucket": 20_000,
                     "minCount": 1, "thread": 1, "seed": 0, **params}  # fmt: skip
-            jobs[name] = pool.submit(_fit_fasttext, str(path), args, str(model_path))
+            jobs[name] = pool.submit(fit_fasttext, str(path), args, str(model_path))
         for job in jobs.values():
             job.result()
     return {name: load_fasttext(folder / f"{name}.bin") for name in specs}

@@ -1,4 +1,4 @@
-"""Tests for filters/quality.py: each signal on short hand-checked texts, the thresholds at
+"""Tests for filters/quality/: each signal on short hand-checked texts, the thresholds at
 and around their limits, the stage contract, and the vectorised code against a plain
 per-document Python transcription of datatrove's definitions on random documents.
 
@@ -18,15 +18,10 @@ import pyarrow.compute as pc
 import pytest
 from pydantic import ValidationError
 
-from filters.quality import (
-    QUALITY_COLUMNS,
-    STOP_WORDS,
-    TOKEN_PATTERN,
-    QualityConfig,
-    QualityStage,
-    compute_quality_signals,
-    quality_drop_rules,
-)
+from filters.quality.lines import SENT_BOUNDARY, SENT_NOT_END
+from filters.quality.quality import QualityConfig, QualityStage, quality_drop_rules
+from filters.quality.signals import QUALITY_COLUMNS, compute_quality_signals
+from filters.quality.words import STOP_WORDS, TOKEN_PATTERN
 from pipeline.schema import FIELDS
 
 GOOD = (
@@ -247,15 +242,13 @@ def test_abbreviations_and_ellipses_never_count_fewer_than_one_sentence_per_line
 def test_sentence_ends_taken_back_never_outnumber_the_boundaries():
     # The invariant the C4 sentence count rests on, over random runs of the characters and
     # abbreviations that make boundaries ambiguous.
-    from filters.quality import _SENT_BOUNDARY, _SENT_NOT_END
-
     rng = random.Random(7)
     pieces = [*"..!?…,;()\"'aegDrStUx1", " ", " ", "\t"]
     pieces += ["Dr", "St", "Mr", "e.g.", "i.e.", "U.S.A.", "a.m.", "...", "..", " "]
     lines = ["".join(rng.choices(pieces, k=rng.randrange(1, 30))) for _ in range(20_000)]
     series = pl.Series(lines)
-    boundaries = series.str.count_matches(_SENT_BOUNDARY).to_numpy()
-    not_ends = series.str.count_matches(_SENT_NOT_END).to_numpy()
+    boundaries = series.str.count_matches(SENT_BOUNDARY).to_numpy()
+    not_ends = series.str.count_matches(SENT_NOT_END).to_numpy()
     worst = int((not_ends.astype(int) - boundaries).argmax())
     assert (not_ends <= boundaries).all(), lines[worst]
     assert min(r["q_c4_n_sentences"] for r in signals(*lines[:2000])) >= 0

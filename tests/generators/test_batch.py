@@ -1,4 +1,4 @@
-"""The teacher store of generators/batch.py against real HTTP servers on 127.0.0.1: answers
+"""The teacher store of generators/teacher/checkpoint.py against real HTTP servers on 127.0.0.1: answers
 kept by request id across batch sizes, attempts and a killed process, never asked twice."""
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import time
 
 import pyarrow.parquet as pq
 
-from generators.batch import (
+from generators.teacher.base import ChatRequest, Completion, derive_seed
+from generators.teacher.checkpoint import (
     answers_revision,
     completions_table,
     load_checkpoints,
     reopen_failed,
     run_checkpointed,
 )
-from generators.teacher import ChatRequest, Completion, TeacherConfig, derive_seed
+from generators.teacher.config import TeacherConfig
 from tests.conftest import REPO
 from tests.fake_llm import chat, fake_server
 
@@ -137,8 +138,9 @@ def test_repeated_ids_are_asked_once(tmp_path):
 _KILLED_RUN = """
 import sys
 from pathlib import Path
-from generators.batch import run_checkpointed
-from generators.teacher import ChatRequest, TeacherConfig
+from generators.teacher.base import ChatRequest
+from generators.teacher.checkpoint import run_checkpointed
+from generators.teacher.config import TeacherConfig
 reqs = [ChatRequest(f"r{i:02d}", [{"role": "user", "content": f"question {i}"}]) for i in range(10)]
 cfg = TeacherConfig(backend="openai", base_url=sys.argv[1], max_retries=0, max_concurrency=1)
 run_checkpointed(reqs, Path(sys.argv[2]), cfg, batch_size=4)

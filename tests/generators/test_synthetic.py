@@ -10,10 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from generators.generate import DryRun, GenerateStage, ValidateStage
+from generators.generate import GenerateStage
+from generators.prompts import load_template
 from generators.seeds import STYLES, SeedsStage, draw, load_taxonomy
-from generators.teacher import LocalServerConfig, TeacherConfig, derive_seed
-from pipeline.stage import PreflightError
+from generators.teacher.base import derive_seed
+from generators.teacher.config import LocalServerConfig, TeacherConfig
+from generators.validate import ValidateStage
+from pipeline import registry
+from pipeline.stage import DryRun, PreflightError
 from pipeline.stage_runner import run_stage
 from tests.conftest import fineweb_docs
 from tests.fake_llm import chat, fake_server
@@ -30,7 +34,7 @@ GOOD = (
 
 def seeds_parts(tmp_path: Path, **cfg) -> list[str]:
     stage = SeedsStage(**cfg)
-    stats = stage.build([], str(tmp_path), False)
+    stats = stage.build([], str(tmp_path))
     return [str(tmp_path / f"{n}.parquet") for n in stats["part_names"]]
 
 
@@ -78,7 +82,7 @@ def test_dry_run_estimates_before_spending(tmp_path):
     parts = seeds_parts(tmp_path / "seeds", per_style={"story": 5, "howto": 5})
     stage = GenerateStage(dry_run=True, dry_run_tokens_per_s=100)
     with pytest.raises(DryRun, match='"prompts": 10') as e:
-        stage.prepare(parts, str(tmp_path / "state"), False)
+        stage.prepare(parts, str(tmp_path / "state"))
     est = json.loads(str(e.value).split(": ", 1)[1])
     assert est["completion_tokens_max"] == 5 * 512 + 5 * 512
     assert est["hours_at_that_rate"] == pytest.approx(5120 / 100 / 3600, abs=1e-3)
@@ -119,7 +123,7 @@ def test_generate_resumes_and_records_failures(tmp_path):
     (state / "_DONE").unlink()
     with fake_server(lambda n, b, h: (200, {}, chat(GOOD))) as (url, seen):
         teacher = TeacherConfig(backend="openai", base_url=url, max_retries=0)
-        GenerateStage(teacher=teacher, **cfg).prepare(parts, str(state), False)
+        GenerateStage(teacher=teacher, **cfg).prepare(parts, str(state))
         assert len(seen) == failed
 
 
@@ -167,14 +171,39 @@ def test_generate_retry_failed_asks_exactly_the_failed_prompts_again(tmp_path):
         assert moved.fingerprint() == stage.fingerprint()
         moved.prepare(parts, str(state))
         assert len(seen) == 2 and moved.output_revision() == stage.output_revision()
-        # A new sampling temperature is a real change: every prompt is generated again.
+        # A new sampling temperature is a real change: the runner discards the stored
+        # answers with the stage folder, and every prompt is generated again.
         hotter = GenerateStage(teacher=writer(url), temperature=0.9, **cfg)
         assert hotter.fingerprint() != stage.fingerprint()
-        hotter.prepare(parts, str(state))
-        assert len(seen) == 2 + 9
-    stamp = json.loads((state / "_stamp.json").read_text())
-    assert stamp["config"]["temperature"] == 0.9 and set(stamp["templates"]) == {"synth_v1"}
-    assert "timeout_s" not in stamp["config"]["teacher"] and "request_batch" not in stamp["config"]
+        m = run_stage(hotter, parts, tmp_path / "run")
+        assert len(seen) == 2 + 9 and m["dropped"] == {}
+    assert m["config"]["temperature"] == 0.9
+    assert sorted(p.name for p in state.iterdir()) == ["_DONE", "completions"]  # no stamp
+    assert {p.name[:7] for p in (state / "completions").iterdir()} == {"g000001"}
+
+
+def test_the_seeds_template_and_taxonomy_chain_into_what_generate_reads(tmp_path):
+    """generate asks with the template its seed rows name: the seeds stage fingerprints the
+    template's and the taxonomy's contents, and generate's input chains that in."""
+    taxonomy = tmp_path / "topics.yaml"
+    taxonomy.write_text("subjects: {algebra: [fractions, ratios]}\n")
+    stage = SeedsStage(taxonomy=str(taxonomy), per_style={"story": 2})
+    fp = stage.content_fingerprint()
+    assert fp["template.synth_v1"] == load_template("synth_v1").sha256
+    before = stage.fingerprint()
+    taxonomy.write_text("subjects: {algebra: [fractions, percentages]}\n")
+    assert stage.fingerprint() != before
+    assert "taxonomy" not in SeedsStage(taxonomy="").content_fingerprint()
+
+
+def test_validate_fingerprints_an_edu_model_given_as_a_file_path(tmp_path):
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"a model")
+    fp = ValidateStage(edu_model=str(model)).content_fingerprint()
+    assert fp == {f"edu_model.{k}": v for k, v in registry.get("edu_score")(
+        model=str(model)).content_fingerprint().items()} and fp  # fmt: skip
+    assert ValidateStage(edu_model="@edu_train/model.bin").content_fingerprint() == {}
+    assert ValidateStage().content_fingerprint() == {}
 
 
 def test_the_runner_retry_reprocesses_the_parts_with_the_recovered_answers(tmp_path):

@@ -23,21 +23,18 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from generators.local_server import LocalServer, LocalTeacher, default_model_path
-from generators.teacher import (
-    TRANSPORT_KEYS,
+from generators.teacher.base import (
     ChatRequest,
     Completion,
-    LocalServerConfig,
-    OpenAITeacher,
     Teacher,
-    TeacherConfig,
-    VLLMConfig,
     check_answer,
     derive_seed,
-    make_teacher,
     retry_failed,
 )
+from generators.teacher.config import TRANSPORT_KEYS, LocalServerConfig, TeacherConfig, VLLMConfig
+from generators.teacher.factory import make_teacher
+from generators.teacher.local import LocalServer, LocalTeacher, default_model_path
+from generators.teacher.openai import OpenAITeacher
 from tests.fake_llm import chat, fake_server
 
 SCORE = {
@@ -332,7 +329,7 @@ def test_a_key_an_http_header_cannot_carry_is_refused_without_being_shown(monkey
     ],
 )
 def test_a_key_pasted_as_api_key_env_is_rejected_and_never_echoed(pasted):
-    from filters.edu import EduAnnotateConfig
+    from filters.edu.annotate import EduAnnotateConfig
     from generators.generate import GenerateConfig
 
     for build in (
@@ -420,7 +417,7 @@ def vllm_cfg(**kw: Any) -> TeacherConfig:
 
 
 def test_vllm_config_maps_parallelism_and_engine_settings():
-    from generators.vllm_backend import engine_config
+    from generators.teacher.vllm import engine_config
 
     cfg = vllm_cfg(
         vllm=VLLMConfig(
@@ -440,7 +437,7 @@ def test_vllm_config_maps_parallelism_and_engine_settings():
 
 
 def test_vllm_rows_round_trip_requests_and_answers():
-    from generators.vllm_backend import _ERROR, completion_row, engine_inputs
+    from generators.teacher.vllm import ENGINE_ERROR, completion_row, engine_inputs
 
     cfg = vllm_cfg()
     row = engine_inputs(ask("d1", "rate it", json_schema=SCORE, temperature=0.5), cfg)
@@ -451,7 +448,7 @@ def test_vllm_rows_round_trip_requests_and_answers():
     assert engine_inputs(ask("d2", "hi"), cfg)["sampling_params"]["structured_outputs"] is None
 
     engine = {"generated_text": '{"score": 4}', "num_input_tokens": 20,
-              "num_generated_tokens": 6, "time_taken_llm": 0.5, _ERROR: ""}  # fmt: skip
+              "num_generated_tokens": 6, "time_taken_llm": 0.5, ENGINE_ERROR: ""}  # fmt: skip
     ok = completion_row(row | engine, "teacher")
     assert (ok["id"], ok["text"], ok["error"], ok["finish_reason"]) == (
         "d1", '{"score": 4}', None, "stop"
@@ -461,7 +458,7 @@ def test_vllm_rows_round_trip_requests_and_answers():
                          "teacher")  # fmt: skip
     assert cut["finish_reason"] == "length" and cut["raw"] == '{"sco'
     assert cut["error"].startswith("invalid_json: not JSON (cut off at max_tokens)")
-    dead = completion_row(row | {_ERROR: "ValueError: prompt too long"}, "teacher", "t_")
+    dead = completion_row(row | {ENGINE_ERROR: "ValueError: prompt too long"}, "teacher", "t_")
     assert dead["t_error"] == "engine: ValueError: prompt too long" and dead["t_text"] is None
 
 
@@ -469,13 +466,13 @@ def test_vllm_rows_survive_a_ray_data_pipeline(ray_session):
     """Pre- and postprocess around a stand-in engine, through Arrow blocks on real Ray."""
     import ray.data
 
-    from generators.vllm_backend import (
-        _ERROR,
-        _finisher,
-        _request_row,
-        _row_request,
+    from generators.teacher.vllm import (
+        ENGINE_ERROR,
         completion_row,
         engine_inputs,
+        finisher,
+        request_row,
+        row_request,
     )
 
     cfg = vllm_cfg()
@@ -483,21 +480,19 @@ def test_vllm_rows_survive_a_ray_data_pipeline(ray_session):
 
     def engine(row):  # what Ray Data LLM's stages add; row 4 fails inside the engine
         if row["teacher_request_id"] == "r4":
-            return row | {_ERROR: "EngineError: boom"}
+            return row | {ENGINE_ERROR: "EngineError: boom"}
         text = '{"score": 2}' if row["teacher_json_schema"] else "plain answer"
         return row | {"generated_text": text, "num_input_tokens": 9,
-                      "num_generated_tokens": 3, "time_taken_llm": 0.1, _ERROR: ""}  # fmt: skip
+                      "num_generated_tokens": 3, "time_taken_llm": 0.1, ENGINE_ERROR: ""}  # fmt: skip
 
     def post(row):
-        if row.get(_ERROR):
+        if row.get(ENGINE_ERROR):
             return row  # Ray Data LLM hands error rows past postprocess untouched
         return completion_row(row, "teacher", "c_") | {"teacher_index": row["teacher_index"]}
 
-    ds = ray.data.from_items(
-        [_request_row(i, r) for i, r in enumerate(reqs)], override_num_blocks=3
-    )
-    ds = ds.map(lambda r: r | engine_inputs(_row_request(r), cfg)).map(engine).map(post)
-    rows = sorted(ds.map(_finisher("teacher", ("teacher_index",), "c_")).take_all(),
+    ds = ray.data.from_items([request_row(i, r) for i, r in enumerate(reqs)], override_num_blocks=3)
+    ds = ds.map(lambda r: r | engine_inputs(row_request(r), cfg)).map(engine).map(post)
+    rows = sorted(ds.map(finisher("teacher", ("teacher_index",), "c_")).take_all(),
                   key=lambda r: r["teacher_index"])  # fmt: skip
     assert [r["c_id"] for r in rows] == [r.id for r in reqs]
     assert [r["c_error"] is None for r in rows] == [True, True, True, True, False, True]

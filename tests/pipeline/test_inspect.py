@@ -1,6 +1,6 @@
-"""pipeline.views.runs: a run folder opened with polars, on the real quickstart run and on tiny
-run folders built here in the layout `primer run` writes (cheap, and able to leave stages out
-or plant hostile text)."""
+"""pipeline.views.runs, frames and why: a run folder opened with polars, on the real
+quickstart run and on tiny run folders built here in the layout `primer run` writes (cheap,
+and able to leave stages out or plant hostile text)."""
 
 from __future__ import annotations
 
@@ -14,21 +14,10 @@ import polars as pl
 import pytest
 import xxhash
 
-import pipeline.views.runs as inspect_module
-from pipeline.views.runs import (
-    LINEAGE,
-    SAMPLE_SEED,
-    MissingData,
-    dropped_by,
-    format_why,
-    histogram,
-    main,
-    open_run,
-    pick,
-    resolve_run_dir,
-    sample_key,
-    why_command,
-)
+import pipeline.views.why as why_module
+from pipeline.views.frames import SAMPLE_SEED, histogram, pick, sample_key
+from pipeline.views.runs import LINEAGE, MissingData, open_run, resolve_run_dir
+from pipeline.views.why import dropped_by, format_why, main, why_command
 from tests.conftest import REPO
 
 EVIL = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
@@ -401,7 +390,7 @@ def test_why_command_prints_and_returns_an_exit_code(tiny_run, tmp_path, capsys)
     assert out.splitlines()[0] == f"document 'd09' in {tiny_run.path}:"
     assert "quality:gopher_min_words  (part-1)" in out
     assert out.rstrip().endswith("dropped by quality: quality:gopher_min_words")
-    assert main(["why", str(tiny_run.path), "d02"]) == 0
+    assert main([str(tiny_run.path), "d02"]) == 0
     assert "kept by every stage it went through (the last: edu_score)" in capsys.readouterr().out
     assert why_command(str(tiny_run.path), "nope") == 1  # in no stage
     assert "no stage in" in capsys.readouterr().out
@@ -410,8 +399,8 @@ def test_why_command_prints_and_returns_an_exit_code(tiny_run, tmp_path, capsys)
 
 
 def _documented(snippet_start: str) -> str:
-    """The line of pipeline.views.runs's docstring (the README's text) that starts so."""
-    lines = [ln.strip() for ln in inspect_module.__doc__.splitlines()]
+    """The line of pipeline.views.why's docstring (the README's text) that starts so."""
+    lines = [ln.strip() for ln in why_module.__doc__.splitlines()]
     [line] = [ln for ln in lines if ln.startswith(snippet_start)]
     return line
 
@@ -462,7 +451,7 @@ def test_the_documented_why_snippets_run_as_written_on_the_quickstart(
     assert dropped_by(kept) is None
     # and the command line, as documented
     cli = subprocess.run(
-        [sys.executable, "-m", "pipeline.views.runs", "why", "runs/quickstart", quality_drop["id"]],
+        [sys.executable, "-m", "pipeline.views.why", "runs/quickstart", quality_drop["id"]],
         capture_output=True,
         text=True,
     )

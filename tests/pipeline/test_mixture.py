@@ -13,15 +13,8 @@ import pytest
 from pipeline.io import read_json
 from pipeline.recipe import ConfigError, load_recipe
 from pipeline.run import run_recipe
-from pipeline.tokens.mixture import (
-    MixtureConfig,
-    MixtureError,
-    MixtureStage,
-    SourcePlan,
-    allocate,
-    draw,
-    parse_tokens,
-)
+from pipeline.tokens.allocation import MixtureError, SourcePlan, allocate, draw, parse_tokens
+from pipeline.tokens.mixture import MixtureConfig, MixtureStage
 from pipeline.tokens.shards import IndexedDataset
 from tests.conftest import fineweb_docs
 
@@ -223,7 +216,7 @@ def test_mixture_stage_writes_exact_phi3_shards(tmp_path, web_parts, caplog):
 
 def test_mixture_fails_clearly_when_a_source_is_short(tmp_path, web_parts):
     with pytest.raises(MixtureError, match=r"(?s)phase 'phase2'.*'web_edu'.*short by"):
-        MixtureStage(_config(web_parts, 10_000, 400_000)).build([], str(tmp_path / "m"), False)
+        MixtureStage(_config(web_parts, 10_000, 400_000)).build([], str(tmp_path / "m"))
     cfg = _config(web_parts, 10_000, 10_000)
     bad = cfg.model_copy(
         update={
@@ -241,7 +234,7 @@ def test_mixture_fails_clearly_when_a_source_is_short(tmp_path, web_parts):
         }
     )
     with pytest.raises(MixtureError, match="no_such_column"):
-        MixtureStage(bad).build([], str(tmp_path / "m2"), False)
+        MixtureStage(bad).build([], str(tmp_path / "m2"))
 
 
 def test_mixture_in_a_recipe_on_ray(tmp_path, web_parts, ray_session):

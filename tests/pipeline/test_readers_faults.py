@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.readers as readers
 from pipeline.readers import check_input, classify_inputs, iter_batches, iter_hf_dataset
+from pipeline.readers import rows as reader_rows
 from pipeline.schema import READ_SCHEMA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -514,7 +514,7 @@ def test_compression_is_told_by_content_not_by_name(tmp_path):
 def test_a_line_too_long_to_hold_is_one_row_and_reading_goes_on(tmp_path, monkeypatch):
     import zstandard
 
-    monkeypatch.setattr(readers, "_MAX_RECORD_BYTES", 1000)
+    monkeypatch.setattr(reader_rows, "MAX_RECORD_BYTES", 1000)
     head = b'{"id": "a", "text": "before"}\n'
     long_line = b'{"id": "long", "text": "' + b"x" * 5000 + b'"}\n'
     tail = b'{"id": "c", "text": "after"}\n'
@@ -535,7 +535,7 @@ def test_a_line_too_long_to_hold_is_one_row_and_reading_goes_on(tmp_path, monkey
 
 
 def test_an_html_file_or_warc_record_too_large_to_hold_is_one_row(tmp_path, monkeypatch):
-    monkeypatch.setattr(readers, "_MAX_RECORD_BYTES", 1000)
+    monkeypatch.setattr(reader_rows, "MAX_RECORD_BYTES", 1000)
     (tmp_path / "big.html").write_bytes(b"<html>" + b"x" * 5000 + b"</html>")
     assert by_id(read(tmp_path / "big.html")) == {"big.html:0": "read:too_large"}
     (tmp_path / "small.html").write_bytes(b"<html>ok</html>")

@@ -1,4 +1,5 @@
-"""The Phi-3 model configs and the CPU training smoke (pipeline.tokens.train_smoke)."""
+"""The Phi-3 model configs (pipeline.tokens.phi3) and the CPU training smoke
+(pipeline.tokens.train_smoke)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from pipeline.tokens.train_smoke import (  # noqa: E402
+from pipeline.tokens.phi3 import (  # noqa: E402
     ModelConfigError,
-    TrainSmokeError,
-    check_loss_fell,
     count_parameters,
     expected_phi3_parameters,
     load_model_config,
     phi3_parameter_breakdown,
-    train_smoke,
 )
+from pipeline.tokens.train_smoke import TrainSmokeError, check_loss_fell, train_smoke  # noqa: E402
 
 THREADS = 1
 SEQ_LEN = 64

@@ -1,29 +1,30 @@
 """The `vllm` teacher backend: offline batch inference on GPUs through Ray Data LLM.
 
-Production teacher runs (annotating millions of documents, generating synthetic text) use
-`ray.data.llm`: `build_processor(vLLMEngineProcessorConfig(...), preprocess, postprocess)`
-returns a Processor that maps a Ray Dataset through chat templating, tokenisation, vLLM
-engine replicas (each `tensor_parallel_size` GPUs, `concurrency` replicas) and
-detokenisation. This module supplies the two ends:
+`ray.data.llm`'s `build_processor(vLLMEngineProcessorConfig(...), preprocess,
+postprocess)` returns a Processor that maps a Ray Dataset through chat templating,
+tokenisation, vLLM engine replicas (each `tensor_parallel_size` GPUs, `concurrency`
+replicas) and detokenisation. This module supplies the two ends:
 
-- `vllm_processor(cfg, to_request, keep_columns)`: a `Dataset -> Dataset` callable for use
-  *inside* a pipeline of documents. `to_request(row) -> ChatRequest` builds the prompt from
-  a document row; the output rows carry the `Completion` fields (optionally prefixed) plus
-  `keep_columns`. The annotation stage calls `vllm_processor(...)(ds)` directly.
-- `VLLMTeacher`: the same processor behind the `Teacher` protocol, for a list of
-  ChatRequests (small batches, tests). Each `complete()` runs one Ray Data job, which
-  starts the engines again: use `vllm_processor` for anything large.
+- `vllm_processor(cfg, to_request, keep_columns)`: that processor as a `Dataset ->
+  Dataset` callable. `to_request(row) -> ChatRequest` builds the prompt from a row; the
+  output rows carry the `Completion` fields (optionally prefixed) plus `keep_columns`.
+- `VLLMTeacher`: the processor behind the `Teacher` protocol, over a list of ChatRequests.
+  This is how the teacher stages use vLLM: `edu_annotate` and `generate` send their
+  requests through `run_checkpointed` (checkpoint.py), one `complete()` per request
+  batch, and each `complete()` runs one Ray Data job, which starts the engines again; a
+  large `request_batch` amortises that. No stage calls `vllm_processor` directly.
 
 Rows that fail inside the engine do not stop the job (`should_continue_on_error=True`); Ray
-Data LLM then skips our postprocess for them, so a final map turns them into Completion
-rows with `error = "engine: ..."`. Answers are checked like every other backend's
-(`check_answer`: empty, invalid JSON, schema mismatch). Structured output uses vLLM's
-`sampling_params.structured_outputs = {"json": <schema>}` (Ray >= 2.50, vLLM >= 0.11). The
-schema travels as a JSON string so Arrow never has to unify differently shaped schemas.
-`finish_reason` is inferred ("length" when the answer used all of max_tokens, else "stop"):
-Ray Data LLM's engine output does not carry vLLM's own finish reason.
+Data LLM then skips our postprocess for them, so a final map (`finisher`) turns them into
+Completion rows with `error = "engine: ..."`. Answers are checked like every other
+backend's (`check_answer`: empty, invalid JSON, schema mismatch). Structured output uses
+vLLM's `sampling_params.structured_outputs = {"json": <schema>}` (Ray >= 2.50, vLLM >=
+0.11). The schema travels as a JSON string so Arrow never has to unify differently shaped
+schemas. `finish_reason` is inferred ("length" when the answer used all of max_tokens,
+else "stop"): Ray Data LLM's engine output does not carry vLLM's own finish reason.
 
-Imports of Ray and vLLM are lazy: this module imports on a CPU box, and everything except the
+The only module besides pipeline/executor.py that imports Ray: ray.data.llm is its engine.
+Those imports are lazy, so this module imports on a CPU box, and everything except the
 engine (config mapping, row conversion, checks, a Ray Data run with a stand-in engine) is
 tested there. The real engine needs the `gpu` extra (`pip install -e '.[gpu]'`) and a GPU:
 
@@ -40,15 +41,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from generators.teacher import (
+from generators.teacher.base import (
     ChatRequest,
     Completion,
-    TeacherConfig,
-    _TeacherBase,
+    TeacherBase,
     check_answer,
     sampling,
     summarize,
 )
+from generators.teacher.config import TeacherConfig
 
 if TYPE_CHECKING:
     import ray.data
@@ -60,7 +61,7 @@ COMPLETION_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Completion))
 _ID = "teacher_request_id"
 _SCHEMA = "teacher_json_schema"
 _MAX_TOKENS = "teacher_max_tokens"
-_ERROR = "__inference_error__"  # Ray Data LLM's column for rows the engine failed
+ENGINE_ERROR = "__inference_error__"  # Ray Data LLM's column for rows the engine failed
 _NAMED_ENGINE_KWARGS = ("tensor_parallel_size", "max_model_len", "gpu_memory_utilization")
 
 
@@ -122,7 +123,7 @@ def engine_inputs(req: ChatRequest, cfg: TeacherConfig) -> dict[str, Any]:
 
 def completion_row(row: dict[str, Any], model: str, prefix: str = "") -> dict[str, Any]:
     """A processor output row (success or engine error) as Completion fields."""
-    engine_error = row.get(_ERROR) or None
+    engine_error = row.get(ENGINE_ERROR) or None
     schema = json.loads(row[_SCHEMA]) if row.get(_SCHEMA) else None
     text = row.get("generated_text")
     n_out = row.get("num_generated_tokens")
@@ -190,7 +191,7 @@ def vllm_processor(
         return out
 
     processor = build_processor(engine_config(cfg), preprocess=preprocess, postprocess=postprocess)
-    finish = _finisher(model, keep, prefix)
+    finish = finisher(model, keep, prefix)
 
     def run(ds: ray.data.Dataset) -> ray.data.Dataset:
         return processor(ds).map(finish)
@@ -198,12 +199,12 @@ def vllm_processor(
     return run
 
 
-def _finisher(model: str, keep: tuple[str, ...], prefix: str) -> Callable[[dict], dict]:
+def finisher(model: str, keep: tuple[str, ...], prefix: str) -> Callable[[dict], dict]:
     """Engine-error rows bypass postprocess and arrive raw: give them the same columns."""
     columns = [prefix + c for c in COMPLETION_COLUMNS]
 
     def finish(row: dict[str, Any]) -> dict[str, Any]:
-        if row.get(_ERROR):
+        if row.get(ENGINE_ERROR):
             out = completion_row(row, model, prefix)
             out.update({c: row.get(c) for c in keep})
             return out
@@ -212,7 +213,8 @@ def _finisher(model: str, keep: tuple[str, ...], prefix: str) -> Callable[[dict]
     return finish
 
 
-def _request_row(i: int, req: ChatRequest) -> dict[str, Any]:
+def request_row(i: int, req: ChatRequest) -> dict[str, Any]:
+    """Request `i` as a plain row of a Ray Dataset (VLLMTeacher's input)."""
     return {
         "teacher_index": i,
         "id": req.id,
@@ -225,7 +227,9 @@ def _request_row(i: int, req: ChatRequest) -> dict[str, Any]:
     }
 
 
-def _row_request(row: dict[str, Any]) -> ChatRequest:
+def row_request(row: dict[str, Any]) -> ChatRequest:
+    """The ChatRequest a `request_row` row holds (VLLMTeacher's `to_request`)."""
+
     def opt(name: str, kind: type) -> Any:
         v = row.get(name)
         return None if v is None else kind(v)
@@ -241,7 +245,7 @@ def _row_request(row: dict[str, Any]) -> ChatRequest:
     )
 
 
-class VLLMTeacher(_TeacherBase):
+class VLLMTeacher(TeacherBase):
     """The `vllm` backend behind the Teacher protocol (one Ray Data job per call)."""
 
     backend = "vllm"
@@ -272,9 +276,9 @@ class VLLMTeacher(_TeacherBase):
         t0 = time.monotonic()
         if self._run is None:
             self._run = vllm_processor(
-                self.cfg, _row_request, keep_columns=("teacher_index",), prefix="c_"
+                self.cfg, row_request, keep_columns=("teacher_index",), prefix="c_"
             )
-        rows = self._run(ray.data.from_items([_request_row(i, r) for i, r in enumerate(reqs)]))
+        rows = self._run(ray.data.from_items([request_row(i, r) for i, r in enumerate(reqs)]))
         got: dict[int, Completion] = {}
         for row in rows.take_all():
             values = {c: row.get("c_" + c) for c in COMPLETION_COLUMNS}

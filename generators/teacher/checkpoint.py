@@ -16,10 +16,12 @@ from the older position-keyed layout, read as generation 0. An id in several fil
 resolves to its newest usable answer, else its newest failure: a stored answer is never
 replaced by a failure.
 
-The stage around the store decides when it is stale (`state_stamp`, `open_state`): the
-stamp holds what decides the answers (model, sampling, templates, inputs) and leaves out
-the transport settings of `TRANSPORT_KEYS`, which are also out of the stage's
-fingerprint. `--retry-failed` goes through `reopen_failed` and `answers_revision`.
+The store never decides by itself that it is stale: it lives in the stage's `_state/`,
+which the runner (pipeline/stage_runner.py) deletes with the stage folder when the stage's
+fingerprint changes (model, sampling, templates through `content_fingerprint()`, inputs).
+A stage that asks through the store adds `TRANSPORT_KEYS` to its `transport_keys`, so
+batching, retry and transport settings stay out of that fingerprint and changing them
+re-sends nothing. `--retry-failed` goes through `reopen_failed` and `answers_revision`.
 
     table, stats = run_checkpointed(requests, Path("state/completions"), TeacherConfig())
 """
@@ -27,11 +29,9 @@ fingerprint. `--retry-failed` goes through `reopen_failed` and `answers_revision
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -43,29 +43,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from generators.teacher import (
-    ChatRequest,
-    Completion,
-    Teacher,
-    TeacherConfig,
-    retry_failed,
-    teacher_transport_keys,
-)
-from pipeline.io import write_json_atomic
+from generators.teacher.base import ChatRequest, Completion, Teacher, retry_failed
+from generators.teacher.config import TeacherConfig, teacher_transport_keys
+from generators.teacher.factory import make_teacher
 from pipeline.progress import Progress
-from pipeline.stage import Stage
 
 log = logging.getLogger("primer.teacher")
 
 DONE_FILE = "_DONE"
-STAMP_FILE = "_stamp.json"
 
 TRANSPORT_KEYS: frozenset[str] = frozenset(
     {"request_batch", "retry_rounds", "batch_rows", *teacher_transport_keys("teacher")}
 )
 """`transport_keys` of a stage that asks its teacher through `run_checkpointed`: the
 batching and retry settings (the store is keyed by id, so a new batch size reuses it) and
-the teacher's transport keys. The same keys stay out of its state stamp."""
+the teacher's transport keys."""
 
 COMPLETION_SCHEMA = pa.schema(
     [
@@ -163,37 +155,6 @@ def reopen_failed(state_dir: Path, ckpt_dir: Path) -> int:
     return len(failed)
 
 
-def state_stamp(stage: Stage, inputs: Sequence[str], **extra: Any) -> dict[str, Any]:
-    """What decides a teacher stage's answers: its config without the keys its fingerprint
-    leaves out (the same scheme, so a transport change touches neither), the input files
-    (path, size, mtime) and `extra` (template hashes)."""
-    files = [str(p) for p in inputs]
-    return {
-        "stage": stage.name,
-        "version": stage.version,
-        "config": stage.output_config(),
-        **extra,
-        "inputs": [f"{p}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in files],
-    }
-
-
-def open_state(state: Path, stamp: dict[str, Any], label: str) -> None:
-    """Discard `state` when its stamp differs from `stamp` (what decides the answers
-    changed), then make sure the folder and the stamp exist."""
-    stamp_file = state / STAMP_FILE
-    if stamp_file.is_file():
-        try:
-            old = json.loads(stamp_file.read_text())
-        except ValueError:
-            old = None
-        if old != stamp:
-            log.warning("%s: settings or inputs changed; discarding %s", label, state)
-            shutil.rmtree(state)
-    state.mkdir(parents=True, exist_ok=True)
-    if not stamp_file.is_file():
-        write_json_atomic(stamp_file, stamp)
-
-
 def _next_generation(ckpt_dir: Path) -> int:
     gens = [int(m[1]) for f in _store_files(ckpt_dir) if (m := _GENERATION.fullmatch(f.name))]
     return max(gens, default=0) + 1
@@ -211,11 +172,10 @@ def run_checkpointed(
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Completions of `requests` (same order), from the store where they are answered.
 
-    An id must name the same request on every attempt: the caller's state stamp discards
-    the store when what decides the answers changes. A repeated id is asked once.
+    An id must name the same request on every attempt: the runner discards the store (with
+    the stage's `_state/`) when what decides the answers changes. A repeated id is asked
+    once.
     """
-    from generators.teacher import make_teacher
-
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_dir.glob(".*.tmp-*"):
         stale.unlink(missing_ok=True)  # left by a killed attempt: never a finished batch

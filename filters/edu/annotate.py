@@ -1,0 +1,360 @@
+"""The `edu_annotate` stage: a teacher LLM rates a stratified sample of documents 0-5.
+
+A GlobalStage. `prepare` draws a stratified sample of the kept documents (equal shares per
+length stratum, `length_bins`; within a stratum the documents with the smallest hash of
+`seed:id`, so the sample is deterministic and independent of input order; the per-file
+candidates fan out through the runner's executor) and has the teacher rate each 0-5 with
+the additive rubric of configs/prompts/edu_annotate_v1.j2. The document is untrusted text:
+it sits between tags named by a hash of itself (which it therefore cannot contain) and the
+score is read only from a JSON answer validated against `{"score": 0..5}`, so nothing in a
+document can change how its score is parsed.
+
+Sampled rows are written with `edu_label`, the model, backend, template id and version, the
+raw answer and token counts; a row the teacher failed on (timeout, dead server, garbage) is
+written with `teacher_error`, its raw answer and the reason `edu_annotate:teacher_error`.
+Rows not in the sample are counted (`edu_annotate:not_sampled`) but not written. Ratings
+are stored by document id under `_state/ratings/` (generators/teacher/checkpoint.py), a
+file per request batch: a killed run re-rates nothing it finished, rows that failed are
+sent again (`retry_rounds` within a run, once more on every resume, and on `primer run
+--retry-failed`). Transport settings (`request_batch`, the teacher's URL, timeouts,
+retries, concurrency) are `transport_keys`: changing them re-sends nothing. What decides a
+rating (the config, the template's sha256 in `content_fingerprint()`, the input) is the
+stage's fingerprint, and the runner discards the stored ratings when it changes.
+
+    stages:
+      edu_annotate: {sample_size: 500, teacher: {backend: openai, base_url: ..., model: ...}}
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import ConfigDict, Field, field_validator
+
+from filters.edu.metrics import sample_key
+from generators.prompts import load_template, require_template
+from generators.teacher import checkpoint
+from generators.teacher.base import ChatRequest
+from generators.teacher.config import TeacherConfig
+from generators.teacher.factory import preflight_teacher
+from pipeline.executor import LOCAL, Executor
+from pipeline.io import iter_documents, write_json_atomic
+from pipeline.stage import GlobalStage, StageConfig, mark_dropped, set_column
+
+log = logging.getLogger("primer.edu")
+
+SCORE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 5}},
+    "required": ["score"],
+    "additionalProperties": False,
+}
+"""The only answer edu_annotate accepts; anything else is a recorded `invalid_json` failure."""
+
+DONE_FILE = checkpoint.DONE_FILE
+SAMPLE_FILE = "sample.parquet"
+RATINGS_DIR = "ratings"
+RATING_COLUMNS = (
+    "id",
+    "edu_label",
+    "teacher_model",
+    "teacher_backend",
+    "template_id",
+    "template_version",
+    "teacher_answer",
+    "teacher_error",
+    "prompt_tokens",
+    "completion_tokens",
+)
+
+
+class EduAnnotateConfig(StageConfig):
+    """Settings of the `edu_annotate` stage."""
+
+    # A key pasted as teacher.api_key_env must not be echoed by an error of this model.
+    model_config = ConfigDict(hide_input_in_errors=True)
+
+    teacher: TeacherConfig = Field(default_factory=lambda: TeacherConfig(max_tokens=16))
+    """The teacher LLM (backend local | openai | vllm); see generators/teacher.py."""
+
+    sample_size: int = Field(500, ge=1)
+    """Documents to rate (FineWeb-Edu rated 450k with Llama-3-70B; a few thousand already
+    train a useful fastText model)."""
+
+    length_bins: list[int] = [1_000, 3_000, 10_000]
+    """Character-length boundaries of the strata; each stratum gets an equal share of the
+    sample (what one stratum lacks goes to the others), so short and long documents are
+    both rated even when one kind dominates the corpus."""
+
+    seed: int = 0
+    """Which documents are sampled (and the teacher's per-request seeds)."""
+
+    template: str = "edu_annotate_v1"
+    """Prompt template `<id>_v<version>` in configs/prompts/."""
+
+    max_doc_chars: int = Field(3_000, ge=100)
+    """Characters of each document shown to the teacher (its beginning)."""
+
+    max_answer_tokens: int = Field(16, ge=4)
+    """Cap on the answer's tokens; `{"score": 3}` needs about 6."""
+
+    request_batch: int = Field(32, ge=1)
+    """Requests per teacher call, and per checkpoint file; ratings are stored by id, so it
+    may change between attempts without re-rating anything."""
+
+    retry_rounds: int = Field(1, ge=0)
+    """Times the failed rows of a batch are sent again before they are recorded as failed
+    (the teacher's own transport retries come on top)."""
+
+    @field_validator("length_bins")
+    @classmethod
+    def _sorted(cls, v: list[int]) -> list[int]:
+        if v != sorted(set(v)) or any(b <= 0 for b in v):
+            raise ValueError("length_bins must be increasing positive character counts")
+        return v
+
+
+def _strata(lengths: np.ndarray, bins: Sequence[int]) -> np.ndarray:
+    return np.searchsorted(np.asarray(bins, np.int64), lengths, side="right").astype(np.int16)
+
+
+def _indexed_candidates(item: tuple[int, str], cfg: EduAnnotateConfig) -> pa.Table:
+    """`_file_candidates` of one (index, file) pair, as the executor maps them."""
+    return _file_candidates(item[1], item[0], cfg)
+
+
+def _file_candidates(path: str, file_index: int, cfg: EduAnnotateConfig) -> pa.Table:
+    """Per stratum, the `sample_size` kept documents of one file with the smallest keys:
+    no final quota can need more, and no text is held."""
+    best: list[pa.Table] = []
+    for table in iter_documents([path], cfg.batch_rows, columns=("id", "text")):
+        has_text = pc.fill_null(pc.greater(pc.utf8_length(table["text"]), 0), False)
+        table = table.filter(has_text)
+        if not len(table):
+            continue
+        ids = table["id"].to_pylist()
+        lengths = pc.utf8_length(table["text"]).to_numpy(zero_copy_only=False)
+        best.append(
+            pa.table(
+                {
+                    "id": pa.array(ids, pa.string()),
+                    "stratum": _strata(lengths, cfg.length_bins),
+                    "key": sample_key(ids, cfg.seed),
+                    "n_chars": lengths.astype(np.int64),
+                    "file": np.full(len(ids), file_index, np.int32),
+                }
+            )
+        )
+        if sum(len(t) for t in best) > 4 * cfg.sample_size * (len(cfg.length_bins) + 1):
+            best = [_top_per_stratum(pa.concat_tables(best), cfg.sample_size)]
+    if not best:
+        return _CANDIDATES.empty_table()
+    return _top_per_stratum(pa.concat_tables(best), cfg.sample_size)
+
+
+_CANDIDATES = pa.schema(
+    [("id", pa.string()), ("stratum", pa.int16()), ("key", pa.uint64()),
+     ("n_chars", pa.int64()), ("file", pa.int32())]
+)  # fmt: skip
+
+
+def _top_per_stratum(table: pa.Table, k: int) -> pa.Table:
+    table = table.sort_by([("stratum", "ascending"), ("key", "ascending"), ("id", "ascending")])
+    strata = table["stratum"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, strata[1:] != strata[:-1]])
+    ends = np.r_[starts[1:], len(strata)]
+    keep = np.concatenate(
+        [np.arange(s, min(s + k, e)) for s, e in zip(starts, ends, strict=True)] or [[]]
+    ).astype(np.int64)
+    return table.take(pa.array(keep, pa.int64()))
+
+
+def allocate(available: dict[int, int], total: int) -> dict[int, int]:
+    """Equal shares of `total` over strata, what a small stratum cannot take going to the
+    rest (largest remainder first, lowest stratum on ties)."""
+    quota = dict.fromkeys(available, 0)
+    left = min(total, sum(available.values()))
+    open_ = sorted(s for s, n in available.items() if n > 0)
+    while left and open_:
+        share, extra = divmod(left, len(open_))
+        for i, s in enumerate(open_):
+            take = min(share + (1 if i < extra else 0), available[s] - quota[s])
+            quota[s] += take
+            left -= take
+        open_ = [s for s in open_ if quota[s] < available[s]]
+    return quota
+
+
+class EduAnnotateStage(GlobalStage):
+    """Teacher ratings (0-5) of a stratified sample; see the module docstring."""
+
+    name: ClassVar[str] = "edu_annotate"
+    version: ClassVar[int] = 1
+    Config: ClassVar[type[StageConfig]] = EduAnnotateConfig
+    needs: ClassVar[tuple[str, ...]] = ("id", "text")
+    adds: ClassVar[tuple[str, ...]] = RATING_COLUMNS[1:]
+    unwritten_reasons = frozenset({"not_sampled"})
+    transport_keys = checkpoint.TRANSPORT_KEYS
+    retryable: ClassVar[bool] = True
+
+    config: EduAnnotateConfig
+
+    def preflight(self) -> None:
+        require_template("template", self.config.template)
+        preflight_teacher(self.config.teacher)
+
+    def content_fingerprint(self) -> dict[str, str]:
+        """The prompt template's sha256: editing the file re-rates the sample."""
+        template = load_template(self.config.template)
+        return {f"template.{template.name}": template.sha256}
+
+    # -- prepare: sample, then rate, a checkpoint per request batch --
+    def prepare(self, inputs: Sequence[str], state_dir: str, executor: Executor = LOCAL) -> None:
+        cfg = self.config
+        self.state_dir = str(state_dir)
+        state = Path(state_dir)
+        template = load_template(cfg.template)
+        files = [str(p) for p in inputs]
+        state.mkdir(parents=True, exist_ok=True)
+        if (state / DONE_FILE).is_file():
+            return
+
+        sample_path = state / SAMPLE_FILE
+        if not sample_path.is_file():
+            sample = self._draw_sample(files, executor)
+            tmp = state / f".{SAMPLE_FILE}.tmp-{os.getpid()}"
+            pq.write_table(sample, tmp)
+            os.replace(tmp, sample_path)
+        sample = pq.read_table(sample_path)
+        stats = self._rate(sample, template, state / RATINGS_DIR)
+        write_json_atomic(state / DONE_FILE, stats)
+
+    def _draw_sample(self, files: list[str], executor: Executor) -> pa.Table:
+        cfg = self.config
+        parts = list(
+            executor.map(functools.partial(_indexed_candidates, cfg=cfg), [*enumerate(files)])
+        )
+        cands = _top_per_stratum(
+            pa.concat_tables([_CANDIDATES.empty_table(), *parts]), cfg.sample_size
+        )
+        strata = cands["stratum"].to_numpy()
+        quota = allocate(
+            {int(s): int((strata == s).sum()) for s in np.unique(strata)}, cfg.sample_size
+        )
+        keep = np.concatenate(
+            [np.flatnonzero(strata == s)[:q] for s, q in quota.items()] or [np.array([], int)]
+        )
+        chosen = cands.take(pa.array(keep, pa.int64())).sort_by(
+            [("key", "ascending"), ("id", "ascending")]
+        )
+        log.info(
+            "edu_annotate: sampled %d documents, per length stratum %s",
+            len(chosen), {int(s): q for s, q in quota.items()},
+        )  # fmt: skip
+        # Texts of the sample only, from the files that hold it.
+        texts: dict[str, str] = {}
+        wanted = pa.array(chosen["id"].to_pylist(), pa.string())
+        for i in sorted(set(chosen["file"].to_pylist())):
+            for t in iter_documents([files[i]], cfg.batch_rows, columns=("id", "text")):
+                t = t.filter(pc.is_in(t["id"], value_set=wanted))
+                cut = pc.utf8_slice_codeunits(t["text"], 0, cfg.max_doc_chars)
+                texts.update(zip(t["id"].to_pylist(), cut.to_pylist(), strict=True))
+        return chosen.append_column(
+            "text", pa.array([texts[i] for i in chosen["id"].to_pylist()], pa.large_string())
+        )
+
+    def _rate(self, sample: pa.Table, template: Any, ratings_dir: Path) -> dict[str, Any]:
+        cfg = self.config
+        requests = [
+            self._request(template, i, t)
+            for i, t in zip(sample["id"].to_pylist(), sample["text"].to_pylist(), strict=True)
+        ]
+        done, stats = checkpoint.run_checkpointed(
+            requests, ratings_dir, cfg.teacher, batch_size=cfg.request_batch,
+            retry_rounds=cfg.retry_rounds, label=self.name,
+        )  # fmt: skip
+        labels = pc.drop_null(self._ratings_table(done, template)["edu_label"]).to_numpy()
+        values, counts = np.unique(labels, return_counts=True)
+        stats["label_counts"] = {str(k): int(v) for k, v in zip(values, counts, strict=True)}
+        log.info("edu_annotate: %s", json.dumps(stats))
+        return stats
+
+    def _request(self, template: Any, doc_id: str, text: str) -> ChatRequest:
+        boundary = "document-" + hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+        return ChatRequest(
+            id=doc_id,
+            messages=template.messages(document=text, boundary=boundary),
+            max_tokens=self.config.max_answer_tokens,
+            json_schema=SCORE_SCHEMA,
+        )
+
+    def _ratings_table(self, done: pa.Table, template: Any) -> pa.Table:
+        """Checkpointed completions -> the rating columns (the JSON answers were validated
+        against SCORE_SCHEMA by the teacher client, so a successful row parses)."""
+        ok = pc.is_null(done["error"])
+        labels = [
+            json.loads(t)["score"] if t is not None else None
+            for t in pc.if_else(ok, done["text"], None).to_pylist()
+        ]
+        n = len(done)
+        return pa.table(
+            {
+                "id": done["id"],
+                "edu_label": pa.array(labels, pa.int8()),
+                "teacher_model": done["model"],
+                "teacher_backend": done["backend"],
+                "template_id": pa.array([template.template_id] * n, pa.string()),
+                "template_version": pa.array([template.version] * n, pa.int32()),
+                "teacher_answer": pc.if_else(ok, done["text"], done["raw"]),
+                "teacher_error": done["error"],
+                "prompt_tokens": done["prompt_tokens"],
+                "completion_tokens": done["completion_tokens"],
+            }
+        )
+
+    def load_ratings(self) -> pa.Table:
+        """The rating columns of every rated document (after prepare())."""
+        done = checkpoint.load_checkpoints(Path(self.state_dir or "") / RATINGS_DIR)
+        return self._ratings_table(done, load_template(self.config.template))
+
+    # -- --retry-failed --
+    def reopen_failed(self, state_dir: str) -> int:
+        """Sampled documents whose rating failed; the next prepare() asks exactly those."""
+        self.state_dir = str(state_dir)
+        return checkpoint.reopen_failed(Path(state_dir), Path(state_dir) / RATINGS_DIR)
+
+    def output_revision(self) -> str:
+        if not self.state_dir:
+            return ""
+        return checkpoint.answers_revision(Path(self.state_dir) / RATINGS_DIR)
+
+    # -- the per-part pass: attach ratings, mark failures and the unsampled --
+    def setup(self) -> None:
+        state = Path(self.state_dir or "")
+        if not (state / DONE_FILE).is_file():
+            raise RuntimeError(
+                f"edu_annotate: no finished ratings in {self.state_dir!r}; call "
+                "prepare(inputs, state_dir) over all inputs before process()"
+            )
+        self._ratings = self.load_ratings()
+
+    def process(self, table: pa.Table) -> pa.Table:
+        pos = pc.index_in(table["id"], value_set=self._ratings["id"])
+        found = pc.is_valid(pos)
+        for name in RATING_COLUMNS[1:]:
+            table = set_column(table, name, self._ratings[name].take(pos))
+        failed = pc.and_(found, pc.is_valid(table["teacher_error"]))
+        return mark_dropped(
+            table, self.name, [("not_sampled", pc.invert(found)), ("teacher_error", failed)]
+        )

@@ -1,0 +1,233 @@
+"""What every teacher backend shares: requests, completions, the `Teacher` protocol.
+
+`Teacher.complete(requests) -> completions` is the whole interface (same length, same
+order, always; per-row failures are recorded in `Completion.error`, never raised).
+`TeacherBase` gives a backend its context-manager plumbing; `check_answer` is the one
+strict check every backend applies to an answer (empty text, JSON that is not one value
+matching the requested schema); `derive_seed` and `sampling` fill a request's sampling
+parameters from the config so runs are reproducible; `retry_failed` sends the failed rows
+of a batch again. The backends (openai.py, local.py, vllm.py) import this module and
+config.py only; generators/teacher/factory.py picks one.
+
+    req = ChatRequest("q1", [{"role": "user", "content": "Hi"}], json_schema=None)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Protocol, runtime_checkable
+
+from generators.teacher.config import TeacherConfig
+
+ROLES = frozenset({"system", "user", "assistant"})
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat-completion request. Sampling fields left at None take the config's value."""
+
+    id: str
+    """Caller's key for this row (a document id, a seed id); echoed in the Completion."""
+    messages: list[dict[str, Any]]
+    """OpenAI chat format: [{"role": "system" | "user" | "assistant", "content": str}, ...]."""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    """None: a seed derived from `TeacherConfig.seed` and `id`, so runs are reproducible
+    and two requests do not share one random stream."""
+    json_schema: dict[str, Any] | None = None
+    """Constrain the answer to this JSON schema; the text is then validated against it."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise ValueError(f"ChatRequest.id must be a non-empty string, got {self.id!r}")
+        if not isinstance(self.messages, list) or not self.messages:
+            raise ValueError(f"ChatRequest {self.id!r}: messages must be a non-empty list")
+        for i, m in enumerate(self.messages):
+            if (
+                not isinstance(m, dict)
+                or m.get("role") not in ROLES
+                or not isinstance(m.get("content"), str)
+            ):
+                raise ValueError(
+                    f"ChatRequest {self.id!r}: messages[{i}] must be "
+                    '{"role": "system"|"user"|"assistant", "content": str}, '
+                    f"got {str(m)[:120]!r}"
+                )
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"ChatRequest {self.id!r}: max_tokens must be >= 1")
+        if self.json_schema is not None:
+            try:
+                _validator(_canonical(self.json_schema))
+            except Exception as e:
+                raise ValueError(
+                    f"ChatRequest {self.id!r}: json_schema is not a valid JSON schema: {e}"
+                ) from None
+
+
+@dataclass
+class Completion:
+    """The answer to one ChatRequest. `error` is None exactly when `text` can be used."""
+
+    id: str
+    text: str | None
+    """The answer; None when `error` is set (the answer, if any, is then in `raw`)."""
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    finish_reason: str | None
+    """"stop", "length" (hit max_tokens), ... as the server said; None without an answer."""
+    error: str | None
+    """"<kind>: <message>", kind in timeout, connection, http_<status>, bad_response,
+    empty, invalid_json, engine, internal. None on success."""
+    raw: str | None
+    """On failure, what came back: the model's text, or the HTTP body. None on success."""
+    latency_s: float
+    """Wall time of this row, all attempts and backoff included."""
+    model: str | None
+    """The model that answered, as the server names it (else the configured name)."""
+    backend: str
+    attempts: int = 1
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def error_kind(self) -> str | None:
+        """The machine-readable prefix of `error` ("timeout", "http_503", ...)."""
+        return None if self.error is None else self.error.split(":", 1)[0]
+
+    def json(self) -> Any:
+        """The parsed answer of a structured-output request (already validated)."""
+        if self.text is None:
+            raise ValueError(f"completion {self.id!r} failed: {self.error}")
+        return json.loads(self.text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """What the annotation stage and the generators need from a teacher LLM."""
+
+    backend: str
+
+    def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        """One Completion per request, same order; per-row failures are recorded, not raised."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Teacher: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class TeacherBase:
+    """Context-manager plumbing shared by the backends: `with make_teacher(cfg) as t:`
+    closes the teacher (and stops a server it started) on the way out."""
+
+    backend: str = "?"
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def retry_failed(
+    teacher: Teacher, requests: Sequence[ChatRequest], completions: Sequence[Completion]
+) -> list[Completion]:
+    """Send the failed rows of an earlier `complete()` again; keep the rows that succeeded.
+
+    `requests[i]` must be the request of `completions[i]`. The attempts of both rounds add
+    up in `Completion.attempts`.
+    """
+    if len(requests) != len(completions):
+        raise ValueError(f"{len(requests)} requests but {len(completions)} completions")
+    todo = [i for i, c in enumerate(completions) if not c.ok]
+    out = list(completions)
+    if not todo:
+        return out
+    again = teacher.complete([requests[i] for i in todo])
+    for i, c in zip(todo, again, strict=True):
+        out[i] = replace(c, attempts=c.attempts + completions[i].attempts)
+    return out
+
+
+# --- shared helpers ------------------------------------------------------------------------
+
+
+def derive_seed(base: int, request_id: str) -> int:
+    """A per-request seed, stable across runs and machines (31 bits: every server takes it)."""
+    h = hashlib.blake2b(f"{base}:{request_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFFFFFF
+
+
+def sampling(req: ChatRequest, cfg: TeacherConfig) -> dict[str, Any]:
+    """The request's sampling parameters with the config's defaults filled in."""
+    return {
+        "max_tokens": req.max_tokens if req.max_tokens is not None else cfg.max_tokens,
+        "temperature": req.temperature if req.temperature is not None else cfg.temperature,
+        "top_p": req.top_p if req.top_p is not None else cfg.top_p,
+        "seed": req.seed if req.seed is not None else derive_seed(cfg.seed, req.id),
+    }
+
+
+def _canonical(schema: dict[str, Any]) -> str:
+    return json.dumps(schema, sort_keys=True, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=64)
+def _validator(schema_json: str) -> Any:
+    import jsonschema
+
+    schema = json.loads(schema_json)
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def check_answer(
+    text: str | None, json_schema: dict[str, Any] | None, finish_reason: str | None = None
+) -> str | None:
+    """The error for an answer that cannot be used, or None: empty text, or (with a schema)
+    text that is not one JSON value matching it. Strict: no NaN/Infinity, no trailing text,
+    no Markdown fences."""
+    if text is None or not text.strip():
+        return "empty: the model returned no text"
+    if json_schema is None:
+        return None
+    cut = " (cut off at max_tokens)" if finish_reason == "length" else ""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:
+        return f"invalid_json: not JSON{cut}: {e}"
+    errors = sorted(_validator(_canonical(json_schema)).iter_errors(value), key=str)
+    if errors:
+        where = "/".join(str(p) for p in errors[0].absolute_path) or "(root)"
+        return f"invalid_json: schema mismatch at {where}: {errors[0].message[:200]}"
+    return None
+
+
+def summarize(completions: Sequence[Completion]) -> str:
+    """One line for logs: counts of successes and of each error kind."""
+    kinds = Counter(c.error_kind for c in completions if not c.ok)
+    failed = ", ".join(f"{k}: {n}" for k, n in kinds.most_common())
+    ok = len(completions) - sum(kinds.values())
+    return f"{len(completions)} requests, {ok} ok" + (f", failed ({failed})" if failed else "")
