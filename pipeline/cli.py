@@ -158,7 +158,8 @@ def _parser() -> argparse.ArgumentParser:
 def _train_smoke_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.tokens.train_smoke import ModelConfigError, TrainSmokeError, TrainSmokeStage
+    from pipeline.tokens.phi3 import ModelConfigError
+    from pipeline.tokens.train_smoke import TrainSmokeError, TrainSmokeStage
 
     run = Path(args.run)
     mixture = run if (run / "manifest.json").is_file() else run / "mixture"
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train-smoke":
             return _train_smoke_command(args)
         if args.command == "why":
-            from pipeline.views.runs import why_command
+            from pipeline.views.why import why_command
 
             return why_command(args.run, args.id)
         from pipeline.run import run_recipe

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from pipeline.progress import configure_ray_data_logging
@@ -177,12 +177,3 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> RayExec
     ctx.enable_progress_bars = False  # Primer prints its own progress with rate and ETA
     ctx.verbose_stats_logs = False
     return RayExecutor()
-
-
-def executor_for(use_ray: bool) -> Executor:
-    """The executor a caller that knows only "Ray or not" means (Ray must be initialised)."""
-    return RayExecutor() if use_ray else LOCAL
-
-
-def collect(results: Iterable[R]) -> list[R]:
-    return list(results)

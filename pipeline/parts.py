@@ -178,13 +178,13 @@ class ReadOptions:
         return f"text={self.text_column}\0id={self.id_column}"
 
 
-def _input_columns(part: Part) -> list[str]:
+def input_columns(part: Part) -> list[str]:
     if part.from_stage:
         return stage_schema(part.source).names
     return list(READ_COLUMNS)
 
 
-def _iter_input(
+def iter_input(
     part: Part,
     batch_rows: int,
     columns: Sequence[str] | None = None,
@@ -212,7 +212,7 @@ def _iter_input(
         yield table.set_column(idx, "source_path", pa.repeat(lineage, len(table)))
 
 
-def _fill_columns(table: pa.Table, schema: pa.Schema) -> pa.Table:
+def fill_columns(table: pa.Table, schema: pa.Schema) -> pa.Table:
     for f in schema:
         if f.name not in table.column_names:
             table = table.append_column(f.name, pa.nulls(len(table), f.type))
@@ -269,7 +269,7 @@ def process_part(
         schema = schema_for({"id", *stage.adds, "drop_reason", "error"})
         writer = AtomicParquetWriter(path, metadata=column_part_metadata(path, part.source))
     else:
-        schema = schema_for({*_input_columns(part), *stage.adds, "drop_reason", "error"})
+        schema = schema_for({*input_columns(part), *stage.adds, "drop_reason", "error"})
         writer = AtomicParquetWriter(path)
     from pipeline.readers import UniqueIds
 
@@ -279,13 +279,13 @@ def process_part(
     dropped: Counter[str] = Counter()
     try:
         stage.ensure_setup()
-        for table in _iter_input(part, batch_rows, columns, read, unique):
+        for table in iter_input(part, batch_rows, columns, read, unique):
             rows_in += len(table)
             if "drop_reason" in table.column_names and table["drop_reason"].null_count < len(table):
                 # Rows a reader already rejected (bad records) pass through, counted.
                 bad = table.filter(pc.is_valid(table["drop_reason"]))
                 table = table.filter(pc.is_null(table["drop_reason"]))
-                writer.write(_fill_columns(bad, schema))
+                writer.write(fill_columns(bad, schema))
                 dropped.update(bad["drop_reason"].to_pylist())
             if len(table) == 0:
                 continue
@@ -297,7 +297,7 @@ def process_part(
                         out = out.filter(
                             pc.invert(pc.fill_null(pc.is_in(reasons, unwritten), False))
                         )
-                writer.write(_fill_columns(out, schema))
+                writer.write(fill_columns(out, schema))
         nbytes = writer.close(empty_schema=schema)
     except BaseException as e:
         writer.abort()

@@ -260,52 +260,64 @@ def load_recipe(
         raise ConfigError(f"{path or 'recipe'}: `stages` is empty")
 
     specs: list[StageSpec] = []
+    problems: list[str] = []  # every stage's problems, reported together
     for i, (name, body) in enumerate(recipe.stages.items()):
-        body = dict(body or {})
-        inputs = body.pop("input", None)
-        if isinstance(inputs, str):
-            inputs = [inputs]
-        if inputs is not None and (
-            not isinstance(inputs, list) or not all(isinstance(x, str) and x for x in inputs)
-        ):
-            raise ConfigError(
-                f'stages.{name}.input: expected a path, a glob, "@stage" or a list of them '
-                f"(got {inputs!r})"
-            )
-        if not isinstance(body.get("stage", name), str):
-            raise ConfigError(f"stages.{name}.stage: expected a registered stage name")
-        earlier = [spec.name for spec in specs]
-        for ref in [*(inputs or []), *stage_refs(body)]:
-            if ref.startswith("@") and ref[1:].split("/")[0] not in earlier:
-                raise ConfigError(
-                    f"stages.{name}: {ref!r} refers to no earlier stage; "
-                    f"earlier stages: {', '.join(earlier) or 'none'}"
-                )
-        refs = [p for p in inputs or [] if str(p).startswith("@")]
-        if refs and len(refs) != len(inputs):
-            raise ConfigError(f"stages.{name}.input: mix of @stage references and files")
-        if inputs is not None and not refs:
-            inputs = [
-                str(
-                    Path(
-                        base,
-                        Path(expand_vars(p, f"stages.{name}.input", check_inputs)).expanduser(),
-                    )
-                )
-                for p in inputs
-            ]
-            if check_inputs:
-                from pipeline.io import expand_inputs
-
-                try:
-                    expand_inputs(inputs)
-                except FileNotFoundError as e:
-                    raise ConfigError(f"stages.{name}.input: {e}") from None
-        elif i == 0:
-            raise ConfigError(f"stages.{name}.input: the first stage needs input files")
-        uses = body.pop("stage", name)
-        cls, cfg = build_stage_config(uses, body, f"stages.{name}")
-        specs.append(StageSpec(name=name, cls=cls, config=cfg, inputs=inputs))
+        try:
+            specs.append(_stage_spec(i, name, body, list(recipe.stages)[:i], base, check_inputs))
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("\n".join(problems))
     if check_inputs and recipe.output:
         expand_vars(recipe.output, "output")  # an unset $VAR in the run folder is named now
     return LoadedRecipe(recipe=recipe, stages=specs, path=Path(path) if path else None)
+
+
+def _stage_spec(
+    i: int, name: str, body: dict | None, earlier: list[str], base: Path, check_inputs: bool
+) -> StageSpec:
+    """One stage of a recipe, validated (`earlier`: the names of the stages before it)."""
+    body = dict(body or {})
+    inputs = body.pop("input", None)
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if inputs is not None and (
+        not isinstance(inputs, list) or not all(isinstance(x, str) and x for x in inputs)
+    ):
+        raise ConfigError(
+            f'stages.{name}.input: expected a path, a glob, "@stage" or a list of them '
+            f"(got {inputs!r})"
+        )
+    if not isinstance(body.get("stage", name), str):
+        raise ConfigError(f"stages.{name}.stage: expected a registered stage name")
+    for ref in [*(inputs or []), *stage_refs(body)]:
+        if ref.startswith("@") and ref[1:].split("/")[0] not in earlier:
+            raise ConfigError(
+                f"stages.{name}: {ref!r} refers to no earlier stage; "
+                f"earlier stages: {', '.join(earlier) or 'none'}"
+            )
+    refs = [p for p in inputs or [] if str(p).startswith("@")]
+    if refs and len(refs) != len(inputs):
+        raise ConfigError(f"stages.{name}.input: mix of @stage references and files")
+    if inputs is not None and not refs:
+        inputs = [
+            str(
+                Path(
+                    base,
+                    Path(expand_vars(p, f"stages.{name}.input", check_inputs)).expanduser(),
+                )
+            )
+            for p in inputs
+        ]
+        if check_inputs:
+            from pipeline.io import expand_inputs
+
+            try:
+                expand_inputs(inputs)
+            except FileNotFoundError as e:
+                raise ConfigError(f"stages.{name}.input: {e}") from None
+    elif i == 0:
+        raise ConfigError(f"stages.{name}.input: the first stage needs input files")
+    uses = body.pop("stage", name)
+    cls, cfg = build_stage_config(uses, body, f"stages.{name}")
+    return StageSpec(name=name, cls=cls, config=cfg, inputs=inputs)

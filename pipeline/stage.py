@@ -356,6 +356,9 @@ class GlobalStage(Stage):
 
     state_dir: str | None = None
 
+    uses_model: ClassVar[bool] = True
+    """`setup()` loads what `prepare()` wrote (clusters, stored answers): once per actor."""
+
     retryable: ClassVar[bool] = False
     """True for stages whose rows can fail for a transient reason recorded in the state
     (a teacher's timeout): `primer run --retry-failed` then asks those rows again."""

@@ -90,12 +90,26 @@ def test_cli_exits_2_with_a_readable_message(capsys):
     assert "stages.dedup.bandz: unknown key (did you mean 'bands'?)" in err
 
 
-def test_cli_lists_stages_with_defaults(capsys):
+def test_every_stage_problem_is_listed_at_once(capsys):
+    code = main(
+        ["run", str(QUICKSTART), "--set", "stages.dedup.bandz=3", "--set", "stages.quality.x=1"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "stages.dedup.bandz: unknown key" in err and "stages.quality.x: unknown key" in err
+
+
+def test_cli_lists_stages_with_defaults_modules_and_kinds_of_keys(capsys):
+    from pipeline import registry
+
     assert main(["stages"]) == 0
     out = capsys.readouterr().out
     for name in ("extract_v1", "langid_v1", "quality_v1", "dedup_v2"):
         assert name in out
-    assert "min_score = 0.65" in out
+    assert "min_score = 0.65  (threshold)" in out
+    for name in registry.names():  # `primer stages` leads to each stage's file in one hop
+        path = registry.location(name)[0].replace(".", "/") + ".py"
+        assert f"in {path}" in out and (REPO / path).is_file()
 
 
 def test_a_stage_runs_twice_under_another_name(tmp_path):
