@@ -129,16 +129,22 @@ class RayExecutor(Executor):
         )
         resources: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus or None}
         if uses_model:
-            size = max(1, min(len(items), self.workers(num_cpus, num_gpus)))
-            # One call at a time per actor, run on the actor's own thread: an item is one
-            # whole unit of work, so Ray Data's default wrapper (the UDF on a helper thread
-            # while the actor thread batches) only costs time.
+            # The pool autoscales between one actor and one per item, starting with as many
+            # as the cluster holds now: nodes that join later get actors too. One call at a
+            # time per actor, run on the actor's own thread: an item is one whole unit of
+            # work, so Ray Data's default wrapper (the UDF on a helper thread while the actor
+            # thread batches) only costs time.
+            now = max(1, min(len(items), self.workers(num_cpus, num_gpus)))
             ds = ds.map_batches(
                 _Apply,
                 fn_constructor_args=(blob,),
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(
-                    size=size, max_concurrent_calls_per_actor=1, enable_true_multi_threading=True
+                    min_size=1,
+                    max_size=len(items),
+                    initial_size=now,
+                    max_concurrent_calls_per_actor=1,
+                    enable_true_multi_threading=True,
                 ),
                 **resources,
             )
