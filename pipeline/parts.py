@@ -31,7 +31,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -68,10 +68,16 @@ class Part:
     source: str  # where to open it
     from_stage: bool  # a Primer stage output (Parquet with drop_reason) vs a raw input file
     stable: str = ""  # the path recorded in fingerprints and lineage (see stable_path)
+    row_groups: tuple[int, int] | None = None  # a sub-part: row groups [a, b) of a Parquet
 
     @property
     def label(self) -> str:
-        return self.stable or self.source
+        """The part's `source_path`: the stable path, and for a sub-part its row groups
+        (ids are unique within a part, so (source_path, id) names one document)."""
+        path = self.stable or self.source
+        if self.row_groups is None:
+            return path
+        return f"{path}#row_groups={self.row_groups[0]}-{self.row_groups[1] - 1}"
 
 
 def utc_now() -> str:
@@ -126,20 +132,58 @@ def is_stage_output(path: str) -> bool:
     return "id" in names and "drop_reason" in names
 
 
-def plan_parts(files: Sequence[str], anchor: str | Path | None = None) -> list[Part]:
+def row_group_spans(path: str, max_rows: int | None) -> list[tuple[int, int]] | None:
+    """Consecutive row-group ranges [a, b) of a raw Parquet file holding at most `max_rows`
+    rows each (a larger single group is a range of its own); None when the file is not
+    split: small enough, one row group, not Parquet, or a footer that does not read (the
+    reader records that file as a bad input)."""
+    if max_rows is None or not path.lower().endswith(".parquet"):
+        return None
+    try:
+        meta = pq.read_metadata(path)
+    except (pa.ArrowException, OSError):
+        return None
+    if meta.num_rows <= max_rows or meta.num_row_groups < 2:
+        return None
+    spans, start, rows = [], 0, 0
+    for g in range(meta.num_row_groups):
+        n = meta.row_group(g).num_rows
+        if rows and rows + n > max_rows:
+            spans.append((start, g))
+            start, rows = g, 0
+        rows += n
+    spans.append((start, meta.num_row_groups))
+    return spans if len(spans) > 1 else None
+
+
+def _sub_name(name: str, part: Part) -> str:
+    return name if part.row_groups is None else f"{name}.rg{part.row_groups[0]:05d}"
+
+
+def plan_parts(
+    files: Sequence[str], anchor: str | Path | None = None, read: ReadOptions | None = None
+) -> list[Part]:
+    """One part per file, except a raw Parquet file with more than `read.max_rows_per_part`
+    rows: one sub-part per range of row groups, so no file is a single-task bottleneck."""
+    read = read or ReadOptions()
     parts = []
     for f in files:
         stable = stable_path(f, anchor)
         if is_stage_output(f) and Path(f).parent.joinpath("_parts").is_dir():
             parts.append(Part(Path(f).stem, f, True, stable))
+            continue
+        from_stage = is_stage_output(f)
+        spans = None if from_stage else row_group_spans(f, read.max_rows_per_part)
+        name = part_name(f, stable)
+        if spans is None:
+            parts.append(Part(name, f, from_stage, stable))
         else:
-            parts.append(Part(part_name(f, stable), f, is_stage_output(f), stable))
+            subs = [Part(name, f, False, stable, span) for span in spans]
+            parts += [replace(p, name=_sub_name(name, p)) for p in subs]
     names = [p.name for p in parts]
     if len(set(names)) != len(names):
         # Two inputs from different stage folders with the same part name: disambiguate.
-        parts = [
-            Part(part_name(p.source, p.stable), p.source, p.from_stage, p.stable) for p in parts
-        ]
+        parts = [replace(p, name=_sub_name(part_name(p.source, p.stable), p)) for p in parts]
     return parts
 
 
@@ -173,9 +217,11 @@ class ReadOptions:
 
     text_column: str = "text"
     id_column: str = "id"
+    max_rows_per_part: int | None = None  # a larger raw Parquet file becomes sub-parts
 
     def fingerprint(self) -> str:
-        return f"text={self.text_column}\0id={self.id_column}"
+        split = "" if self.max_rows_per_part is None else f"\0split={self.max_rows_per_part}"
+        return f"text={self.text_column}\0id={self.id_column}{split}"
 
 
 def input_columns(part: Part) -> list[str]:
@@ -206,6 +252,7 @@ def iter_input(
         text_column=read.text_column,
         id_column=read.id_column,
         unique_ids=unique,
+        row_groups=part.row_groups,
     ):
         # Lineage names the stable path, not wherever this worker found the file.
         idx = table.column_names.index("source_path")

@@ -65,6 +65,12 @@ class ReadConfig(BaseModel):
     """Field that holds the document id (kept, as a string, when present; otherwise ids are
     "<file>:<row>")."""
 
+    max_rows_per_part: int | None = Field(2_000_000, ge=1)
+    """A raw Parquet input with more rows than this is read as several parts (ranges of its
+    row groups, each at most this many rows unless one group holds more), each its own task
+    with its own commit, so one big file is not one core's work however big the cluster.
+    Rows of such a part carry `source_path` "<file>#row_groups=a-b". None: never split."""
+
     on_unknown_input: Literal["skip", "fail"] = "skip"
     """Files in an input folder or glob that no reader handles (a LICENSE, a README, a
     `.wat.gz` metadata file, a JSON manifest): "skip" lists them before any work, with a

@@ -46,7 +46,8 @@ def run_recipe(
         raise ConfigError(f"--output: {out_root} is a file, not a run folder")
     selected = select_stages(loaded, only)
     plans = plan_run(loaded, selected, out_root)
-    read = ReadOptions(loaded.recipe.read.text_column, loaded.recipe.read.id_column)
+    cfg = loaded.recipe.read
+    read = ReadOptions(cfg.text_column, cfg.id_column, cfg.max_rows_per_part)
     out_root.mkdir(parents=True, exist_ok=True)
     with RunLock(out_root, command):
         where: Executor = LOCAL

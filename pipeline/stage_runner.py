@@ -265,8 +265,8 @@ def run_stage(
         raise TypeError(f"run_stage: executor must be an Executor, not {executor!r}")
     name = name or stage.name
     out_dir = out_root / name
-    parts = plan_parts(files, anchor)
     read = read or ReadOptions()
+    parts = plan_parts(files, anchor, read)
     # The fingerprint is taken before "@stage" values become paths, so a run folder that
     # moves keeps its fingerprints; the stages they name chain in through their outputs.
     upstream = "+".join(

@@ -230,9 +230,11 @@ def iter_batches(
     text_column: str = "text",
     id_column: str = "id",
     unique_ids: UniqueIds | None = None,
+    row_groups: tuple[int, int] | None = None,
 ) -> Iterator[pa.Table]:
     """Stream `path` as READ_SCHEMA tables of at most `batch_rows` rows, with ids unique
-    within the file (`UniqueIds`; pass one to read its count).
+    within the file (`UniqueIds`; pass one to read its count). `row_groups` (a, b) reads
+    only those row groups of a Parquet file (a sub-part; row numbers stay the file's).
 
     The reader is chosen by extension (see READERS). Unreadable records come back as rows
     with a `read:` drop reason, never as an exception; a missing file, a directory, an
@@ -247,5 +249,10 @@ def iter_batches(
     if not os.path.exists(p):
         raise FileNotFoundError(f"no such input file: {p}")
     unique = unique_ids if unique_ids is not None else UniqueIds()
-    for table in reader(p, batch_rows, text_column=text_column, id_column=id_column):
+    kwargs: dict = {"text_column": text_column, "id_column": id_column}
+    if row_groups is not None:
+        if reader is not read_parquet:
+            raise ValueError(f"row_groups is for Parquet files only, not {p}")
+        kwargs["row_groups"] = row_groups
+    for table in reader(p, batch_rows, **kwargs):
         yield unique(table)

@@ -30,7 +30,12 @@ from pipeline.schema import READ_SCHEMA
 
 
 def read_parquet(
-    path: str, batch_rows: int = 1000, *, text_column: str = "text", id_column: str = "id"
+    path: str,
+    batch_rows: int = 1000,
+    *,
+    text_column: str = "text",
+    id_column: str = "id",
+    row_groups: tuple[int, int] | None = None,
 ) -> Iterator[pa.Table]:
     """Parquet -> READ_SCHEMA batches of `batch_rows` rows (the last one fewer).
 
@@ -38,8 +43,11 @@ def read_parquet(
     group, so a row group that does not decode costs only the rows it did not yield: they
     become read:corrupt_parquet rows, as many as the footer says the group holds, with the
     ids a clean read would give them. A file whose footer does not decode is one such row.
+    `row_groups` (a, b) reads groups a..b-1 only; their rows keep the file's row numbers
+    (the fallback ids "<name>:<row>" are the same as in a whole read).
     """
-    return rebatch(_parquet_tables(path, batch_rows, text_column, id_column), batch_rows)
+    tables = _parquet_tables(path, batch_rows, text_column, id_column, row_groups)
+    return rebatch(tables, batch_rows)
 
 
 # What pyarrow raises for Parquet bytes that do not decode (thrift, snappy, page checksum,
@@ -49,7 +57,11 @@ PARQUET_ERRORS = (pa.ArrowException, OSError)
 
 
 def _parquet_tables(
-    path: str, batch_rows: int, text_column: str, id_column: str
+    path: str,
+    batch_rows: int,
+    text_column: str,
+    id_column: str,
+    row_groups: tuple[int, int] | None = None,
 ) -> Iterator[pa.Table]:
     import pyarrow.parquet as pq
 
@@ -76,8 +88,9 @@ def _parquet_tables(
         return
     try:
         columns = input_columns(names, path, text_column, id_column)
-        offset = 0
-        for group, n in enumerate(groups):
+        first, stop = row_groups if row_groups is not None else (0, len(groups))
+        offset = sum(groups[:first])
+        for group, n in enumerate(groups[first:stop], start=first):
             done = 0
             batches = pf.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
             while True:
