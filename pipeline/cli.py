@@ -3,6 +3,7 @@
     primer run RECIPE [--output DIR] [--stages a,b] [--set k=v ...] [--ray-address ADDR] [--retry-failed]
     primer stage NAME --input PATH_OR_GLOB... --output DIR [--set key=value ...]
     primer stages
+    primer plan RECIPE [--from RUN] [--nodes N --cpus C --memory-gb M --gpus G] [--json]
     primer why RUN_DIR ID
     primer train-smoke RUN_DIR [--steps 40] [--model phi3_tiny] [--seq-len 256] [--batch-size 4]
     primer --version
@@ -134,6 +135,25 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("stages", help="list stages with their config keys and defaults")
+
+    pl = sub.add_parser(
+        "plan",
+        help="size a recipe before running it: documents, CPU/GPU-hours, memory, disk per stage",
+        description="Size a recipe: documents per stage, CPU- and GPU-hours, worker and "
+        "driver memory, disk, wall time on the nodes given; exit 1 when a node is too small.",
+    )
+    pl.add_argument("recipe", help="recipe YAML")
+    _overrides(pl, "stages.edu_annotate.sample_size=100000")
+    pl.add_argument(
+        "--from", dest="previous", metavar="RUN",
+        help="take keep rates, bytes per row and docs/s from this finished run's manifests",
+    )  # fmt: skip
+    pl.add_argument("--rates", help="a rates YAML (default configs/rates.yaml)")
+    pl.add_argument("--nodes", type=int, default=1, help="nodes in the cluster (default 1)")
+    pl.add_argument("--cpus", type=int, help="CPUs per node (default: this machine's)")
+    pl.add_argument("--memory-gb", type=float, help="memory per node (default: this machine's)")
+    pl.add_argument("--gpus", type=int, default=0, help="GPUs per node (default 0)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     w = sub.add_parser("why", help="which stage dropped a document, and why")
     w.add_argument("run", help="a run folder (runs/quickstart)")
@@ -296,6 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     command = "primer " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
+        if args.command == "plan":
+            from pipeline.sizing import Node, plan_command
+
+            here = Node.this_machine()
+            node = Node(
+                args.cpus or here.cpus, args.memory_gb or here.memory_gb, args.gpus, args.nodes
+            )
+            loaded = load_recipe(args.recipe, args.overrides)
+            return plan_command(loaded, node, args.rates, args.previous, args.json)
         if args.command == "stages":
             _list_stages()
             return 0
