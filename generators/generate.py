@@ -4,7 +4,8 @@
 teacher (generators/teacher/: `local`, `openai` or `vllm`), its answers stored by row id a
 request batch at a time in `_state/completions/` (generators/teacher/checkpoint.py): a run
 killed mid-way and started again generates only what is missing; nothing is generated
-twice or lost. The runner discards the stored answers with the stage folder when what
+twice or lost. With `vllm`, every pending prompt goes through one Ray Data job, so each
+engine replica loads the model once per run (once more per retry round with failures). The runner discards the stored answers with the stage folder when what
 decides them changes (model, sampling, budgets, seed, the input, which chains the `seeds`
 stage's template and its hash); transport settings (`request_batch`, the teacher's URL,
 timeouts, retries, concurrency) are `transport_keys` and may change freely.
@@ -74,9 +75,12 @@ class GenerateConfig(StageConfig):
     seed: int = 0
     """Per-request sampling seeds derive from this and the row id."""
     request_batch: int = Field(16, ge=1)
-    """Requests per teacher call, and per checkpoint file; answers are stored by id, so it
-    may change between attempts without generating anything again."""
+    """Answers per checkpoint file, and requests per teacher call (openai, local; vllm
+    sends every pending request in one job); answers are stored by id, so it may change
+    between attempts without generating anything again."""
     retry_rounds: int = Field(1, ge=0)
+    """Times the failed rows are sent again within a run (vllm: one more job each, over
+    the failed rows only)."""
     dry_run: bool = False
     dry_run_tokens_per_s: float = Field(2_000.0, gt=0)
     """Aggregate completion tokens/s assumed for the dry run's time estimate."""

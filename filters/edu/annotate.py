@@ -14,9 +14,10 @@ raw answer and token counts; a row the teacher failed on (timeout, dead server, 
 written with `teacher_error`, its raw answer and the reason `edu_annotate:teacher_error`.
 Rows not in the sample are counted (`edu_annotate:not_sampled`) but not written. Ratings
 are stored by document id under `_state/ratings/` (generators/teacher/checkpoint.py), a
-file per request batch: a killed run re-rates nothing it finished, rows that failed are
-sent again (`retry_rounds` within a run, once more on every resume, and on `primer run
---retry-failed`). Transport settings (`request_batch`, the teacher's URL, timeouts,
+file per request batch (with `vllm`, the whole sample is one Ray Data job, so each
+engine replica loads the model once per run): a killed run re-rates nothing it finished,
+rows that failed are sent again (`retry_rounds` within a run, once more on every resume,
+and on `primer run --retry-failed`). Transport settings (`request_batch`, the teacher's URL, timeouts,
 retries, concurrency) are `transport_keys`: changing them re-sends nothing. What decides a
 rating (the config, the template's sha256 in `content_fingerprint()`, the input) is the
 stage's fingerprint, and the runner discards the stored ratings when it changes.
@@ -110,12 +111,14 @@ class EduAnnotateConfig(StageConfig):
     """Cap on the answer's tokens; `{"score": 3}` needs about 6."""
 
     request_batch: int = Field(32, ge=1)
-    """Requests per teacher call, and per checkpoint file; ratings are stored by id, so it
-    may change between attempts without re-rating anything."""
+    """Ratings per checkpoint file, and requests per teacher call (openai, local; vllm
+    sends every pending request in one job); ratings are stored by id, so it may change
+    between attempts without re-rating anything."""
 
     retry_rounds: int = Field(1, ge=0)
-    """Times the failed rows of a batch are sent again before they are recorded as failed
-    (the teacher's own transport retries come on top)."""
+    """Times the failed rows are sent again before they are recorded as failed (the
+    teacher's own transport retries come on top; vllm: one more job each, over the failed
+    rows only)."""
 
     @field_validator("length_bins")
     @classmethod

@@ -13,11 +13,13 @@ completions` (same length, same order, always), and three backends chosen by
   SGLang, a hosted API) over httpx, with timeouts, retries and a key that never leaves the
   Authorization header (openai.py).
 - `vllm`: offline batch inference on GPUs through Ray Data LLM (vllm.py, behind the `gpu`
-  extra).
+  extra). It is also a `StreamingTeacher`: `stream(requests, batch_rows)` answers a whole
+  stage run's requests in one Ray Data job (each engine replica loads the model once) and
+  hands the answers back as they finish.
 
 The modules, each importing only those before it: config.py (`TeacherConfig`, the
-transport keys), base.py (`ChatRequest`, `Completion`, the `Teacher` protocol,
-`TeacherBase`, `check_answer`, `derive_seed`), the backends, factory.py (`make_teacher`,
+transport keys), base.py (`ChatRequest`, `Completion`, the `Teacher` and
+`StreamingTeacher` protocols, `TeacherBase`, `check_answer`, `derive_seed`), the backends, factory.py (`make_teacher`,
 `preflight_teacher`) and checkpoint.py (`run_checkpointed`: many requests, every answer
 stored by id so nothing is asked twice).
 

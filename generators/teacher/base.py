@@ -1,8 +1,11 @@
 """What every teacher backend shares: requests, completions, the `Teacher` protocol.
 
 `Teacher.complete(requests) -> completions` is the whole interface (same length, same
-order, always; per-row failures are recorded in `Completion.error`, never raised).
-`TeacherBase` gives a backend its context-manager plumbing; `check_answer` is the one
+order, always; per-row failures are recorded in `Completion.error`, never raised). A
+backend whose engine loads once per job (vllm: one Ray Data job starts every replica) is
+also a `StreamingTeacher`: `stream(requests, batch_rows)` answers a whole stage's requests
+in one job and hands the answers back as they finish, as `COMPLETION_SCHEMA` tables, so the
+store (checkpoint.py) commits them while the engines keep working. `TeacherBase` gives a backend its context-manager plumbing; `check_answer` is the one
 strict check every backend applies to an answer (empty text, JSON that is not one value
 matching the requested schema); `derive_seed` and `sampling` fill a request's sampling
 parameters from the config so runs are reproducible; `retry_failed` sends the failed rows
@@ -18,9 +21,11 @@ import functools
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol, runtime_checkable
+
+import pyarrow as pa
 
 from generators.teacher.config import TeacherConfig
 
@@ -128,6 +133,43 @@ class Teacher(Protocol):
     def __enter__(self) -> Teacher: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+@runtime_checkable
+class StreamingTeacher(Teacher, Protocol):
+    """A teacher that answers many requests in one job (its engines load once per job)."""
+
+    def stream(self, requests: Sequence[ChatRequest], batch_rows: int) -> Iterator[pa.Table]:
+        """The completions of `requests` as `COMPLETION_SCHEMA` tables of about `batch_rows`
+        rows each, as they finish, in any order: every request exactly once (a row the
+        engine lost is a failed completion), failures recorded, never raised."""
+        ...
+
+
+COMPLETION_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.large_string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("error", pa.string()),
+        ("raw", pa.large_string()),
+        ("latency_s", pa.float64()),
+        ("model", pa.string()),
+        ("backend", pa.string()),
+        ("attempts", pa.int32()),
+    ]
+)
+"""`Completion` as Arrow: the checkpoint store's files and `StreamingTeacher.stream`."""
+
+
+def completions_table(completions: Sequence[Completion]) -> pa.Table:
+    return pa.Table.from_pylist([c.to_dict() for c in completions], schema=COMPLETION_SCHEMA)
+
+
+def table_completions(table: pa.Table) -> list[Completion]:
+    return [Completion(**row) for row in table.select(COMPLETION_SCHEMA.names).to_pylist()]
 
 
 class TeacherBase:

@@ -1,14 +1,20 @@
 """Send many chat requests to a teacher and keep every answer: a store keyed by request id.
 
 Both teacher-LLM stages (`edu_annotate`, `generate`) run their requests through
-`run_checkpointed`. Completions land in `ckpt_dir`, one Parquet file per request batch,
-written to a temp file and renamed, so a file is whole or absent even when the run is
-killed. A later attempt reads the store by request id: whatever was answered, in any
+`run_checkpointed`. Completions land in `ckpt_dir`, one Parquet file per `batch_size`
+answers, written to a temp file and renamed, so a file is whole or absent even when the run
+is killed. A later attempt reads the store by request id: whatever was answered, in any
 earlier batch size, is reused; only ids without an answer, and ids whose answer failed
 (timeout, dead server, garbage), are sent. Failed rows are stored with their error and raw
 answer and sent again `retry_rounds` times within a run and once more on every attempt
 that runs, so a flaky teacher costs retries, never rows. The teacher starts only if there
 is something left to ask.
+
+How the requests travel depends on the backend. A `StreamingTeacher` (vllm) gets every
+pending request in one `stream()` call, one Ray Data job, so its engines load once per
+replica per attempt; answers are committed as they come back, and each retry round is one
+more job over the failed rows only. The other backends (openai, local) get one
+`complete()` per batch, its failed rows retried before the batch is committed.
 
 Store layout: `g<generation>-<batch>.parquet` (both 6 digits; an attempt takes the next
 generation, so its files never overwrite an earlier attempt's), plus `<batch>.parquet`
@@ -43,7 +49,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from generators.teacher.base import ChatRequest, Completion, Teacher, retry_failed
+from generators.teacher.base import (
+    COMPLETION_SCHEMA,
+    ChatRequest,
+    Completion,
+    StreamingTeacher,
+    Teacher,
+    completions_table,
+    retry_failed,
+)
+from generators.teacher.base import table_completions as table_completions
 from generators.teacher.config import TeacherConfig, teacher_transport_keys
 from generators.teacher.factory import make_teacher
 from pipeline.progress import Progress
@@ -59,31 +74,8 @@ TRANSPORT_KEYS: frozenset[str] = frozenset(
 batching and retry settings (the store is keyed by id, so a new batch size reuses it) and
 the teacher's transport keys."""
 
-COMPLETION_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("text", pa.large_string()),
-        ("prompt_tokens", pa.int32()),
-        ("completion_tokens", pa.int32()),
-        ("finish_reason", pa.string()),
-        ("error", pa.string()),
-        ("raw", pa.large_string()),
-        ("latency_s", pa.float64()),
-        ("model", pa.string()),
-        ("backend", pa.string()),
-        ("attempts", pa.int32()),
-    ]
-)
-
 _GENERATION = re.compile(r"g(\d+)-\d+\.parquet")
-
-
-def completions_table(completions: Sequence[Completion]) -> pa.Table:
-    return pa.Table.from_pylist([c.to_dict() for c in completions], schema=COMPLETION_SCHEMA)
-
-
-def table_completions(table: pa.Table) -> list[Completion]:
-    return [Completion(**row) for row in table.to_pylist()]
+_FAILED = pa.schema([("id", pa.string()), ("attempts", pa.int32())])
 
 
 def _store_files(ckpt_dir: Path) -> list[Path]:
@@ -160,6 +152,23 @@ def _next_generation(ckpt_dir: Path) -> int:
     return max(gens, default=0) + 1
 
 
+class _Commits:
+    """One attempt's files in the store, `g<gen>-<n>.parquet`, each whole or absent."""
+
+    def __init__(self, ckpt_dir: Path, generation: int, progress: Progress) -> None:
+        self.dir, self.generation, self.progress = ckpt_dir, generation, progress
+        self.files = self.tokens = 0
+
+    def write(self, table: pa.Table) -> None:
+        name = f"g{self.generation:06d}-{self.files:06d}.parquet"
+        tmp = self.dir / f".{name}.tmp-{os.getpid()}"
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.dir / name)
+        self.files += 1
+        self.tokens += int(pc.sum(table["completion_tokens"]).as_py() or 0)
+        self.progress.update(parts=1, rows=len(table))
+
+
 def run_checkpointed(
     requests: Sequence[ChatRequest],
     ckpt_dir: Path,
@@ -192,39 +201,33 @@ def run_checkpointed(
         log.warning("%s: %d requests repeat an earlier id; each id is asked once", label,
                     int((~first).sum()))  # fmt: skip
     prior = pc.fill_null(store["attempts"].take(pos), 0).to_numpy(zero_copy_only=False)
+    del store  # the answers are read again at the end, with this attempt's
 
-    chunks = [todo[lo : lo + batch_size] for lo in range(0, len(todo), batch_size)]
-    progress = Progress(label, len(chunks))
-    t0, asked, tokens = time.monotonic(), 0, 0
-    if chunks:
-        gen = _next_generation(ckpt_dir)
+    progress = Progress(label, -(-len(todo) // batch_size))
+    t0 = time.monotonic()
+    commits = _Commits(ckpt_dir, _next_generation(ckpt_dir), progress)
+    if len(todo):
         own = teacher is None
         teacher = teacher or make_teacher(teacher_cfg)
         try:
-            for b, idx in enumerate(chunks):
-                chunk = [requests[i] for i in idx]
-                out = teacher.complete(chunk)
+            if isinstance(teacher, StreamingTeacher):
                 # Attempts of earlier runs add up, as they do within a run.
-                out = [
-                    c if not failed_before[i] else _with_attempts(c, int(prior[i]))
-                    for c, i in zip(out, idx, strict=True)
-                ]
-                for _ in range(retry_rounds):
-                    if all(c.ok for c in out):
-                        break
-                    out = retry_failed(teacher, chunk, out)
-                name = f"g{gen:06d}-{b:06d}.parquet"
-                tmp = ckpt_dir / f".{name}.tmp-{os.getpid()}"
-                pq.write_table(completions_table(out), tmp)
-                os.replace(tmp, ckpt_dir / name)
-                asked += len(chunk)
-                tokens += sum(c.completion_tokens or 0 for c in out)
-                progress.update(parts=1, rows=len(chunk))
+                earlier = pa.table(
+                    {"id": ids.filter(pa.array(failed_before)),
+                     "attempts": pa.array(prior[failed_before], pa.int32())},
+                    schema=_FAILED,
+                )  # fmt: skip
+                _ask_streaming(teacher, requests, todo, earlier, batch_size, retry_rounds,
+                               commits, label)  # fmt: skip
+            else:
+                _ask_in_batches(teacher, requests, todo, failed_before, prior, batch_size,
+                                retry_rounds, commits)  # fmt: skip
         finally:
             if own:
                 teacher.close()
         progress.close()
     seconds = time.monotonic() - t0
+    asked, tokens = len(todo), commits.tokens
     store = load_checkpoints(ckpt_dir)
     table = store.take(pc.index_in(ids, value_set=store["id"]))
     usable = pc.and_(pc.is_valid(table["id"]), pc.is_null(table["error"]))
@@ -245,6 +248,75 @@ def run_checkpointed(
     if n - ok:
         log.warning("%s: the teacher failed on %d of %d requests", label, n - ok, n)
     return table, stats
+
+
+def _ask_in_batches(
+    teacher: Teacher,
+    requests: Sequence[ChatRequest],
+    todo: np.ndarray,
+    failed_before: np.ndarray,
+    prior: np.ndarray,
+    batch_size: int,
+    retry_rounds: int,
+    commits: _Commits,
+) -> None:
+    """One `complete()` per batch, its failed rows retried, then the batch committed."""
+    for lo in range(0, len(todo), batch_size):
+        idx = todo[lo : lo + batch_size]
+        chunk = [requests[i] for i in idx]
+        out = teacher.complete(chunk)
+        # Attempts of earlier runs add up, as they do within a run.
+        out = [
+            c if not failed_before[i] else _with_attempts(c, int(prior[i]))
+            for c, i in zip(out, idx, strict=True)
+        ]
+        for _ in range(retry_rounds):
+            if all(c.ok for c in out):
+                break
+            out = retry_failed(teacher, chunk, out)
+        commits.write(completions_table(out))
+
+
+def _ask_streaming(
+    teacher: StreamingTeacher,
+    requests: Sequence[ChatRequest],
+    todo: np.ndarray,
+    earlier: pa.Table,
+    batch_size: int,
+    retry_rounds: int,
+    commits: _Commits,
+    label: str,
+) -> None:
+    """Every pending request in one `stream()`, its answers committed as they come back;
+    then one more `stream()` of the failed rows per retry round (none when none failed).
+    The driver holds, beyond the requests, one batch of answers and the failed ids."""
+    pending = todo
+    for round_ in range(retry_rounds + 1):
+        failed = [_FAILED.empty_table()]
+        for table in teacher.stream([requests[i] for i in pending], batch_size):
+            if table.schema != COMPLETION_SCHEMA:
+                table = table.select(COMPLETION_SCHEMA.names).cast(COMPLETION_SCHEMA)
+            table = _add_attempts(table, earlier)
+            commits.write(table)
+            failed.append(table.filter(pc.is_valid(table["error"])).select(_FAILED.names))
+        earlier = pa.concat_tables(failed)
+        if not len(earlier) or round_ == retry_rounds:
+            return
+        log.info("%s: retry round %d of %d: %d failed requests", label, round_ + 1,
+                 retry_rounds, len(earlier))  # fmt: skip
+        asked = pa.array([requests[i].id for i in pending], pa.string())
+        where = pc.drop_null(pc.index_in(earlier["id"], value_set=asked))
+        pending = pending[where.to_numpy(zero_copy_only=False)]
+        commits.progress.total += -(-len(pending) // batch_size)
+
+
+def _add_attempts(table: pa.Table, earlier: pa.Table) -> pa.Table:
+    """`attempts` plus those of the same id in `earlier` (a retried row's first tries)."""
+    if not len(earlier):
+        return table
+    before = pc.fill_null(earlier["attempts"].take(pc.index_in(table["id"], earlier["id"])), 0)
+    attempts = pc.add(table["attempts"], before).cast(pa.int32())
+    return table.set_column(table.schema.get_field_index("attempts"), "attempts", attempts)
 
 
 def _with_attempts(c: Completion, earlier: int) -> Completion:

@@ -3,16 +3,21 @@
 `ray.data.llm`'s `build_processor(vLLMEngineProcessorConfig(...), preprocess,
 postprocess)` returns a Processor that maps a Ray Dataset through chat templating,
 tokenisation, vLLM engine replicas (each `tensor_parallel_size` GPUs, `concurrency`
-replicas) and detokenisation. This module supplies the two ends:
+replicas, an actor pool) and detokenisation. An engine loads when its actor starts, so it
+loads once per replica per Ray Data job. This module supplies the two ends:
 
 - `vllm_processor(cfg, to_request, keep_columns)`: that processor as a `Dataset ->
   Dataset` callable. `to_request(row) -> ChatRequest` builds the prompt from a row; the
   output rows carry the `Completion` fields (optionally prefixed) plus `keep_columns`.
-- `VLLMTeacher`: the processor behind the `Teacher` protocol, over a list of ChatRequests.
-  This is how the teacher stages use vLLM: `edu_annotate` and `generate` send their
-  requests through `run_checkpointed` (checkpoint.py), one `complete()` per request
-  batch, and each `complete()` runs one Ray Data job, which starts the engines again; a
-  large `request_batch` amortises that. No stage calls `vllm_processor` directly.
+- `VLLMTeacher`: the processor behind the `StreamingTeacher` protocol. `stream(requests,
+  batch_rows)` runs ONE job over all the requests it is given (a Dataset of Arrow blocks,
+  prompts built on the workers) and yields the answers as they come back, `batch_rows` at a
+  time; the teacher stages call it through `run_checkpointed` (checkpoint.py) with every
+  pending request of a stage run, so each replica loads the model once per run, plus once
+  per retry round when rows failed. Requests with a JSON schema and requests without go in
+  separate jobs (see `_stream`); a stage's requests are all of one kind. `complete()` (the
+  plain `Teacher` protocol) is the same over one call's requests. A request the job did not
+  hand back becomes a failed row ("engine: ...").
 
 Rows that fail inside the engine do not stop the job (`should_continue_on_error=True`); Ray
 Data LLM then skips our postprocess for them, so a final map (`finisher`) turns them into
@@ -23,9 +28,14 @@ vLLM's `sampling_params.structured_outputs = {"json": <schema>}` (Ray >= 2.50, v
 schemas. `finish_reason` is inferred ("length" when the answer used all of max_tokens,
 else "stop"): Ray Data LLM's engine output does not carry vLLM's own finish reason.
 
+`BUILD_PROCESSOR` is where the processor is built: Ray Data LLM's `build_processor`. It is
+the one seam for a stand-in engine, since vLLM runs only on GPUs: tests put a builder with
+the same signature there that composes Ray Data LLM's real `Processor` around a stand-in
+engine stage (tests/generators/standin_engine.py).
+
 The only module besides pipeline/executor.py that imports Ray: ray.data.llm is its engine.
 Those imports are lazy, so this module imports on a CPU box, and everything except the
-engine (config mapping, row conversion, checks, a Ray Data run with a stand-in engine) is
+engine (config mapping, row conversion, checks, whole stage runs with a stand-in engine) is
 tested there. The real engine needs the `gpu` extra (`pip install -e '.[gpu]'`) and a GPU:
 
     .venv/bin/pytest tests/generators -m gpu    # PRIMER_VLLM_TEST_MODEL=<hub id or path>
@@ -37,17 +47,21 @@ import importlib.util
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import pyarrow as pa
+
 from generators.teacher.base import (
+    COMPLETION_SCHEMA,
     ChatRequest,
     Completion,
     TeacherBase,
     check_answer,
     sampling,
-    summarize,
+    table_completions,
 )
 from generators.teacher.config import TeacherConfig
 
@@ -63,6 +77,22 @@ _SCHEMA = "teacher_json_schema"
 _MAX_TOKENS = "teacher_max_tokens"
 ENGINE_ERROR = "__inference_error__"  # Ray Data LLM's column for rows the engine failed
 _NAMED_ENGINE_KWARGS = ("tensor_parallel_size", "max_model_len", "gpu_memory_utilization")
+INDEX = "teacher_index"  # a request's position in its job, carried through the processor
+_PREFIX = "c_"
+
+Processor = Callable[["ray.data.Dataset"], "ray.data.Dataset"]
+
+
+def ray_data_llm(config: Any, *, preprocess: Callable, postprocess: Callable) -> Processor:
+    """Ray Data LLM's `build_processor`: the vLLM processor for an engine config."""
+    from ray.data.llm import build_processor
+
+    return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+
+
+BUILD_PROCESSOR: Callable[..., Processor] = ray_data_llm
+"""`(engine_config(cfg), *, preprocess, postprocess) -> Processor`, read when a VLLMTeacher
+is made: Ray Data LLM's `build_processor`, or a stand-in engine in tests."""
 
 
 def model_source(cfg: TeacherConfig) -> str:
@@ -167,15 +197,15 @@ def vllm_processor(
     to_request: Callable[[dict[str, Any]], ChatRequest],
     keep_columns: Sequence[str] = (),
     prefix: str = "",
-) -> Callable[[ray.data.Dataset], ray.data.Dataset]:
+    build: Callable[..., Processor] | None = None,
+) -> Processor:
     """A `Dataset -> Dataset` that asks the teacher about every row.
 
     Output rows: the Completion fields (names prefixed with `prefix`) and `keep_columns`
     copied from the input row, one output row per input row, failures included.
-    Needs Ray Data LLM and vLLM on the workers; building it loads the tokenizer.
+    Needs Ray Data LLM and vLLM on the workers; building it loads the tokenizer. `build`:
+    the processor builder (default `BUILD_PROCESSOR`).
     """
-    from ray.data.llm import build_processor
-
     keep = tuple(keep_columns)
     clash = sorted({prefix + c for c in COMPLETION_COLUMNS} & set(keep))
     if clash:
@@ -190,7 +220,8 @@ def vllm_processor(
         out.update({c: row.get(c) for c in keep})
         return out
 
-    processor = build_processor(engine_config(cfg), preprocess=preprocess, postprocess=postprocess)
+    build = build or BUILD_PROCESSOR
+    processor = build(engine_config(cfg), preprocess=preprocess, postprocess=postprocess)
     finish = finisher(model, keep, prefix)
 
     def run(ds: ray.data.Dataset) -> ray.data.Dataset:
@@ -213,30 +244,57 @@ def finisher(model: str, keep: tuple[str, ...], prefix: str) -> Callable[[dict],
     return finish
 
 
+_REQUESTS = pa.schema(
+    [
+        (INDEX, pa.int64()),
+        ("id", pa.string()),
+        ("messages", pa.large_string()),  # JSON: one Arrow type whatever the messages
+        ("max_tokens", pa.int64()),
+        ("temperature", pa.float64()),
+        ("top_p", pa.float64()),
+        ("seed", pa.int64()),
+        ("json_schema", pa.large_string()),
+    ]
+)
+
+
+def requests_table(requests: Sequence[ChatRequest], index: Sequence[int] | np.ndarray) -> pa.Table:
+    """Requests as the rows of a job's input Dataset, `index[i]` the `teacher_index` of
+    `requests[i]`."""
+    return pa.table(
+        {
+            INDEX: np.asarray(index, dtype=np.int64),
+            "id": [r.id for r in requests],
+            "messages": [json.dumps(r.messages) for r in requests],
+            "max_tokens": [r.max_tokens for r in requests],
+            "temperature": [r.temperature for r in requests],
+            "top_p": [r.top_p for r in requests],
+            "seed": [r.seed for r in requests],
+            "json_schema": [
+                json.dumps(r.json_schema) if r.json_schema is not None else None for r in requests
+            ],
+        },
+        schema=_REQUESTS,
+    )
+
+
 def request_row(i: int, req: ChatRequest) -> dict[str, Any]:
-    """Request `i` as a plain row of a Ray Dataset (VLLMTeacher's input)."""
-    return {
-        "teacher_index": i,
-        "id": req.id,
-        "messages": req.messages,
-        "max_tokens": req.max_tokens,
-        "temperature": req.temperature,
-        "top_p": req.top_p,
-        "seed": req.seed,
-        "json_schema": json.dumps(req.json_schema) if req.json_schema is not None else None,
-    }
+    """Request `i` as a plain row of a Ray Dataset (the rows of `requests_table`)."""
+    return requests_table([req], [i]).to_pylist()[0]
 
 
 def row_request(row: dict[str, Any]) -> ChatRequest:
-    """The ChatRequest a `request_row` row holds (VLLMTeacher's `to_request`)."""
+    """The ChatRequest a `requests_table` row holds (VLLMTeacher's `to_request`)."""
 
     def opt(name: str, kind: type) -> Any:
         v = row.get(name)
         return None if v is None else kind(v)
 
+    messages = row["messages"]
+    messages = json.loads(messages) if isinstance(messages, str) else _plain(messages)
     return ChatRequest(
         id=str(row["id"]),
-        messages=[{"role": m["role"], "content": m["content"]} for m in _plain(row["messages"])],
+        messages=[{"role": m["role"], "content": m["content"]} for m in messages],
         max_tokens=opt("max_tokens", int),
         temperature=opt("temperature", float),
         top_p=opt("top_p", float),
@@ -245,20 +303,29 @@ def row_request(row: dict[str, Any]) -> ChatRequest:
     )
 
 
+def _answers(batch: pa.Table) -> pa.Table:
+    """A batch of processor output as COMPLETION_SCHEMA columns plus `teacher_index`."""
+    columns = [batch[_PREFIX + f.name].cast(f.type) for f in COMPLETION_SCHEMA]
+    return pa.Table.from_arrays(
+        [*columns, batch[INDEX].cast(pa.int64())], names=[*COMPLETION_SCHEMA.names, INDEX]
+    )
+
+
 class VLLMTeacher(TeacherBase):
-    """The `vllm` backend behind the Teacher protocol (one Ray Data job per call)."""
+    """The `vllm` backend: a `StreamingTeacher` (one Ray Data job per `stream()` call)."""
 
     backend = "vllm"
 
     def __init__(self, cfg: TeacherConfig) -> None:
-        if importlib.util.find_spec("vllm") is None:
+        self._build = BUILD_PROCESSOR
+        if self._build is ray_data_llm and importlib.util.find_spec("vllm") is None:
             raise ImportError(
                 "the vllm teacher backend needs vLLM and a GPU: `pip install -e '.[gpu]'` on a "
                 "GPU machine, or use teacher.backend 'openai' / 'local'"
             )
         engine_config(cfg)  # validate now, not on the first batch
         self.cfg = cfg
-        self._run: Callable[[ray.data.Dataset], ray.data.Dataset] | None = None
+        self._run: Processor | None = None
 
     def __repr__(self) -> str:
         v = self.cfg.vllm
@@ -267,41 +334,84 @@ class VLLMTeacher(TeacherBase):
             f"concurrency={v.concurrency})"
         )
 
-    def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+    def stream(self, requests: Sequence[ChatRequest], batch_rows: int) -> Iterator[pa.Table]:
+        for table in self._stream(list(requests), batch_rows):
+            yield table.drop_columns([INDEX])
+
+    def _stream(self, reqs: list[ChatRequest], batch_rows: int) -> Iterator[pa.Table]:
+        """Answers with their `teacher_index`, as they finish: one Ray Data job, or two when
+        some requests have a JSON schema and some do not. Every row's `structured_outputs`
+        must have one Arrow type: a batch where it is all null does not merge with one where
+        it is a struct (ray-project/ray#61656). A teacher stage's requests are all of one
+        kind (edu_annotate's all have a schema, generate's none)."""
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+        structured = np.array([r.json_schema is not None for r in reqs], dtype=bool)
+        for kind in (structured, ~structured):
+            if kind.any():
+                yield from self._job(reqs, np.flatnonzero(kind), batch_rows)
+
+    def _job(
+        self, reqs: list[ChatRequest], index: np.ndarray, batch_rows: int
+    ) -> Iterator[pa.Table]:
+        """One Ray Data job over `reqs[index]`: each engine replica loads once."""
         import ray.data
 
-        reqs = list(requests)
-        if not reqs:
-            return []
         t0 = time.monotonic()
         if self._run is None:
             self._run = vllm_processor(
-                self.cfg, row_request, keep_columns=("teacher_index",), prefix="c_"
+                self.cfg, row_request, keep_columns=(INDEX,), prefix=_PREFIX, build=self._build
             )
-        rows = self._run(ray.data.from_items([request_row(i, r) for i, r in enumerate(reqs)]))
-        got: dict[int, Completion] = {}
-        for row in rows.take_all():
-            values = {c: row.get("c_" + c) for c in COMPLETION_COLUMNS}
-            got[int(row["teacher_index"])] = Completion(**values)
-        out = []
-        for i, req in enumerate(reqs):  # never a silently missing row
-            out.append(
-                got.get(i)
-                or Completion(
-                    id=req.id,
-                    text=None,
-                    prompt_tokens=None,
-                    completion_tokens=None,
-                    finish_reason=None,
-                    error="engine: the row did not come back from the Ray Data job",
-                    raw=None,
-                    latency_s=time.monotonic() - t0,
-                    model=self.cfg.model or model_source(self.cfg),
-                    backend=self.backend,
-                )
-            )
-        log.info("teacher vllm: %s", summarize(out))
-        return out
+        # Blocks of at least one engine batch: the replicas pull blocks as they free up.
+        rows = max(batch_rows, self.cfg.vllm.batch_size)
+        blocks = [index[lo : lo + rows] for lo in range(0, len(index), rows)]
+        ds = ray.data.from_arrow([requests_table([reqs[i] for i in b], b) for b in blocks])
+        back = np.zeros(len(reqs), dtype=bool)
+        ok = 0
+        for batch in self._run(ds).iter_batches(batch_size=batch_rows, batch_format="pyarrow"):
+            table = _answers(batch)
+            back[table[INDEX].to_numpy(zero_copy_only=False)] = True
+            ok += len(table) - table["error"].null_count
+            yield table
+        lost = index[~back[index]]
+        if lost.size:
+            log.warning("teacher vllm: %d of %d requests did not come back from the job; "
+                        "recorded as failed", lost.size, len(index))  # fmt: skip
+            yield self._lost([reqs[i] for i in lost], lost, time.monotonic() - t0)
+        log.info("teacher vllm: one job, %d requests, %d ok, %.1f s", len(index), ok,
+                 time.monotonic() - t0)  # fmt: skip
+
+    def _lost(self, reqs: list[ChatRequest], index: np.ndarray, seconds: float) -> pa.Table:
+        n = len(reqs)
+        model = self.cfg.model or model_source(self.cfg)
+        return pa.table(
+            {
+                "id": pa.array([r.id for r in reqs], pa.string()),
+                "text": pa.nulls(n, pa.large_string()),
+                "prompt_tokens": pa.nulls(n, pa.int32()),
+                "completion_tokens": pa.nulls(n, pa.int32()),
+                "finish_reason": pa.nulls(n, pa.string()),
+                "error": pa.array(
+                    ["engine: the row did not come back from the Ray Data job"] * n, pa.string()
+                ),
+                "raw": pa.nulls(n, pa.large_string()),
+                "latency_s": pa.array(np.full(n, seconds), pa.float64()),
+                "model": pa.array([model] * n, pa.string()),
+                "backend": pa.array([self.backend] * n, pa.string()),
+                "attempts": pa.array(np.ones(n, dtype=np.int32)),
+                INDEX: pa.array(index, pa.int64()),
+            }
+        )
+
+    def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        reqs = list(requests)
+        out: list[Completion | None] = [None] * len(reqs)
+        for table in self._stream(reqs, self.cfg.vllm.batch_size):
+            where = table[INDEX].to_pylist()
+            for i, c in zip(where, table_completions(table), strict=True):
+                out[i] = c
+        assert all(c is not None for c in out)  # _stream hands back every request
+        return out  # type: ignore[return-value]
 
     def close(self) -> None:
         self._run = None

@@ -186,6 +186,38 @@ def test_a_dead_teacher_fails_every_sampled_row_and_trips_the_guardrail(tmp_path
     assert all(r["teacher_error"].startswith("connection") for r in rows)
 
 
+def test_vllm_annotation_loads_each_replica_once_and_once_more_for_the_failed_rows(
+    ray_session, monkeypatch, tmp_path
+):
+    """The vllm backend behind a stand-in engine (vLLM needs a GPU), inside Ray Data LLM's
+    real Processor: 16 ratings in six request batches are one job, each replica loading the
+    model once; the three that failed (two inside the engine, one off the schema) are one
+    more job."""
+    from generators.teacher import vllm
+    from tests.generators.standin_engine import answer, asked, loads, standin_builder
+
+    docs = fineweb_docs(16)
+    ids = [d["id"] for d in docs]
+    log = tmp_path / "engine"
+    failing = dict(fail_once={ids[0], ids[5]}, garbage_once={ids[9]})
+    monkeypatch.setattr(vllm, "BUILD_PROCESSOR", standin_builder(log, **failing))
+    files = [docs_parquet(tmp_path / "docs.parquet", docs)]
+    teacher = TeacherConfig(backend="vllm", model="org/teacher-70b", max_tokens=16,
+                            vllm=VLLMConfig(concurrency=2, batch_size=4))  # fmt: skip
+    stage = EduAnnotateStage(teacher=teacher, sample_size=16, request_batch=3)
+    m = run_stage(stage, files, tmp_path / "run")
+    assert m["rows_in"] == 16 and m["dropped"] == {}
+    assert 2 <= len(loads(log)) <= 4 and len(set(loads(log))) == len(loads(log))
+    assert asked(log) == dict.fromkeys(ids, 1) | dict.fromkeys([ids[0], ids[5], ids[9]], 2)
+    store = sorted((tmp_path / "run/edu_annotate/_state/ratings").glob("*.parquet"))
+    assert [len(pq.read_table(f)) for f in store] == [3, 3, 3, 3, 3, 1, 3]  # the last: retries
+    ratings = stage.load_ratings().to_pylist()
+    assert [r["edu_label"] for r in ratings] == [
+        json.loads(answer(r["id"], "", structured=True))["score"] for r in ratings
+    ]
+    assert {r["teacher_backend"] for r in ratings} == {"vllm"}
+
+
 # --- --retry-failed and transport settings ------------------------------------------------
 
 RATE = dict(sample_size=8, request_batch=3, retry_rounds=0)
