@@ -3,7 +3,9 @@
 Documents that share a (band, key) bucket are linked to one of them (`bucket_edges`), and
 union-find over those links (`connected_components`) gives the clusters; the kept document
 of a cluster is its smallest (id, source_path), so the choice depends on neither input order
-nor partitioning (`clusters_from_edges`).
+nor partitioning (`clusters_from_edges`). This is the in-driver path; fanout.py computes the
+same table in map steps, from the same `bucket_edges`, `node_order` and
+`exact_duplicate_nodes`.
 """
 
 from __future__ import annotations
@@ -72,6 +74,32 @@ def connected_components(src: np.ndarray, dst: np.ndarray, n: int) -> np.ndarray
             parent = nxt
 
 
+def node_order(nodes: pa.Array, sources: pa.Table) -> tuple[pa.Array, pa.Array]:
+    """(id, source_path) of each node, the pair documents are ordered by; source_path is
+    "" for rows that had none. `sources` maps node prefixes to paths (`source_table`)."""
+    nodes = as_strings(nodes)
+    ids = pc.utf8_slice_codeunits(nodes, PREFIX_CHARS)
+    at = pc.index_in(pc.utf8_slice_codeunits(nodes, 0, PREFIX_CHARS), value_set=sources["prefix"])
+    if at.null_count:
+        raise RuntimeError("dedup: a clustered row's source is missing from the source table")
+    return ids, as_strings(sources["source_path"]).take(at)
+
+
+def exact_duplicate_nodes(src: np.ndarray, hub: np.ndarray) -> np.ndarray:
+    """Exact edges (src -> hub, integer ranks) -> the ranks that are exact duplicates.
+
+    An exact bucket is a star around its hub: its group is the hub and its srcs, and a
+    member is an exact duplicate when the group has a member earlier in the order (a
+    smaller rank). Each node has one exact key, so it is in at most one group."""
+    order = np.argsort(hub, kind="stable")
+    h, s = hub[order], src[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(h)) + 1] if len(h) else np.zeros(0, np.int64)
+    hubs = h[starts]
+    first = np.minimum(np.minimum.reduceat(s, starts), hubs) if len(h) else hubs
+    per_edge = np.repeat(first, np.diff(np.r_[starts, len(h)]))
+    return np.r_[s[per_edge < s], hubs[first < hubs]]
+
+
 def clusters_from_edges(edges: pa.Table, sources: pa.Table) -> pa.Table:
     """Union-find over the edges -> (id, source_path, dup_cluster, dup_cluster_size,
     dup_kind) for every document of a non-singleton cluster, sorted by (id, source_path).
@@ -80,16 +108,13 @@ def clusters_from_edges(edges: pa.Table, sources: pa.Table) -> pa.Table:
     by id, then source_path (byte order), which depends on neither input order nor
     partitioning; the kept document of a cluster is its first. Every other member is an
     `exact_duplicate` when a document earlier in that order has exactly its normalised
-    text (that one is then dropped or kept for it), else a `near_duplicate`."""
+    text (that one is then dropped or kept for it), else a `near_duplicate`. The in-driver
+    path; components.py computes the same table fanned out."""
     if len(edges) == 0:
         return CLUSTERS_SCHEMA.empty_table()
     src, dst = as_strings(edges["src"]), as_strings(edges["dst"])
     nodes = pc.unique(pa.concat_arrays([src, dst]))
-    ids = pc.utf8_slice_codeunits(nodes, PREFIX_CHARS)
-    at = pc.index_in(pc.utf8_slice_codeunits(nodes, 0, PREFIX_CHARS), value_set=sources["prefix"])
-    if at.null_count:
-        raise RuntimeError("dedup: a clustered row's source is missing from the source table")
-    paths = sources["source_path"].combine_chunks().take(at)
+    ids, paths = node_order(nodes, sources)
     order = pc.sort_indices(
         pa.table({"id": ids, "source_path": paths}),
         sort_keys=[("id", "ascending"), ("source_path", "ascending")],
@@ -100,14 +125,9 @@ def clusters_from_edges(edges: pa.Table, sources: pa.Table) -> pa.Table:
     n = len(nodes)
     root = connected_components(s, d, n)
     size = np.bincount(root, minlength=n)[root]
-    # An exact bucket is a star around its hub: its group is the hub's, and a member is an
-    # exact duplicate when the group has a member earlier in the order.
     exact = edges["exact"].to_numpy() > 0
-    group = np.arange(n)
-    group[s[exact]] = d[exact]
-    first_of_group = np.arange(n)
-    np.minimum.at(first_of_group, d[exact], s[exact])
-    exact_dup = first_of_group[group] < np.arange(n)
+    exact_dup = np.zeros(n, bool)
+    exact_dup[exact_duplicate_nodes(s[exact], d[exact])] = True
     kind = np.where(
         root == np.arange(n), "kept", np.where(exact_dup, "exact_duplicate", "near_duplicate")
     )

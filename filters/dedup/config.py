@@ -45,15 +45,18 @@ class DedupConfig(StageConfig):
     """Decompose (NFKD) and drop combining marks, so "café" matches "cafe" (as FineWeb)."""
 
     num_partitions: int = Field(32, ge=1)
-    """Fan-out (a Ray executor): the long-form keys are hash-partitioned by (band, key) into
-    this many files, each turned into bucket edges by one task; raise it with the corpus
-    size. It never changes the clusters."""
+    """Fan-out: every map step after reading the inputs runs over this many partitions
+    (key buckets, rank ranges, node partitions, source buckets), each one task; raise it
+    with the corpus so that a partition fits a worker. Fixed by config, never by the worker
+    count, and it never changes the clusters."""
 
     ray_min_rows: int = Field(50_000, ge=0)
-    """Fan-out: inputs (Parquet stage outputs) with fewer rows than this get their clusters
-    computed in the driver, the in-process path (identical clusters, tested): the fan-out's
-    fixed cost (starting tasks, writing partition files) is more than a small input's whole
-    work."""
+    """Fan-out: inputs with at least this many rows (Parquet stage outputs, counted from
+    their footers) are clustered fanned out over the executor, Ray's or any other, so the
+    driver's memory does not grow with the corpus; smaller ones in the driver (union-find,
+    identical clusters, tested), where the fan-out's fixed cost (tasks, partition files)
+    would be more than the whole work. Raw inputs, whose rows are unknown until read, fan
+    out on Ray. 0: always fan out."""
 
     @model_validator(mode="after")
     def _something_to_do(self) -> DedupConfig:

@@ -13,13 +13,16 @@ a batch with numpy instead of one document at a time (minhash.py).
 
 How: `DedupStage` is a `GlobalStage`. `prepare()` reads the kept rows of every input once
 and computes, per document, a key for exact dedup and one LSH key per band (keys.py);
-documents that share a (band, key) bucket are linked to one of them, in the driver or
-fanned out over the executor the runner passes in (edges.py), and union-find over those
-links gives the clusters (clusters.py), written to `state_dir/clusters.parquet`
-(duplicates only). A document is known by its (source_path, id) pair (`keys.row_nodes`).
-The per-part pass (`process`) then only looks rows up in that table. The runner discards
-`state_dir` when the stage's fingerprint changes; `prepare()` reuses a finished one
-(`_DONE`) as it is. Run it as a recipe stage (`primer run`) or directly:
+documents that share a (band, key) bucket are linked to one of them (edges.py) and the
+connected components of those links are the clusters. Small inputs are clustered in the
+driver (union-find, clusters.py); from `ray_min_rows` rows on, every step is fanned out
+over the executor the runner passes in (fanout.py), so the driver's memory does not grow
+with the corpus. Both write the same table of duplicates, one file per source under
+`state_dir/clusters/` (cluster_files.py). A document is known by its (source_path, id)
+pair (`keys.row_nodes`). The per-part pass (`process`) looks its rows up in the files of
+its batch's sources only. The runner discards `state_dir` when the stage's fingerprint
+changes; `prepare()` reuses a finished one (`_DONE`, written last) as it is, and starts a
+killed one again from scratch. Run it as a recipe stage (`primer run`) or directly:
 
     stage = DedupStage()
     stage.prepare(["a.parquet", "b.parquet"], "state/")   # a fresh state folder
@@ -38,29 +41,45 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from filters.dedup.clusters import CLUSTERS_SCHEMA, clusters_from_edges
-from filters.dedup.config import DedupConfig
-from filters.dedup.edges import edges_fanned_out, edges_in_driver, rows_below
-from filters.dedup.keys import (
-    as_strings,
-    check_unique_nodes,
-    row_nodes,
-    row_sources,
-    source_prefix,
+from filters.dedup.cluster_files import (
+    ClusterLookup,
+    kind_counts,
+    state_info,
+    write_source_files,
 )
+from filters.dedup.clusters import clusters_from_edges
+from filters.dedup.config import DedupConfig
+from filters.dedup.edges import edges_in_driver, rows_below
+from filters.dedup.fanout import clusters_fanned_out
+from filters.dedup.keys import as_strings, check_unique_nodes, row_nodes, row_sources, source_prefix
 from filters.dedup.minhash import text_hash
 from pipeline.executor import LOCAL, Executor
 from pipeline.io import write_json_atomic
 from pipeline.stage import GlobalStage, StageConfig, mark_dropped, set_column
 
-CLUSTERS_FILE = "clusters.parquet"
+CLUSTERS_DIR = "clusters"
+"""Under the state folder: the cluster table, one file per source (cluster_files.py)."""
 DONE_FILE = "_DONE"
 PARTITIONS_DIR = "partitions"
 """Under the state folder: the fan-out's partition files, removed when prepare() ends."""
+OLD_CLUSTERS_FILE = "clusters.parquet"  # version 2's single table
 
 log = logging.getLogger("primer")
+
+
+def fans_out(items: Sequence, config: DedupConfig, executor: Executor) -> bool:
+    """Whether prepare() fans out: for input files with at least `ray_min_rows` rows, over
+    any executor (this process runs the steps one partition at a time). Parquet inputs are
+    counted from their footers; other files (raw inputs) cannot be counted cheaply and fan
+    out on a cluster (`executor.uses_ray`) or with `ray_min_rows: 0`. Tables never do."""
+    if not items or not all(isinstance(p, str | os.PathLike) for p in items):
+        return False
+    if config.ray_min_rows == 0:
+        return True
+    if all(str(p).endswith(".parquet") for p in items):
+        return not rows_below(items, config.ray_min_rows)
+    return executor.uses_ray
 
 
 class DedupStage(GlobalStage):
@@ -79,7 +98,7 @@ class DedupStage(GlobalStage):
     """
 
     name: ClassVar[str] = "dedup"
-    version: ClassVar[int] = 2  # 2: rows keyed by (source_path, id), no longer by id
+    version: ClassVar[int] = 3  # 2: rows keyed by (source_path, id); 3: a file per source
     Config: ClassVar[type[StageConfig]] = DedupConfig
     needs: ClassVar[tuple[str, ...]] = ("id", "text")
     adds: ClassVar[tuple[str, ...]] = ("text_hash", "dup_cluster", "dup_cluster_size")
@@ -97,10 +116,10 @@ class DedupStage(GlobalStage):
         """Find the clusters of all kept rows of `inputs` and write them to `state_dir`.
 
         `inputs` are file paths (Parquet stage outputs, or raw inputs the readers know); in
-        the driver they may also be pyarrow Tables. With an executor that runs work on a
-        cluster (`executor.uses_ray`), inputs of `ray_min_rows` rows or more are fanned out
-        over it (edges.py). A finished state (`_DONE`) is reused as it is: whoever changes
-        the config or the inputs gives a fresh folder (the runner deletes it).
+        the driver they may also be pyarrow Tables. Inputs of `ray_min_rows` rows or more
+        are fanned out over `executor` (`fans_out`, fanout.py). A finished state (`_DONE`)
+        is reused as it is: whoever changes the config or the inputs gives a fresh folder
+        (the runner deletes it). An unfinished one (a killed prepare) is started again.
         """
         self.state_dir = str(state_dir)
         state = Path(state_dir)
@@ -109,53 +128,43 @@ class DedupStage(GlobalStage):
             return
         items = list(inputs)
         state.mkdir(parents=True, exist_ok=True)
-        fan_out = executor.uses_ray
-        if fan_out and rows_below(items, self.config.ray_min_rows):
-            log.info("dedup: fewer than %d input rows; clusters computed in the driver",
-                     self.config.ray_min_rows)  # fmt: skip
-            fan_out = False
-        scratch = state / PARTITIONS_DIR
+        scratch, target = state / PARTITIONS_DIR, state / CLUSTERS_DIR
+        tmp = state / f".{CLUSTERS_DIR}.tmp"
+        for stale in (scratch, target, tmp):
+            shutil.rmtree(stale, ignore_errors=True)
+        fan_out = fans_out(items, self.config, executor)
         if fan_out:
-            if not items or not all(isinstance(p, str | os.PathLike) for p in items):
-                raise TypeError("dedup.prepare fanned out takes a non-empty list of file paths")
             paths = [str(p) for p in items]
-            edges, sources = edges_fanned_out(paths, self.config, str(scratch), executor)
-            clusters = clusters_from_edges(edges, sources)
-        elif items:
-            clusters = clusters_from_edges(*edges_in_driver(items, self.config))
+            info = clusters_fanned_out(paths, self.config, str(scratch), str(tmp), executor)
         else:
-            clusters = CLUSTERS_SCHEMA.empty_table()
-        target = state / CLUSTERS_FILE
-        tmp = state / f".{CLUSTERS_FILE}.tmp-{os.getpid()}"
-        pq.write_table(clusters, tmp, compression="zstd")
+            if self.config.ray_min_rows and executor.uses_ray:
+                log.info("dedup: fewer than %d input rows; clusters computed in the driver",
+                         self.config.ray_min_rows)  # fmt: skip
+            tmp.mkdir()
+            clusters = clusters_from_edges(*edges_in_driver(items, self.config)) if items else None
+            info = state_info()
+            if clusters is not None and len(clusters):
+                files = write_source_files(clusters, tmp)
+                info = state_info(len(clusters), files, **kind_counts(clusters))
         os.replace(tmp, target)
         shutil.rmtree(scratch, ignore_errors=True)
-        kinds = pc.value_counts(clusters["dup_kind"]).to_pylist()
-        counts = {k["values"]: k["counts"] for k in kinds}
-        info = {"documents_in_clusters": len(clusters), **counts, "fanned_out": fan_out}
-        write_json_atomic(done, info)
+        write_json_atomic(done, {**info, "fanned_out": fan_out})
 
     def setup(self) -> None:
-        if self.state_dir is None or not (Path(self.state_dir) / DONE_FILE).is_file():
+        state = Path(self.state_dir) if self.state_dir is not None else None
+        if state is None or not (state / DONE_FILE).is_file():
             raise RuntimeError(
                 f"dedup: no finished state in {self.state_dir!r} (missing {DONE_FILE}); "
                 "call prepare(inputs, state_dir) over all inputs before process()"
             )
-        clusters = pq.read_table(Path(self.state_dir) / CLUSTERS_FILE)
-        if "source_path" not in clusters.column_names:
+        if not (state / CLUSTERS_DIR).is_dir():
+            old = (state / OLD_CLUSTERS_FILE).is_file()
             raise RuntimeError(
-                f"dedup: {self.state_dir}/{CLUSTERS_FILE} was written by an older dedup (rows "
-                "keyed by id alone); delete the state folder and run prepare() again"
+                f"dedup: {self.state_dir} has no {CLUSTERS_DIR}/ folder"
+                + (f" ({OLD_CLUSTERS_FILE} was written by an older dedup)" if old else "")
+                + "; delete the state folder and run prepare() again"
             )
-        # Look rows up by a 64-bit hash of their node in a sorted array (no per-batch hash
-        # table over the whole cluster file); the node itself is compared after, so a
-        # collision cannot mislabel a row.
-        nodes = row_nodes(clusters)
-        h = _node_hash(nodes)
-        order = pa.array(np.argsort(h, kind="stable"))
-        self._hashes = h[order.to_numpy()]
-        self._nodes = nodes.take(order)
-        self._clusters = clusters.take(order)
+        self._lookup = ClusterLookup(state / CLUSTERS_DIR)
 
     def process(self, table: pa.Table) -> pa.Table:
         ids = as_strings(table["id"])
@@ -168,45 +177,14 @@ class DedupStage(GlobalStage):
         th = text_hash(table["text"], **self.config.norm_flags)
         cluster, size = ids, pa.array(np.ones(len(ids), np.int32))
         rules = []
-        if len(self._hashes) and len(ids):
-            at = _find(self._hashes, self._nodes, pc.fill_null(nodes, ""))
-            hit = pc.and_(pa.array(at >= 0), kept)
-            cand = self._clusters.take(pa.array(np.maximum(at, 0)))
-            cluster = pc.if_else(hit, cand["dup_cluster"], ids)
-            size = pc.if_else(hit, cand["dup_cluster_size"], size)
-            kind = pc.if_else(hit, cand["dup_kind"], pa.scalar("kept"))
+        if len(ids):
+            found = self._lookup.find(row_sources(table), pc.fill_null(nodes, ""))
+            hit = pc.and_(pc.is_valid(found["dup_kind"]), kept)
+            cluster = pc.if_else(hit, found["dup_cluster"], ids)
+            size = pc.if_else(hit, found["dup_cluster_size"], size)
+            kind = pc.if_else(hit, found["dup_kind"], pa.scalar("kept"))
             rules = [(k, pc.equal(kind, k)) for k in ("exact_duplicate", "near_duplicate")]
         table = set_column(table, "text_hash", th)
         table = set_column(table, "dup_cluster", cluster)
         table = set_column(table, "dup_cluster_size", size)
         return mark_dropped(table, self.name, rules)
-
-
-def _node_hash(nodes: pa.Array) -> np.ndarray:
-    return text_hash(nodes, normalised=True).to_numpy(zero_copy_only=False)
-
-
-def _find(sorted_hashes: np.ndarray, sorted_nodes: pa.Array, nodes: pa.Array) -> np.ndarray:
-    """Position of each of `nodes` (no nulls) among `sorted_nodes`, whose hashes are
-    `sorted_hashes`, or -1. Nodes that share a 64-bit hash are told apart by comparing the
-    nodes themselves, one step along each run of equal hashes per round."""
-    q = _node_hash(nodes)
-    n = len(sorted_hashes)
-    pos = np.searchsorted(sorted_hashes, q)
-    out = np.full(len(q), -1, np.int64)
-    todo = np.arange(len(q))
-    step = 0
-    while todo.size:
-        p = pos[todo] + step
-        inside = p < n
-        todo, p = todo[inside], p[inside]
-        same = sorted_hashes[p] == q[todo]
-        todo, p = todo[same], p[same]
-        if not todo.size:
-            break
-        equal = pc.equal(sorted_nodes.take(pa.array(p)), nodes.take(pa.array(todo)))
-        equal = equal.to_numpy(zero_copy_only=False)
-        out[todo[equal]] = p[equal]
-        todo = todo[~equal]
-        step += 1
-    return out

@@ -61,6 +61,11 @@ def row_sources(table: pa.Table) -> pa.Array:
     return pc.fill_null(as_strings(table["source_path"]), "")
 
 
+def node_hash(nodes: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """xxh64 of each node (no nulls): for lookups and samples, never as its identity."""
+    return text_hash(as_strings(nodes), normalised=True).to_numpy(zero_copy_only=False)
+
+
 def source_prefix(source: str) -> str:
     return f"{xxhash.xxh64_intdigest(source.encode()):016x}"
 

@@ -1,9 +1,12 @@
 """Tests of filters/dedup/ and filters/text.py: normalisation, stable hashes and
-signatures, LSH clusters, the in-driver and fanned-out prepare passes agreeing (locally and
-on Ray), the runner reusing or recomputing the state, and the stage marking the right rows.
+signatures, LSH clusters, the in-driver and fanned-out prepare passes agreeing (in this
+process, in local processes, on Ray), the distributed connected components against
+union-find on random graphs, the per-source cluster files, a killed prepare starting again,
+the runner reusing or recomputing the state, and the stage marking the right rows.
 
 Run: .venv/bin/pytest tests/filters/test_dedup.py  (most of the time is Ray's start-up;
-everything else is in-process on synthetic text)
+everything else is in-process on synthetic text; `-m slow` adds the fan-out over 1 and 3
+local processes, slow only because each map step starts its processes)
 """
 
 from __future__ import annotations
@@ -23,16 +26,20 @@ import pytest
 import xxhash
 from pydantic import ValidationError
 
-import filters.dedup.dedup as dedup_stage
+import filters.dedup.cluster_files as cluster_files
 import filters.dedup.minhash as minhash_module
 import filters.text as text_module
-from filters.dedup.clusters import connected_components
+from filters.dedup.cluster_files import write_source_files
+from filters.dedup.clusters import clusters_from_edges, connected_components, unique_edges
 from filters.dedup.config import DedupConfig
-from filters.dedup.dedup import DedupStage
-from filters.dedup.keys import DuplicateRowError
+from filters.dedup.dedup import DedupStage, fans_out
+from filters.dedup.edges import route_edges
+from filters.dedup.fanout import clusters_from_routed_edges
+from filters.dedup.keys import DuplicateRowError, source_prefix
 from filters.dedup.minhash import jaccard_estimate, minhash, text_hash
+from filters.dedup.ranks import choose_splitters, node_sample
 from filters.text import normalise
-from pipeline.executor import LOCAL, LocalExecutor, RayExecutor
+from pipeline.executor import LOCAL, Executor, LocalExecutor, ProcessExecutor, RayExecutor
 from pipeline.stage_runner import run_stage
 
 _SYLLABLES = ["ka", "lo", "mi", "ner", "tus", "va", "pe", "ri", "zon", "dal", "ush", "eb", "fo"]
@@ -65,12 +72,27 @@ def shingles(text: str, n: int = 5) -> set[str]:
     return {" ".join(words[i : i + n]) for i in range(max(len(words) - n + 1, 1))}
 
 
+def cluster_files_in(folder: Path) -> dict[str, pa.Table]:
+    """The cluster table's files (one per source) by name."""
+    return {f.name: pq.read_table(f) for f in sorted(folder.iterdir())}
+
+
+def read_clusters(state: Path | str) -> pa.Table:
+    """The whole cluster table of a state folder, sorted by (id, source_path)."""
+    files = list(cluster_files_in(Path(state) / "clusters").values())
+    table = pa.concat_tables(files) if files else pa.table({"id": pa.array([], pa.string())})
+    if not len(table):
+        return table
+    keys = [("id", "ascending"), ("source_path", "ascending")]
+    return table.take(pc.sort_indices(table, sort_keys=keys))
+
+
 def clusters_of(texts: dict[str, str | None], **config) -> dict[str, tuple[str, int, str]]:
     """prepare() in-process over one table -> {id: (dup_cluster, size, dup_kind)}."""
     table = pa.table({"id": list(texts), "text": pa.array(list(texts.values()), pa.large_string())})
     with tempfile.TemporaryDirectory() as state:
         DedupStage(**config).prepare([table], state)
-        out = pq.read_table(Path(state) / "clusters.parquet").to_pylist()
+        out = read_clusters(state).to_pylist()
     return {r["id"]: (r["dup_cluster"], r["dup_cluster_size"], r["dup_kind"]) for r in out}
 
 
@@ -275,17 +297,138 @@ def test_small_inputs_are_not_fanned_out(tmp_path, caplog):
 def test_fanned_out_prepare_gives_the_in_driver_clusters_and_cleans_up(tmp_path):
     paths, _ = _write_parts(tmp_path)
     paths += _shards(tmp_path)  # raw JSONL inputs, read by each map task as the runner would
-    tables = {}
-    for fan_out in (False, True):
-        state = tmp_path / f"state-{fan_out}"
+    files = {}
+    for fan_out, partitions in ((False, 1), (True, 1), (True, 4), (True, 11)):
+        state = tmp_path / f"state-{fan_out}-{partitions}"
         executor = HereAsOnACluster() if fan_out else LOCAL
-        # More partitions than buckets with members: some partitions are empty.
-        DedupStage(num_partitions=37, ray_min_rows=0).prepare(paths, str(state), executor)
+        # 11: more partitions than clusters, so some partitions are empty.
+        stage = DedupStage(num_partitions=partitions, ray_min_rows=0 if fan_out else 10**9)
+        stage.prepare(paths, str(state), executor)
         assert json.loads((state / "_DONE").read_text())["fanned_out"] is fan_out
-        assert sorted(p.name for p in state.iterdir()) == ["_DONE", "clusters.parquet"]
-        tables[fan_out] = pq.read_table(state / "clusters.parquet")
-    assert tables[True].equals(tables[False])
-    assert len(tables[True]) == len(EXPECTED) + len(SHARD_LABELS) - 1  # b.jsonl's 1: alone
+        assert sorted(p.name for p in state.iterdir()) == ["_DONE", "clusters"]
+        files[fan_out, partitions] = cluster_files_in(state / "clusters")
+    first = files[False, 1]
+    assert len(first) == 3  # one file per source: the parts' rows (no source_path), a, b
+    for other in files.values():
+        assert other.keys() == first.keys()
+        assert all(other[name].equals(first[name]) for name in first)
+    assert sum(map(len, first.values())) == len(EXPECTED) + len(SHARD_LABELS) - 1
+
+
+def test_fan_out_is_chosen_by_input_rows_on_any_executor(tmp_path):
+    paths, _ = _write_parts(tmp_path)  # 11 rows of stage output in all
+    shards = _shards(tmp_path)  # raw inputs: rows unknown without reading them
+    here = DedupConfig(ray_min_rows=11)
+    assert fans_out(paths, here, LOCAL) and fans_out(paths, here, ProcessExecutor(3))
+    assert not fans_out(paths, DedupConfig(ray_min_rows=12), HereAsOnACluster())
+    assert not fans_out(shards, here, LOCAL) and fans_out(shards, here, HereAsOnACluster())
+    assert fans_out(shards, DedupConfig(ray_min_rows=0), LOCAL)
+    assert not fans_out(
+        [pa.table({"id": ["a"], "text": ["x"]})], DedupConfig(ray_min_rows=0), LOCAL
+    )
+    DedupStage(ray_min_rows=11, num_partitions=2).prepare(paths, str(tmp_path / "s"), LOCAL)
+    assert json.loads((tmp_path / "s" / "_DONE").read_text())["fanned_out"] is True
+
+
+# --- distributed connected components against union-find ---------------------------------
+
+_PATHS = ["", "s/a.jsonl", "s/b.jsonl", "s/c.jsonl"]  # "": rows without a source_path
+_SOURCES = pa.table({"prefix": [source_prefix(p) for p in _PATHS], "source_path": _PATHS})
+
+
+def random_graph(seed: int, chain: int = 80, n: int = 480) -> pa.Table:
+    """Bucket-like edges (src, dst, exact), dst the smaller node as in `bucket_edges`: one
+    chain of `chain` nodes in random order, paths, stars and exact groups (stars around
+    their smallest node, each node in at most one), random links between them. Ids come
+    from a small range, so the same id recurs across sources."""
+    rng = np.random.default_rng(seed)
+    prefixes = _SOURCES["prefix"].to_pylist()
+    pool = sorted({prefixes[rng.integers(4)] + str(rng.integers(300)) for _ in range(3 * n)})
+    nodes = [pool[i] for i in rng.permutation(len(pool))[:n]]
+    edges: list[tuple[str, str, int]] = []
+
+    def link(a: str, b: str, exact: int = 0) -> None:
+        edges.append((max(a, b), min(a, b), exact))
+
+    for a, b in zip(nodes[: chain - 1], nodes[1:chain], strict=True):
+        link(a, b)
+    i = chain
+    while i < n - 8:
+        group, shape = nodes[i : i + int(rng.integers(2, 8))], rng.integers(3)
+        i += len(group)
+        if shape == 0:
+            for a, b in zip(group, group[1:], strict=False):
+                link(a, b)
+        else:
+            hub = group[0] if shape == 1 else min(group)
+            for b in group:
+                if b != hub:
+                    link(b, hub, int(shape == 2))
+    for _ in range(n // 12):
+        a, b = rng.choice(nodes, 2, replace=False)
+        link(str(a), str(b))
+    src, dst, exact = zip(*edges, strict=True)
+    return pa.table({"src": src, "dst": dst, "exact": pa.array(exact, pa.int8())})
+
+
+def check_against_union_find(
+    edges: pa.Table, folder: Path, partitions: int, executor: Executor, seed: int = 0
+) -> dict:
+    """The fanned-out steps from routed edges to cluster files give union-find's files.
+    Edges are routed by 3 writers, some by two of them (as pairs linked in several bands)."""
+    want, scratch, out = folder / "want", folder / "scratch", folder / "out"
+    for d in (want, scratch, out):
+        d.mkdir()
+    write_source_files(clusters_from_edges(unique_edges(edges), _SOURCES), want)
+    pq.write_table(_SOURCES, scratch / "sources.parquet")
+    nodes = pa.concat_arrays([edges["src"].combine_chunks(), edges["dst"].combine_chunks()])
+    splitters = choose_splitters(node_sample(nodes, 16 * partitions), _SOURCES, partitions)
+    rng = np.random.default_rng(seed)
+    writer, again = rng.integers(3, size=len(edges)), rng.random(len(edges)) < 0.1
+    for w in range(3):
+        mine = pa.array((writer == w) | again)
+        route_edges(edges.filter(mine), str(scratch), w, _SOURCES, splitters, partitions)
+    sources_file = str(scratch / "sources.parquet")
+    info = clusters_from_routed_edges(str(scratch), sources_file, partitions, str(out), executor)
+    got, expected = cluster_files_in(out), cluster_files_in(want)
+    assert got.keys() == expected.keys()
+    for name, table in expected.items():
+        assert got[name].equals(table), name
+    return info
+
+
+@pytest.mark.parametrize(("seed", "partitions"), [(0, 1), (1, 3), (2, 6)])
+def test_distributed_components_give_union_finds_clusters(tmp_path, seed, partitions):
+    info = check_against_union_find(random_graph(seed), tmp_path, partitions, LOCAL, seed)
+    assert info["kept"] < info["near_duplicate"] and info["exact_duplicate"] > 0
+    assert info["files"] == 4
+
+
+def test_a_long_chain_converges_to_its_smallest_node(tmp_path):
+    # Nodes in rank order along the chain: the slowest case for the star steps.
+    prefix = source_prefix("s/a.jsonl")
+    nodes = [f"{prefix}{i:04d}" for i in range(300)]
+    edges = pa.table(
+        {"src": nodes[1:], "dst": nodes[:-1], "exact": pa.array(np.zeros(299, np.int8))}
+    )
+    info = check_against_union_find(edges, tmp_path, 3, LOCAL)
+    assert info == {
+        "documents_in_clusters": 300,
+        "files": 1,
+        "components_steps": info["components_steps"],
+        "kept": 1,
+        "exact_duplicate": 0,
+        "near_duplicate": 299,
+    }
+    assert 4 < info["components_steps"] < 40
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 3])
+def test_distributed_components_in_local_processes(tmp_path, workers):
+    check_against_union_find(
+        random_graph(5, chain=30, n=120), tmp_path, 4, ProcessExecutor(workers)
+    )
 
 
 def test_fanned_out_prepare_checks_repeated_rows(tmp_path):
@@ -299,12 +442,61 @@ def test_fanned_out_prepare_checks_repeated_rows(tmp_path):
         DedupStage(ray_min_rows=0).prepare([str(one)] * 2, str(tmp_path / "s2"), HereAsOnACluster())
 
 
+class KilledAfter(LocalExecutor):
+    """Runs `maps` map steps, then fails in the middle of the next one, as a killed driver
+    would stop: its partition files, half a step and no `_DONE` are left behind."""
+
+    def __init__(self, maps: int) -> None:
+        self.left = maps
+
+    def map(self, fn, items, **kwargs):
+        self.left -= 1
+        for i, result in enumerate(super().map(fn, items, **kwargs)):
+            if self.left < 0 and i == len(items) // 2:
+                raise KeyboardInterrupt("killed")
+            yield result
+
+
+def test_a_killed_prepare_starts_again_cleanly(tmp_path):
+    paths, _ = _write_parts(tmp_path)
+    paths += _shards(tmp_path)
+    stage = DedupStage(num_partitions=3, ray_min_rows=0)
+    stage.prepare(paths, str(tmp_path / "clean"), LOCAL)
+    want = cluster_files_in(tmp_path / "clean" / "clusters")
+    state = tmp_path / "state"
+    # Killed in the edges step, in the first components step, writing the cluster files.
+    for maps in (1, 4, 7):
+        with pytest.raises(KeyboardInterrupt):
+            stage.prepare(paths, str(state), KilledAfter(maps))
+        assert not (state / "_DONE").exists() and (state / "partitions").is_dir()
+    stage.prepare(paths, str(state), LOCAL)
+    assert sorted(p.name for p in state.iterdir()) == ["_DONE", "clusters"]
+    got = cluster_files_in(state / "clusters")
+    assert got.keys() == want.keys() and all(got[k].equals(want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_fanned_out_prepare_in_one_or_three_local_processes(tmp_path):
+    paths, _ = _write_parts(tmp_path)
+    paths += _shards(tmp_path)
+    files = []
+    for executor in (LOCAL, ProcessExecutor(1), ProcessExecutor(3)):
+        state = tmp_path / f"state-{len(files)}"
+        DedupStage(num_partitions=4, ray_min_rows=0).prepare(paths, str(state), executor)
+        files.append(cluster_files_in(state / "clusters"))
+    for other in files[1:]:
+        assert other.keys() == files[0].keys()
+        assert all(other[k].equals(files[0][k]) for k in files[0])
+
+
 def test_stage_marks_duplicates_in_every_part(tmp_path):
     paths, rows = _write_parts(tmp_path)
     stage = DedupStage()
     stage.prepare(paths, str(tmp_path / "state"))
     stage = pickle.loads(pickle.dumps(stage))  # as Ray ships it: config and state_dir
     outs = [stage(pq.read_table(p)) for p in paths]
+    # A part's rows come from one source (here: none), and only its file was loaded.
+    assert list(stage._lookup._cache) == [source_prefix("")]
     out = pa.concat_tables(outs).to_pylist()
     by_id = {r["id"]: r for r in out}
 
@@ -332,10 +524,19 @@ def test_prepare_reuses_a_finished_state_as_it_is(tmp_path):
     paths, _ = _write_parts(tmp_path)
     state = tmp_path / "state"
     DedupStage().prepare(paths, str(state))
-    first = (state / "clusters.parquet").read_bytes()
+    first = {f.name: f.read_bytes() for f in (state / "clusters").iterdir()}
     # Deciding whether a state is stale is the runner's job (it deletes the folder).
     DedupStage(near=False).prepare(paths[:1], str(state))
-    assert (state / "clusters.parquet").read_bytes() == first
+    assert {f.name: f.read_bytes() for f in (state / "clusters").iterdir()} == first
+
+
+def test_a_state_of_an_older_dedup_says_what_to_do(tmp_path):
+    (tmp_path / "_DONE").write_text("{}")
+    (tmp_path / "clusters.parquet").write_bytes(b"")
+    stage = DedupStage()
+    stage.state_dir = str(tmp_path)
+    with pytest.raises(RuntimeError, match="older dedup.*delete the state folder"):
+        stage(pa.table({"id": ["a"], "text": ["x"]}))
 
 
 def test_the_runner_recomputes_the_state_only_when_the_config_changes(tmp_path):
@@ -344,7 +545,7 @@ def test_the_runner_recomputes_the_state_only_when_the_config_changes(tmp_path):
     state = out / "dedup" / "_state"
 
     def kinds() -> list[str]:
-        return sorted(pc.unique(pq.read_table(state / "clusters.parquet")["dup_kind"]).to_pylist())
+        return sorted(pc.unique(read_clusters(state)["dup_kind"]).to_pylist())
 
     run_stage(DedupStage(), paths, out)
     assert kinds() == ["exact_duplicate", "kept", "near_duplicate"]
@@ -433,7 +634,7 @@ def test_the_same_id_in_two_shards_is_two_documents(tmp_path):
     stage = DedupStage()
     stage.prepare(paths, str(tmp_path / "state"))
     assert _labels(stage, paths) == SHARD_LABELS
-    clusters = pq.read_table(tmp_path / "state" / "clusters.parquet").to_pylist()
+    clusters = read_clusters(tmp_path / "state").to_pylist()
     assert [(Path(r["source_path"]).name, r["id"], r["dup_cluster_size"]) for r in clusters] == [
         ("a.jsonl", "0", 2), ("b.jsonl", "0", 2), ("a.jsonl", "1", 2), ("b.jsonl", "2", 2),
         ("a.jsonl", "7", 2), ("b.jsonl", "7", 2),
@@ -459,10 +660,11 @@ def test_in_driver_and_ray_prepare_give_identical_clusters(tmp_path, ray_ctx):
         state = tmp_path / f"state-{use_ray}"
         executor = RayExecutor() if use_ray else LOCAL
         # ray_min_rows=0: fanned out over Ray even for this small input
-        DedupStage(num_partitions=2, ray_min_rows=0).prepare(paths, str(state), executor)
+        stage = DedupStage(num_partitions=2, ray_min_rows=0 if use_ray else 10**9)
+        stage.prepare(paths, str(state), executor)
         assert json.loads((state / "_DONE").read_text())["fanned_out"] is use_ray
         assert not (state / "partitions").exists()
-        tables[use_ray] = pq.read_table(state / "clusters.parquet")
+        tables[use_ray] = read_clusters(state)
     assert tables[False].equals(tables[True])
     rows = tables[True].to_pylist()
     got = {
@@ -518,5 +720,5 @@ def test_rows_whose_keys_share_a_64_bit_hash_are_still_told_apart(tmp_path, monk
     stage = DedupStage()
     stage.prepare(paths, str(tmp_path / "state"))
     # Every node hashing alike: the lookup must compare the nodes themselves.
-    monkeypatch.setattr(dedup_stage, "_node_hash", lambda nodes: np.zeros(len(nodes), np.uint64))
+    monkeypatch.setattr(cluster_files, "node_hash", lambda nodes: np.zeros(len(nodes), np.uint64))
     assert _labels(stage, paths) == SHARD_LABELS
