@@ -80,23 +80,24 @@ class LocalExecutor(Executor):
         return 1
 
 
-_WORKER_FN: Any = None  # a ProcessExecutor worker's unpickled `fn`, kept for its lifetime
+_WORKER_FNS: dict[str, Any] = {}  # a ProcessExecutor worker's unpickled fns, by digest
 
 
-def _init_worker(fn_blob: bytes) -> None:
-    global _WORKER_FN
-    _WORKER_FN = pickle.loads(fn_blob)
-
-
-def _call_worker(item: Any) -> Any:
-    return _WORKER_FN(item)
+def _call_worker(digest: str, blob: bytes, item: Any) -> Any:
+    fn = _WORKER_FNS.get(digest)
+    if fn is None:
+        if len(_WORKER_FNS) >= 8:  # a long-lived worker serves many maps: keep the latest
+            _WORKER_FNS.pop(next(iter(_WORKER_FNS)))
+        fn = _WORKER_FNS[digest] = pickle.loads(blob)
+    return fn(item)
 
 
 class ProcessExecutor(Executor):
-    """A pool of `workers` processes on this machine (no Ray): `fn` is unpickled once per
-    process, so it behaves like an actor pool. Results come back as they finish, so a caller
-    sees the same completion-order freedom as on a cluster; tests use it to check that an
-    output does not depend on the number of workers."""
+    """A pool of `workers` processes on this machine (no Ray), started on first use and
+    kept for the executor's life (`close()`): each process unpickles a map's `fn` once and
+    keeps it for the rest of that map, so it behaves like an actor pool. Results come back
+    as they finish, so a caller sees the same completion-order freedom as on a cluster;
+    tests use it to check that an output does not depend on the number of workers."""
 
     name = "processes"
 
@@ -104,6 +105,7 @@ class ProcessExecutor(Executor):
         if workers < 1:
             raise ValueError("ProcessExecutor needs at least one worker")
         self.n = workers
+        self._pool: Any = None
 
     def map(
         self,
@@ -115,23 +117,45 @@ class ProcessExecutor(Executor):
         num_gpus: float = 0.0,
     ) -> Iterator[R]:
         import concurrent.futures as cf
+        import hashlib
         import multiprocessing as mp
 
         items = list(items)
         if not items:
             return
-        with cf.ProcessPoolExecutor(
-            max_workers=min(self.n, len(items)),
-            mp_context=mp.get_context("spawn"),  # no forked copies of a driver's threads
-            initializer=_init_worker,
-            initargs=(pickle.dumps(fn),),
-        ) as pool:
-            futures = [pool.submit(_call_worker, item) for item in items]
+        if self._pool is None:
+            self._pool = cf.ProcessPoolExecutor(
+                max_workers=self.n,
+                mp_context=mp.get_context("spawn"),  # no forked copies of a driver's threads
+            )
+        blob = pickle.dumps(fn)
+        digest = hashlib.sha256(blob).hexdigest()
+        futures = [self._pool.submit(_call_worker, digest, blob, item) for item in items]
+        try:
             for future in cf.as_completed(futures):
                 yield future.result()
+        finally:
+            for f in futures:
+                f.cancel()
 
     def workers(self, num_cpus: float = 1.0, num_gpus: float = 0.0) -> int:
         return self.n
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> ProcessExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _Apply:
