@@ -1,10 +1,10 @@
 """Tokenize + pack (the `mixture` stage) against the raw HF fast tokenizer's `encode_batch`.
 
-What: Phi-3 tokens/second per core of the mixture stage (filter, tokenize, EOS, Megatron
-shards, manifest) against the floor: `tokenizers.Tokenizer.encode_batch` over the same
-texts with the same vocabulary, one thread. Target from the issue: the whole stage as the
-recipe runs it reaches >= 0.8 of the floor, with peak memory at 10x the sample no higher
-than at 1x.
+What: Phi-3 tokens/second per core of the mixture stage (filter, tokenize, EOS, draw, route,
+Megatron shards and sidecars, manifest) against the floor: `tokenizers.Tokenizer.encode_batch`
+over the same texts with the same vocabulary, one thread. Target from the issue: the whole
+stage as the recipe runs it on Ray reaches >= 0.9 of the floor per core at 10x the sample,
+with peak memory at 10x no higher than at 1x.
 
 How:
 - Input: the 500-document FineWeb sample (../shared/data/web_text/fineweb_sample),
@@ -12,15 +12,21 @@ How:
   500 rows shaped like a previous stage's output (id, text, drop_reason null), cached
   under `.bench/tokenize_pack/`.
 - Rows, each in its own subprocess with every thread pool at one thread:
-  - `raw encode_batch`: the floor, pinned to one core; texts read untimed, then
+  - `raw`: the floor, pinned to one core; texts read untimed, then
     `encode_batch(texts, add_special_tokens=False)` per 1,000 rows, timed, best of 3 passes.
-  - `stage, in-process`: `MixtureStage.build()` (in this process), pinned to one core, one phase
+  - `stage-local`: `MixtureStage.build()` (in this process), pinned to one core, one phase
     taking every token of the input (on_short: scale), token cache emptied first; timed
-    from the call to the manifest (tokenizer load, reading, tokenizing, shards).
-    Peak RSS (VmHWM) of the process is the memory figure.
-  - `stage, Ray`: as a recipe runs it: a local Ray with `--ray-cpus` CPUs (ray.init
-    untimed), `run_stage(MixtureStage, RayExecutor())` timed; per core = tokens / wall /
-    CPUs. Actor start-up and the tokenizer load per actor are included.
+    from the call to the manifest (reading, tokenizing, shards; the driver's tokenizer
+    load before the clock). Peak RSS (VmHWM) of the process is the memory figure.
+  - `stage-ray`: as a recipe runs it: a local Ray with `--ray-cpus` CPUs, warmed as a
+    recipe's earlier stages leave it (ray.init and one trivial map, untimed), then
+    `run_stage(MixtureStage, RayExecutor())` timed; per core = tokens / wall / CPUs.
+    Worker imports and the tokenizer load per worker are included.
+  - `stage-ray-cold`: the same on a Ray that has run nothing yet (Ray Data's first dataset
+    starts its own actors, every worker imports Primer).
+  Each stage row also reports the seconds spent inside the tokenize calls summed over
+  parts ("in parts"): a row's wall x cores minus that is start-up, scheduling and the
+  steps after tokenizing.
 - Tokens are the documents' own tokens (the EOS Primer appends is not counted), so every
   row counts the same tokens.
 
@@ -57,7 +63,7 @@ from benchmarks.web_stages import (  # noqa: E402
 
 WORK = BENCH / "tokenize_pack"
 PART_ROWS = 500
-TARGET = 0.8
+TARGET = 0.9
 
 
 def prepare_input(scale: int) -> list[str]:
@@ -93,10 +99,20 @@ def _stage(paths: list[str]) -> Any:
     )
 
 
-def _tokens(out: Path) -> tuple[int, int, dict]:
+def _tokens(out: Path, stats: dict) -> tuple[int, int, dict]:
     m = json.loads((out / "mixture" / "manifest.json").read_text())
     phase = m["phases"][0]
-    split = {"tokenize_s": m["tokenize_seconds"], "build_s": m["seconds"]}
+    seconds = stats["seconds"]  # the build's timings (the manifest holds none)
+    # Seconds spent inside the tokenize calls, summed over parts: the rest of a row's
+    # wall x cores is start-up, scheduling and the steps after tokenizing.
+    in_parts = sum(
+        json.loads(p.read_text())["seconds"] for p in (out / "_cache" / "tokens").glob("*.json")
+    )
+    split = {
+        "tokenize_s": seconds["tokenize"],
+        "build_s": seconds["total"],
+        "in_parts_s": round(in_parts, 3),
+    }
     return phase["tokens"] - phase["documents"], phase["documents"], split  # EOS not counted
 
 
@@ -124,9 +140,9 @@ def stage_local(paths: list[str], spec: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     stage = _stage(paths)
     t0 = time.perf_counter()
-    stage.build(paths, str(out / "mixture"))
+    stats = stage.build(paths, str(out / "mixture"))
     wall = time.perf_counter() - t0
-    tokens, docs, split = _tokens(out)
+    tokens, docs, split = _tokens(out, stats)
     return {
         "tokens": tokens,
         "docs": docs,
@@ -144,12 +160,16 @@ def stage_ray(paths: list[str], spec: dict) -> dict:
 
     out = WORK / "out-ray"
     shutil.rmtree(out, ignore_errors=True)
-    init_ray(num_cpus=spec["ray_cpus"])
+    executor = init_ray(num_cpus=spec["ray_cpus"])
+    if spec["row"] == "stage-ray":
+        # As in a recipe, where earlier stages ran on this Ray: Ray Data's own actors are up
+        # and the workers have imported Primer (untimed, like ray.init).
+        list(executor.map(abs, list(range(-spec["ray_cpus"], 0))))
     t0 = time.perf_counter()
-    run_stage(_stage(paths), paths, out, RayExecutor())
+    manifest = run_stage(_stage(paths), paths, out, RayExecutor())
     wall = time.perf_counter() - t0
     ray.shutdown()
-    tokens, docs, split = _tokens(out)
+    tokens, docs, split = _tokens(out, manifest["artifact"])
     return {
         "tokens": tokens,
         "docs": docs,
@@ -159,7 +179,7 @@ def stage_ray(paths: list[str], spec: dict) -> dict:
     } | split
 
 
-ROWS = {"raw": raw, "stage-local": stage_local, "stage-ray": stage_ray}
+ROWS = {"raw": raw, "stage-local": stage_local, "stage-ray": stage_ray, "stage-ray-cold": stage_ray}
 
 
 def child_main(spec: dict) -> None:
@@ -170,7 +190,12 @@ def child_main(spec: dict) -> None:
 
 
 def run_row(row: str, paths: list[str], args: argparse.Namespace) -> dict:
-    spec = {"row": row, "paths": paths, "ray_cpus": args.ray_cpus, "pin": row != "stage-ray"}
+    spec = {
+        "row": row,
+        "paths": paths,
+        "ray_cpus": args.ray_cpus,
+        "pin": not row.startswith("stage-ray"),
+    }
     env = dict(os.environ, **ONE_THREAD, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.tokenize_pack", "--child", json.dumps(spec)],
@@ -190,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scales", type=int, nargs="+", default=[1, 10])
     p.add_argument("--ray-cpus", type=int, default=2)
+    p.add_argument("--rows", nargs="+", default=list(ROWS)[1:], choices=list(ROWS)[1:])
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -205,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, dict]] = {}
     for scale in args.scales:
         paths = prepare_input(scale)
-        results[str(scale)] = {row: run_row(row, paths, args) for row in ROWS}
+        results[str(scale)] = {row: run_row(row, paths, args) for row in ["raw", *args.rows]}
 
     print(f"\ntokenize + pack, Phi-3 vocabulary, FineWeb sample x scale ({PART_ROWS}-row parts)")
     print(
@@ -221,18 +247,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{scale:>6} {row:<14}{r['tokens']:>12,}{r['wall_s']:>9.2f}{rate:>13,.0f}"
                 f"{rate / floor:>9.2f}{r['peak_rss_mb']:>9.0f}"
                 + (
-                    f"  tokenize {r['tokenize_s']:.1f} s of {r['build_s']:.1f} s"
+                    f"  tokenize {r['tokenize_s']:.1f} s of {r['build_s']:.1f} s,"
+                    f" in parts {r['in_parts_s']:.1f} core-s"
                     if "build_s" in r
                     else ""
                 )
             )
-        for row in ("stage-local", "stage-ray"):
+        for row in [r for r in ("stage-local", "stage-ray", "stage-ray-cold") if r in rows]:
             ok = rows[row]["ratio"] >= TARGET
             verdicts.append(
                 f"x{scale} {row}: {rows[row]['ratio']:.2f} of floor ({'PASS' if ok else 'FAIL'} >= {TARGET})"
             )
     scales = list(results)
-    if len(scales) > 1:
+    if len(scales) > 1 and "stage-local" in results[scales[0]]:
         lo, hi = results[scales[0]]["stage-local"], results[scales[-1]]["stage-local"]
         ok = hi["peak_rss_mb"] <= lo["peak_rss_mb"] * 1.05
         verdicts.append(

@@ -1,15 +1,13 @@
-"""How many tokens each mixture source gives, and which documents make them up.
+"""How many tokens each mixture source gives.
 
 The mixture stage's arithmetic, apart from any file: `allocate` splits a phase's token
 budget over its sources by weight, exact to one token (largest remainder), and fails (or
-scales the budget down) when a source cannot supply its share within `max_epochs`;
-`draw` picks the documents of one source for its tokens, whole epochs in fresh seeded
-orders and then a partial epoch whose last document is cut, so the total is exact.
+scales the budget down) when a source cannot supply its share within `max_epochs`. Which
+documents make up those tokens is pipeline/tokens/draws.py's business.
 
-    from pipeline.tokens.allocation import SourcePlan, allocate, draw
+    from pipeline.tokens.allocation import SourcePlan, allocate
     plans = [SourcePlan("web", 0.7, 1.0, available_tokens, available_documents), ...]
     budget = allocate("phase1", 400_000, plans)       # sets plans[i].tokens
-    docs, take = draw(lengths, plans[0].tokens, np.random.default_rng(seed))
 """
 
 from __future__ import annotations
@@ -20,8 +18,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
-
-import numpy as np
 
 log = logging.getLogger("primer")
 
@@ -111,26 +107,3 @@ def allocate(
     for s, n in zip(sources, shares, strict=True):
         s.tokens = n
     return budget
-
-
-def draw(
-    lengths: np.ndarray, tokens: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Documents (indices into `lengths`) and how many tokens of each to take so that
-    the total is exactly `tokens`: whole epochs in fresh seeded orders, then a partial
-    epoch whose last document is cut. Returns (doc indices, token counts)."""
-    total = int(lengths.sum())
-    if tokens <= 0 or total == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    full, rest = divmod(tokens, total)
-    docs = [rng.permutation(len(lengths)) for _ in range(full)]
-    if rest:
-        order = rng.permutation(len(lengths))
-        cum = np.cumsum(lengths[order])
-        k = int(np.searchsorted(cum, rest))  # the document that crosses `rest`
-        docs.append(order[: k + 1])
-    idx = np.concatenate(docs) if docs else np.empty(0, np.int64)
-    take = lengths[idx].astype(np.int64)
-    if rest:
-        take[-1] -= int(take.sum()) - tokens
-    return idx.astype(np.int64), take

@@ -3,27 +3,35 @@
 A mixture is data (YAML in the recipe): phases, each with a token budget and sources; a
 source names a stage output (or files), an optional filter over its columns (a polars SQL
 expression such as `edu_score >= 2.5`), a weight (its share of the phase's tokens) and a cap
-on epochs. The stage runs in three steps:
+on epochs. The stage runs in four steps, each fanned out through the executor:
 
 1. tokenize (pipeline/tokens/token_cache.py): every input part of every source is filtered
-   and tokenized once, fanned out through the executor (the tokenizer loaded once per
-   worker), into a cache under `RUN/_cache/tokens/` that a killed run or a re-mix reuses.
-2. allocate (pipeline/tokens/allocation.py): counts the available tokens per source and
-   decides each source's tokens and epochs, `weight x budget`; a source that cannot supply
-   its share within `max_epochs` fails the stage with a message naming it and the
-   shortfall (or, with `on_short: scale`, shrinks the phase budget until every source
-   fits, keeping the weights). Whole epochs repeat every document; a fractional epoch
-   takes documents in a seeded order, cutting the last one so the source's tokens are exact.
-3. write (here): each phase's documents, in a seeded shuffle across its sources, stream into
+   and tokenized once (the tokenizer loaded once per worker) into a cache under
+   `RUN/_cache/tokens/` (tokens and document ids) that a killed run or a re-mix reuses.
+2. allocate (pipeline/tokens/allocation.py, here): from per-part counts only, each source
+   gets exactly `weight x budget` tokens; a source that cannot supply its share within
+   `max_epochs` fails the stage with a message naming it and the shortfall (or, with
+   `on_short: scale`, shrinks the phase budget until every source fits, keeping the
+   weights). Whole epochs repeat every document; a fractional epoch takes documents in a
+   seeded order and cuts the last one so the source's tokens are exact.
+3. draw and route (pipeline/tokens/draws.py): every per-document decision is a function of
+   (seed, phase, source, part, document, epoch); the fractional epoch's cut is a
+   distributed quantile, and each part's drawn rows go, sorted by a seeded order key, to a
+   route file under `RUN/mixture/_route/` (deleted at the end).
+4. write (pipeline/tokens/shard_writer.py): contiguous ranges of that order become
    `RUN/mixture/<phase>/shard-NNNNN.bin/.idx` (Megatron-LM's format; uint16 ids, each
-   document ending with EOS), and `RUN/mixture/manifest.json` records per phase and source
-   the documents, tokens and epochs, the tokenizer id and hash, seq_len, the seed and the
-   inputs' hashes. Windows of seq_len (+1 for the shifted label) are cut by the loader
-   (pipeline/tokens/loader.py), so no document is lost at a window edge and any seq_len can be
-   read from the same shards.
+   document ending with EOS), at most `shard_max_tokens` each, written in parallel, each
+   with its provenance sidecar `shard-NNNNN.docs.parquet` (source, input part, document
+   id, epoch, tokens, offset, cut: the columns are described in shard_writer.py).
+   `RUN/mixture/manifest.json` records per phase and source the documents, tokens and
+   epochs, the tokenizer id and hash, seq_len, the seed and the inputs' hashes; timings go
+   to the stage's `_manifest.json`, so the same inputs and seed give the same bytes
+   (shards, sidecars, manifest) whatever the number of workers. Windows of seq_len (+1 for
+   the shifted label) are cut by the loader (pipeline/tokens/loader.py), so no document is
+   lost at a window edge and any seq_len can be read from the same shards.
 
-Memory: the driver holds per phase four integers per drawn document (source, part,
-document, tokens taken); tokens stream from the cache to the shards in bounded buffers.
+Memory: the driver holds per part and per source counts, and per order-key bucket (at
+most 2**20 per phase) a token count; never one entry per document.
 
     mixture:                  # a recipe's stage (configs/quickstart.yaml has the full one)
       phases:
@@ -38,8 +46,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -50,13 +58,30 @@ from pipeline.executor import LOCAL, Executor
 from pipeline.io import expand_inputs, read_json, write_json_atomic
 from pipeline.progress import Progress
 from pipeline.stage import ArtifactStage, PreflightError, StageConfig, is_ref
-from pipeline.tokens.allocation import MixtureError, SourcePlan, allocate, draw, parse_tokens
-from pipeline.tokens.token_cache import TokenizeJob, TokenizeTask, cache_key
+from pipeline.tokens.allocation import MixtureError, SourcePlan, allocate, parse_tokens
+from pipeline.tokens.draws import (
+    KEY_VERSION,
+    PartRef,
+    Route,
+    RouteJob,
+    SourceDraw,
+    cut_fractional,
+    plan_draw,
+)
+from pipeline.tokens.shard_writer import (
+    ShardJob,
+    WriteShard,
+    bucket_bits,
+    expand_bucket,
+    plan_shards,
+    sidecar_path,
+    write_parts,
+)
+from pipeline.tokens.token_cache import TokenizeJob, TokenizeTask, cache_key, is_cached
 
 log = logging.getLogger("primer")
 
 MANIFEST_FORMAT = "primer-mixture/1"
-_OPEN_READERS = 128  # token-cache parts kept open while writing a phase (LRU)
 
 
 class SourceConfig(BaseModel):
@@ -208,7 +233,7 @@ class MixtureStage(ArtifactStage):
                     prefix = str(cache / cache_key(f, src.filter, tokenizer.sha256))
                     job = jobs.setdefault(prefix, TokenizeJob(f, src.filter, prefix))
                     parts.setdefault((phase.name, src.name), []).append(job)
-        pending = [j for j in jobs.values() if not Path(f"{j.prefix}.json").is_file()]
+        pending = [j for j in jobs.values() if not is_cached(j.prefix)]
         log.info(
             "mixture: %d input parts to tokenize (%d cached) with %s (sha256 %s)",
             len(pending), len(jobs) - len(pending), tokenizer.name, tokenizer.sha256[:12],
@@ -218,60 +243,36 @@ class MixtureStage(ArtifactStage):
         t_tok = time.monotonic() - t0
         stats = {p: read_json(f"{p}.json") for p in jobs}
 
-        # -- 2. allocate ----------------------------------------------------------------
-        from pipeline.tokens.shards import IndexedDataset
+        # -- 2. allocate: counts per part and source only ---------------------------------
+        phases = [self._allocate(pi, phase, parts, stats) for pi, phase in enumerate(cfg.phases)]
 
-        phases_out, rows_in, used = [], 0, 0  # documents available / drawn at least once
-        for pi, phase in enumerate(cfg.phases):
-            plans, lengths = [], []
-            for src in phase.sources:
-                ls = [IndexedDataset(j.prefix).lengths for j in parts[(phase.name, src.name)]]
-                flat = np.concatenate(ls) if ls else np.empty(0, np.int32)
-                lengths.append(ls)
-                plans.append(
-                    SourcePlan(src.name, src.weight, src.max_epochs, int(flat.sum()), len(flat))
-                )
-                rows_in += len(flat)
-            budget = allocate(phase.name, phase.tokens, plans, cfg.on_short)
+        # -- 3. cut each fractional epoch, route every drawn row by its order key --------
+        route_dir = out / "_route"
+        shutil.rmtree(route_dir, ignore_errors=True)
+        self._cut_fractional(phases, executor)
+        self._route(phases, route_dir, executor)
+        t_plan = time.monotonic() - t0 - t_tok
 
-            # -- 3. draw, shuffle across sources, write shards ---------------------------
-            rng = np.random.default_rng([cfg.seed, pi])
-            picks = []  # (source, part, doc, take) per drawn document
-            for si, (plan, ls) in enumerate(zip(plans, lengths, strict=True)):
-                offsets = np.cumsum([0, *map(len, ls)])
-                flat = np.concatenate(ls) if ls else np.empty(0, np.int32)
-                idx, take = draw(flat.astype(np.int64), plan.tokens, rng)
-                used += len(np.unique(idx))
-                part = np.searchsorted(offsets, idx, side="right") - 1
-                picks.append(
-                    np.stack([np.full(len(idx), si), part, idx - offsets[part], take], axis=1)
-                )
-            order = np.concatenate(picks)
-            order = order[rng.permutation(len(order))]
-            shards = self._write_phase(out / phase.name, order, phase, parts, tokenizer.eos_id)
-            tokens = sum(s["tokens"] for s in shards)
-            if tokens != budget:
-                raise AssertionError(f"phase {phase.name}: wrote {tokens} tokens, planned {budget}")
-            phases_out.append(
-                {
-                    "name": phase.name,
-                    "tokens": tokens,
-                    "documents": len(order),
-                    "budget_tokens": phase.tokens,
-                    "shards": shards,
-                    "sources": [
-                        self._source_entry(src, plan, order[:, 0] == si, parts, stats, phase)
-                        for si, (src, plan) in enumerate(zip(phase.sources, plans, strict=True))
-                    ],
-                }
-            )
-            self._log_phase(phases_out[-1])
+        # -- 4. group key buckets into shards, write them in parallel ---------------------
+        shard_jobs = []
+        for ph in phases:
+            folder = out / ph.config.name
+            shutil.rmtree(folder, ignore_errors=True)  # a killed attempt's shards
+            folder.mkdir(parents=True)
+            ph.shard_jobs = self._plan_shards(ph, route_dir, folder, tokenizer.eos_id)
+            shard_jobs += ph.shard_jobs
+        self._write(phases, shard_jobs, executor)
+        shutil.rmtree(route_dir, ignore_errors=True)
 
+        phases_out = [self._phase_entry(ph) for ph in phases]
+        for p in phases_out:
+            self._log_phase(p)
         manifest = {
             "format": MANIFEST_FORMAT,
             "seq_len": cfg.seq_len,
             "seed": cfg.seed,
             "dtype": "uint16",
+            "order": KEY_VERSION,
             "tokenizer": {
                 "name": tokenizer.name,
                 "sha256": tokenizer.sha256,
@@ -279,10 +280,10 @@ class MixtureStage(ArtifactStage):
                 "vocab_size": int(tokenizer.vocab_size),
             },
             "phases": phases_out,
-            "tokenize_seconds": round(t_tok, 3),
-            "seconds": round(time.monotonic() - t0, 3),
         }
         write_json_atomic(out / "manifest.json", manifest)
+        rows_in = sum(p.available_documents for ph in phases for p in ph.plans)
+        used = sum(u for ph in phases for u in ph.used)
         return {
             "rows_in": rows_in,
             "rows_out": used,
@@ -292,6 +293,12 @@ class MixtureStage(ArtifactStage):
                 p["name"]: {s["name"]: s["tokens"] for s in p["sources"]} for p in phases_out
             },
             "manifest": str(out / "manifest.json"),
+            "seconds": {
+                "tokenize": round(t_tok, 3),
+                "plan": round(t_plan, 3),
+                "write": round(time.monotonic() - t0 - t_tok - t_plan, 3),
+                "total": round(time.monotonic() - t0, 3),
+            },
         }
 
     def _tokenize(self, jobs: list[TokenizeJob], executor: Executor) -> None:
@@ -300,83 +307,150 @@ class MixtureStage(ArtifactStage):
         cfg = self.config
         progress = Progress("mixture:tokenize", len(jobs))
         task = TokenizeTask(cfg.tokenizer, cfg.tokenize_batch_rows)
-        for s in executor.map(task, jobs, uses_model=True):
+        # Plain tasks, not an actor pool: the tokenizer is kept per worker process
+        # (token_cache.process_tokenizer), and tasks start on Ray's idle workers at once.
+        for s in executor.map(task, jobs):
             progress.update(parts=1, rows=s["documents"])
         progress.close()
 
-    def _write_phase(
+    def _allocate(
         self,
-        folder: Path,
-        order: np.ndarray,
+        pi: int,
         phase: PhaseConfig,
-        parts: dict[tuple[str, str], list[TokenizeJob]],
-        eos: int,
-    ) -> list[dict[str, Any]]:
-        """Stream the drawn documents into shards of at most shard_max_tokens tokens."""
-        from pipeline.tokens.shards import IndexedDataset, IndexedDatasetWriter
-
-        shutil.rmtree(folder, ignore_errors=True)  # a killed attempt's shards and temp files
-        folder.mkdir(parents=True)
-        readers: OrderedDict[tuple[int, int], Any] = OrderedDict()
-        shards: list[dict[str, Any]] = []
-        writer, n = None, 0
-        progress = Progress(f"mixture:{phase.name} documents", len(order))
-        for si, pi, doc, take in order.tolist():
-            key = (si, pi)
-            if key in readers:
-                readers.move_to_end(key)
-            else:
-                job = parts[(phase.name, phase.sources[si].name)][pi]
-                readers[key] = IndexedDataset(job.prefix)
-                if len(readers) > _OPEN_READERS:  # bounded open files, however many parts
-                    readers.popitem(last=False)
-            tokens = readers[key].get(doc)
-            if take < len(tokens):  # a fractional epoch's last document, cut to fit
-                tokens = np.append(tokens[: take - 1], np.asarray(eos, tokens.dtype))
-            if writer is None:
-                prefix = folder / f"shard-{len(shards):05d}"
-                writer = IndexedDatasetWriter(str(prefix), dtype=np.uint16)
-            writer.add_document(tokens)
-            n += len(tokens)
-            progress.update(parts=1, rows=len(tokens))
-            if n >= self.config.shard_max_tokens:
-                shards.append(self._close_shard(writer, prefix, folder))
-                writer, n = None, 0
-        if writer is not None:
-            shards.append(self._close_shard(writer, prefix, folder))
-        progress.close()
-        return shards
-
-    @staticmethod
-    def _close_shard(writer: Any, prefix: Path, folder: Path) -> dict[str, Any]:
-        info = writer.finalize()
-        return {
-            "prefix": f"{folder.name}/{prefix.name}",
-            "documents": int(info["documents"]),
-            "tokens": int(info["tokens"]),
-        }
-
-    @staticmethod
-    def _source_entry(
-        src: SourceConfig,
-        plan: SourcePlan,
-        rows: np.ndarray,
         parts: dict[tuple[str, str], list[TokenizeJob]],
         stats: dict[str, dict[str, Any]],
-        phase: PhaseConfig,
-    ) -> dict[str, Any]:
-        jobs = parts[(phase.name, src.name)]
+    ) -> _Phase:
+        refs = [
+            [
+                PartRef.of(phase.name, pi, src.name, si, j, job, stats[job.prefix])
+                for j, job in enumerate(parts[(phase.name, src.name)])
+            ]
+            for si, src in enumerate(phase.sources)
+        ]
+        plans = [
+            SourcePlan(src.name, src.weight, src.max_epochs, *PartRef.totals(rs))
+            for src, rs in zip(phase.sources, refs, strict=True)
+        ]
+        budget = allocate(phase.name, phase.tokens, plans, self.config.on_short)
+        bits = bucket_bits(budget, self.config.shard_max_tokens)
+        draws = [plan_draw(p.available_tokens, p.tokens) for p in plans]
+        zeros = [0] * len(plans)
+        return _Phase(
+            pi,
+            phase,
+            refs,
+            plans,
+            budget,
+            draws,
+            bits,
+            np.zeros(1 << bits, np.int64),
+            zeros,
+            zeros[:],
+        )
+
+    def _cut_fractional(self, phases: list[_Phase], executor: Executor) -> None:
+        cut = cut_fractional(
+            self.config.seed,
+            {(ph.index, si): (d, ph.refs[si]) for ph in phases for si, d in enumerate(ph.draws)},
+            executor,
+        )
+        for (pi, si), draw in cut.items():
+            phases[pi].draws[si] = draw
+
+    def _route(self, phases: list[_Phase], route_dir: Path, executor: Executor) -> None:
+        """Every part's drawn rows into its route file (workers); bucket counts summed here."""
+        jobs = [
+            RouteJob(
+                r, ph.draws[si], str(route_dir / ph.config.name / f"{si:04d}-{r.part:07d}"), ph.bits
+            )
+            for ph in phases
+            for si, rs in enumerate(ph.refs)
+            for r in rs
+            if r.documents and (ph.draws[si].full or ph.draws[si].rest)
+        ]
+        progress = Progress("mixture:route", len(jobs))
+        routed: dict[int, dict[tuple[int, int], RouteJob]] = {ph.index: {} for ph in phases}
+        for res in executor.map(Route(self.config.seed), jobs):
+            ref = res.job.part
+            ph = phases[ref.phase_index]
+            ph.bucket_tokens[res.buckets] += res.bucket_tokens
+            ph.rows[ref.source_index] += res.rows
+            ph.used[ref.source_index] += res.used
+            routed[ph.index][(ref.source_index, ref.part)] = res.job
+            progress.update(parts=1, rows=res.rows)
+        progress.close()
+        for ph in phases:  # in (source, part) order, whatever order the workers finished in
+            ph.routed = [(j.part, j.path) for _, j in sorted(routed[ph.index].items())]
+
+    def _plan_shards(self, ph: _Phase, route_dir: Path, folder: Path, eos: int) -> list[ShardJob]:
+        parts_file = route_dir / ph.config.name / "parts.json"
+        write_parts(parts_file, ph.routed)
+        starts = plan_shards(
+            ph.bucket_tokens,
+            ph.bits,
+            self.config.shard_max_tokens,
+            lambda b: expand_bucket(ph.routed, b, ph.bits),
+        )
+        ends = [*starts[1:], None]
+        return [
+            ShardJob(k, str(folder / f"shard-{k:05d}"), str(parts_file), lo, hi, eos)
+            for k, (lo, hi) in enumerate(zip(starts, ends, strict=True))
+        ]
+
+    def _write(self, phases: list[_Phase], jobs: list[ShardJob], executor: Executor) -> None:
+        progress = Progress("mixture:shards", len(jobs))
+        by_prefix = {j.prefix: (ph, j) for ph in phases for j in ph.shard_jobs}
+        for ph in phases:
+            ph.shards = [{} for _ in ph.shard_jobs]
+        for res in executor.map(WriteShard(), jobs):
+            ph, job = by_prefix[res.pop("prefix")]
+            ph.shards[job.index] = res
+            progress.update(parts=1, rows=res["tokens"])
+        progress.close()
+
+    @staticmethod
+    def _phase_entry(ph: _Phase) -> dict[str, Any]:
+        name = ph.config.name
+        tokens = sum(s["tokens"] for s in ph.shards)
+        per_source = np.zeros((len(ph.plans), 2), np.int64)
+        for s in ph.shards:
+            for si, (docs, toks) in s["sources"].items():
+                per_source[int(si)] += (docs, toks)
+        planned = [[r, p.tokens] for r, p in zip(ph.rows, ph.plans, strict=True)]
+        if tokens != ph.budget or per_source.tolist() != planned:
+            raise AssertionError(
+                f"phase {name}: wrote {tokens} tokens, (documents, tokens) per source "
+                f"{per_source.tolist()}; planned {ph.budget}, {planned}"
+            )
         return {
-            "name": src.name,
-            "documents": int(rows.sum()),
-            "tokens": plan.tokens,
-            "epochs": round(plan.epochs, 4),
-            "weight": src.weight,
-            "max_epochs": src.max_epochs,
-            "available_documents": plan.available_documents,
-            "available_tokens": plan.available_tokens,
-            "filter": src.filter,
-            "inputs": [{"path": j.path, "sha256": stats[j.prefix]["input_sha256"]} for j in jobs],
+            "name": name,
+            "tokens": tokens,
+            "documents": int(sum(ph.rows)),
+            "budget_tokens": ph.config.tokens,
+            "shards": [
+                {
+                    "prefix": f"{name}/{Path(j.prefix).name}",
+                    "documents": s["documents"],
+                    "tokens": s["tokens"],
+                    "docs": f"{name}/{Path(sidecar_path(j.prefix)).name}",
+                }
+                for j, s in zip(ph.shard_jobs, ph.shards, strict=True)
+            ],
+            "sources": [
+                {
+                    "name": src.name,
+                    "documents": ph.rows[si],
+                    "tokens": plan.tokens,
+                    "epochs": round(plan.epochs, 4),
+                    "weight": src.weight,
+                    "max_epochs": src.max_epochs,
+                    "available_documents": plan.available_documents,
+                    "available_tokens": plan.available_tokens,
+                    "filter": src.filter,
+                    "inputs": [{"path": r.input, "sha256": r.sha256} for r in ph.refs[si]],
+                }
+                for si, (src, plan) in enumerate(zip(ph.config.sources, ph.plans, strict=True))
+            ],
         }
 
     @staticmethod
@@ -390,3 +464,23 @@ class MixtureStage(ArtifactStage):
             "mixture: %s  %s tokens, %s documents, %d shard(s)\n%s",
             p["name"], f"{p['tokens']:,}", f"{p['documents']:,}", len(p["shards"]), "\n".join(lines),
         )  # fmt: skip
+
+
+@dataclass
+class _Phase:
+    """What the driver holds for one phase: per source and per part counts, the draws, and
+    per key bucket token counts; never one entry per document."""
+
+    index: int
+    config: PhaseConfig
+    refs: list[list[PartRef]]  # per source, its parts
+    plans: list[SourcePlan]
+    budget: int
+    draws: list[SourceDraw]
+    bits: int  # order-key buckets: 2**bits
+    bucket_tokens: np.ndarray
+    rows: list[int]  # drawn rows per source
+    used: list[int]  # distinct documents drawn per source
+    routed: list[tuple[PartRef, str]] = field(default_factory=list)
+    shard_jobs: list[ShardJob] = field(default_factory=list)
+    shards: list[dict[str, Any]] = field(default_factory=list)

@@ -26,7 +26,8 @@ document) stay in memory; both files are written under temporary names and renam
 place by `finalize()`, the `.idx` last, so a prefix whose `.idx` exists is complete.
 Reading uses positioned reads (`os.preadv`) of the `.bin` rather than a memory map, so
 scanning a large shard does not grow the reader's resident memory; the `.idx` arrays are
-memory-mapped (shared between DataLoader workers).
+memory-mapped (shared between DataLoader workers). The module is over 500 lines because it
+is one file format: its writer, its reader and the checks that tie them to Megatron's.
 
 Usage:
 
@@ -34,9 +35,12 @@ Usage:
     with IndexedDatasetWriter("out/shard-00000") as w:
         w.add_document([5, 6, 7, eos])
         w.add_documents(flat_ids, lengths)      # many documents at once
+        at = w.reserve(lengths)                 # or reserve them, then fill in any order:
+        w.scatter(at + positions, tokens)       #   tokens at token positions of the file
         info = w.finalize()                     # documents, tokens, bin_bytes, idx_sha256
     ds = IndexedDataset("out/shard-00000")
     ds.get(0), ds.read_span(start=2, length=5)  # one document; the flat token stream
+    ds.gather([4, 0], [3, 2])                   # the first 3 tokens of doc 4, 2 of doc 0
 
     python -m pipeline.tokens.shards out/shard-00000   # documents, tokens, the first ids
 """
@@ -165,6 +169,38 @@ class IndexedDatasetWriter:
         self._chunks.append(lens.astype(np.int32, copy=True))
         self.documents += lens.size
 
+    def reserve(self, lengths: ArrayLike) -> int:
+        """Append documents of these lengths whose tokens `scatter` writes later, in any
+        order, before `finalize()`; returns the token offset of the first one in the file.
+        For writers that gather a shard's documents out of order (the mixture)."""
+        lens = np.asarray(lengths, dtype=np.int64)
+        if lens.size and int(lens.min()) < 1:
+            raise ValueError(f"{self.prefix}: every reserved document needs at least one token")
+        self._checked(np.empty(0, self.dtype))  # not finalized
+        self._bin.flush()
+        start = self.tokens
+        self.tokens += int(lens.sum())
+        self._bin.truncate(self.tokens * self.dtype.itemsize)
+        self._bin.seek(self.tokens * self.dtype.itemsize)
+        self._flush_pending()
+        self._chunks.append(lens.astype(np.int32))
+        self.documents += lens.size
+        return start
+
+    def scatter(self, positions: np.ndarray, tokens: ArrayLike) -> None:
+        """Write `tokens[i]` at token position `positions[i]` of reserved space, through a
+        shared memory map dropped on return (so the pages written leave this process's
+        resident memory; they stay in the page cache until written back)."""
+        arr = self._checked(tokens)
+        if arr.size == 0:
+            return
+        self._bin.flush()
+        data = np.memmap(self._tmp_bin, dtype=self.dtype, mode="r+", shape=(self.tokens,))
+        try:
+            data[positions] = arr  # written back by the kernel; finalize() fsyncs the file
+        finally:
+            del data
+
     def _checked(self, tokens: ArrayLike) -> np.ndarray:
         if self.result is not None:
             raise RuntimeError(f"{self.prefix}: writer already finalized")
@@ -289,8 +325,9 @@ class IndexedDataset:
     is checked to say so when the dataset is opened.
     """
 
-    def __init__(self, prefix: str | Path) -> None:
+    def __init__(self, prefix: str | Path, check: bool = True) -> None:
         self.prefix = Path(prefix)
+        self.check = check
         self._fd: int | None = None
         self._open_index()
 
@@ -339,7 +376,15 @@ class IndexedDataset:
                 f"{ipath}: corrupt index, document indices run {int(self.document_indices[0])}"
                 f"..{int(self.document_indices[-1])}, want 0..{n}"
             )
-        self.num_tokens = self._check_layout(ipath)
+        if self.check:
+            self.num_tokens = self._check_layout(ipath)
+        else:  # trusted files (this process's own cache): open without reading the index
+            last = n - 1
+            self.num_tokens = (
+                int(self.pointers[last]) // self.dtype.itemsize + int(self.lengths[last])
+                if n
+                else 0
+            )
         bin_bytes = bpath.stat().st_size
         if bin_bytes != self.num_tokens * self.dtype.itemsize:
             raise ValueError(
@@ -365,10 +410,11 @@ class IndexedDataset:
         return total
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"prefix": self.prefix}
+        return {"prefix": self.prefix, "check": self.check}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.prefix = state["prefix"]
+        self.check = state.get("check", True)
         self._fd = None
         self._open_index()
 
@@ -399,6 +445,34 @@ class IndexedDataset:
                 f"out of range (it has {size})"
             )
         return self._pread(int(self.pointers[i]) + offset * self.dtype.itemsize, length)
+
+    def gather(self, docs: ArrayLike, takes: ArrayLike) -> np.ndarray:
+        """The first `takes[i]` tokens of document `docs[i]`, for every i, back to back.
+
+        One vectorised read through a memory map of the `.bin` that is dropped on return,
+        for callers that read many documents at once (the mixture's shard writer)."""
+        docs = np.asarray(docs, dtype=np.int64)
+        takes = np.asarray(takes, dtype=np.int64)
+        n = len(self)
+        if docs.size and (int(docs.min()) < 0 or int(docs.max()) >= n):
+            raise IndexError(f"{self.prefix}: documents out of range ({n} documents)")
+        if docs.size and ((takes < 0) | (takes > self.lengths[docs])).any():
+            bad = int(np.flatnonzero((takes < 0) | (takes > self.lengths[docs]))[0])
+            raise IndexError(
+                f"{self.prefix}: {int(takes[bad])} tokens asked of document {int(docs[bad])}, "
+                f"which has {int(self.lengths[docs[bad]])}"
+            )
+        total = int(takes.sum())
+        if total == 0:
+            return np.empty(0, dtype=self.dtype)
+        starts = np.asarray(self.pointers[docs], dtype=np.int64) // self.dtype.itemsize
+        ends = np.cumsum(takes)
+        flat = np.repeat(starts - (ends - takes), takes) + np.arange(total, dtype=np.int64)
+        data = np.memmap(bin_path(self.prefix), dtype=self.dtype, mode="r")
+        try:
+            return np.asarray(data[flat])
+        finally:
+            del data
 
     def read_span(self, start: int, length: int) -> np.ndarray:
         """`length` tokens of the flat stream (all documents in order) from token `start`."""

@@ -13,7 +13,7 @@ import pytest
 from pipeline.io import read_json
 from pipeline.recipe import ConfigError, load_recipe
 from pipeline.run import run_recipe
-from pipeline.tokens.allocation import MixtureError, SourcePlan, allocate, draw, parse_tokens
+from pipeline.tokens.allocation import MixtureError, SourcePlan, allocate, parse_tokens
 from pipeline.tokens.mixture import MixtureConfig, MixtureStage
 from pipeline.tokens.shards import IndexedDataset
 from tests.conftest import fineweb_docs
@@ -59,21 +59,6 @@ def test_allocate_scale_keeps_weights():
     assert built == 400_000
     assert [p.tokens for p in plans] == [200_000, 200_000]
     assert plans[1].epochs == pytest.approx(2.0)
-
-
-def test_draw_is_exact_and_repeats_whole_epochs():
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(5, 200, size=50)
-    total = int(lengths.sum())
-    for tokens in (1, total // 3, total, 2 * total + 17):
-        idx, take = draw(lengths, tokens, np.random.default_rng(1))
-        assert take.sum() == tokens
-        assert (take >= 1).all() and (take <= lengths[idx]).all()
-        full = tokens // total
-        counts = np.bincount(idx, minlength=len(lengths))
-        assert counts.min() >= full and counts.max() <= full + 1
-        # only the last drawn document may be cut
-        assert (take[:-1] == lengths[idx[:-1]]).all()
 
 
 def test_weights_must_sum_to_one_and_keys_are_checked(tmp_path):

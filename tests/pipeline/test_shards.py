@@ -180,3 +180,29 @@ def test_cli_prints_counts_and_first_ids(shard, capsys):
     ds = IndexedDataset(shard)
     assert f"documents  {len(ds)}" in out and f"tokens     {ds.num_tokens}" in out
     assert str(ds.get(0)[:3].tolist()) in out
+
+
+def test_reserved_documents_filled_out_of_order_and_gathered(tmp_path):
+    """The mixture's way through the format: reserve, scatter in any order, gather."""
+    docs = random_docs(np.random.default_rng(3), 30)
+    lengths = [len(d) for d in docs]
+    with IndexedDatasetWriter(tmp_path / "seq") as w:
+        w.add_documents(np.concatenate(docs), lengths)
+    with IndexedDatasetWriter(tmp_path / "scattered") as w:
+        w.add_document(docs[0])
+        at = w.reserve(lengths[1:])
+        starts = at + np.cumsum([0, *lengths[1:-1]])
+        for i in reversed(range(1, len(docs))):  # last document first
+            w.scatter(starts[i - 1] + np.arange(lengths[i]), docs[i])
+    for suffix in (".bin", ".idx"):
+        assert (
+            Path(f"{tmp_path}/seq{suffix}").read_bytes()
+            == Path(f"{tmp_path}/scattered{suffix}").read_bytes()
+        )
+    ds = IndexedDataset(tmp_path / "scattered", check=False)
+    assert ds.num_tokens == sum(lengths)
+    pick, take = np.array([7, 2, 7]), np.array([1, lengths[2], lengths[7]])
+    want = np.concatenate([docs[7][:1], docs[2], docs[7]])
+    assert np.array_equal(ds.gather(pick, take), want)
+    with pytest.raises(IndexError, match="asked of document 2"):
+        ds.gather([2], [lengths[2] + 1])
