@@ -4,26 +4,30 @@ A stage never imports ray. The runner hands every stage that does its own fan-ou
 global stage's `prepare`, an artifact stage's `build`) an `Executor`, and the stage maps a
 function over items with it:
 
-    for result in executor.map(count_words, files):               # tasks
+    for result in executor.map(count_words, files):                 # tasks
         ...
-    for result in executor.map(Tokenize(spec), jobs, uses_model=True):  # one object per actor
+    for result in executor.map(ScorePart(model), parts, uses_model=True):  # an actor pool
         ...
 
 `LocalExecutor` runs the calls one after another in this process (tests, `executor:
-local`, debugging); `ProcessExecutor(n)` runs them in n local processes, without Ray. `RayExecutor` runs them as Ray Data tasks, or, with `uses_model=True`,
-in an actor pool where each actor unpickles `fn` once, so whatever `fn` loads lazily (a
-tokenizer, a model) is loaded once per actor, not once per item. Items and results travel
-pickled; results come back as they finish (not in item order), so a caller that needs an
-order sorts them. `fn` and the items must pickle; keep both small (paths, configs), and let
-the work read and write files.
+local`, debugging); `ProcessExecutor(n)` runs them in n local processes, without Ray.
+`RayExecutor` runs them as plain Ray tasks, a bounded number in flight, or, with
+`uses_model=True`, in a Ray Data actor pool that autoscales with the cluster. Every worker
+process unpickles a map's `fn` once, so whatever `fn` loads lazily (a tokenizer, a model)
+is loaded once per worker, not once per item. Items and results travel pickled; results
+come back as they finish (not in item order), so a caller that needs an order sorts them.
+`fn` and the items must pickle; keep both small (paths, configs), and let the work read
+and write files.
 
-The runner maps its parts with the same executor (`map_parts` in pipeline/runner.py), so a
-stage's own fan-out and the runner's share one mechanism and one set of resources.
+The runner maps its parts with the same executor (pipeline/stage_runner.py), so a stage's
+own fan-out and the runner's share one mechanism and one set of resources.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
@@ -117,7 +121,6 @@ class ProcessExecutor(Executor):
         num_gpus: float = 0.0,
     ) -> Iterator[R]:
         import concurrent.futures as cf
-        import hashlib
         import multiprocessing as mp
 
         items = list(items)
@@ -168,10 +171,6 @@ class _Apply:
         return {"result": [pickle.dumps(self.fn(pickle.loads(b))) for b in batch["item"]]}
 
 
-def _apply_task(batch: dict[str, Any], fn_blob: bytes) -> dict[str, list]:
-    return _Apply(fn_blob)(batch)
-
-
 class RayExecutor(Executor):
     """Ray Data over the cluster Ray is connected to (`init_ray` first)."""
 
@@ -201,35 +200,61 @@ class RayExecutor(Executor):
         items = list(items)
         if not items:
             return
+        if not uses_model:
+            yield from self._tasks(fn, items, num_cpus, num_gpus)
+            return
         blob = pickle.dumps(fn)
         ds = ray.data.from_items(
             [{"item": pickle.dumps(item)} for item in items], override_num_blocks=len(items)
         )
         resources: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus or None}
-        if uses_model:
-            # The pool autoscales between one actor and one per item, starting with as many
-            # as the cluster holds now: nodes that join later get actors too. One call at a
-            # time per actor, run on the actor's own thread: an item is one whole unit of
-            # work, so Ray Data's default wrapper (the UDF on a helper thread while the actor
-            # thread batches) only costs time.
-            now = max(1, min(len(items), self.workers(num_cpus, num_gpus)))
-            ds = ds.map_batches(
-                _Apply,
-                fn_constructor_args=(blob,),
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(
-                    min_size=1,
-                    max_size=len(items),
-                    initial_size=now,
-                    max_concurrent_calls_per_actor=1,
-                    enable_true_multi_threading=True,
-                ),
-                **resources,
-            )
-        else:
-            ds = ds.map_batches(_apply_task, fn_kwargs={"fn_blob": blob}, batch_size=1, **resources)
+        # The pool autoscales between one actor and one per item, starting with as many
+        # as the cluster holds now: nodes that join later get actors too. One call at a
+        # time per actor, run on the actor's own thread: an item is one whole unit of
+        # work, so Ray Data's default wrapper (the UDF on a helper thread while the actor
+        # thread batches) only costs time.
+        now = max(1, min(len(items), self.workers(num_cpus, num_gpus)))
+        ds = ds.map_batches(
+            _Apply,
+            fn_constructor_args=(blob,),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(
+                min_size=1,
+                max_size=len(items),
+                initial_size=now,
+                max_concurrent_calls_per_actor=1,
+                enable_true_multi_threading=True,
+            ),
+            **resources,
+        )
         for row in ds.iter_rows():
             yield pickle.loads(row["result"])
+
+    def _tasks(
+        self, fn: Callable[[T], R], items: list[T], num_cpus: float, num_gpus: float
+    ) -> Iterator[R]:
+        """Plain Ray tasks, at most twice as many in flight as the cluster runs at once;
+        `fn` travels once through the object store and each worker process unpickles it
+        once (`_call_worker`'s cache). Ray Data's dispatch starts one-item tasks one at a
+        time, a fixed cost per item that short items (a tokenizer part) cannot hide."""
+        import ray
+
+        blob = pickle.dumps(fn)
+        digest = hashlib.sha256(blob).hexdigest()
+        blob_ref = ray.put(blob)
+        task = ray.remote(_call_worker).options(num_cpus=num_cpus, num_gpus=num_gpus or 0)
+        window = 2 * self.workers(num_cpus, num_gpus)
+        todo = iter(items)
+        pending = [task.remote(digest, blob_ref, item) for item in itertools.islice(todo, window)]
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for item in itertools.islice(todo, len(done)):
+                    pending.append(task.remote(digest, blob_ref, item))
+                yield ray.get(done[0])
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
 
 
 LOCAL = LocalExecutor()
