@@ -31,7 +31,8 @@ import xxhash
 # Columns whose values depend on the clock or the machine, not on the data.
 VOLATILE = frozenset({"latency_s", "fetch_seconds", "generated_at"})
 # Keys of JSON files (metrics, manifests) that record when and how long, not what.
-# manifest_sha256: train_smoke records the hash of the mixture manifest, which holds timings.
+# manifest_sha256: train_smoke records the hash of the mixture manifest, whose timings
+# older runs kept in it.
 VOLATILE_KEYS = ("seconds", "started", "finished", "elapsed", "latency", "manifest_sha256")
 # Files of artifact stages that record when and how long, not what.
 VOLATILE_FILES = frozenset({"_manifest.json", "_fingerprint", "_lock", "_runs.json"})
@@ -113,7 +114,7 @@ def run_digest(run: Path) -> dict[str, Any]:
             if (
                 f.is_file()
                 and rel.parts[0] not in ("_parts", "_state")
-                and f.suffix != ".parquet"
+                and (f.suffix != ".parquet" or rel.stem not in stage["parts"])
                 and f.name not in VOLATILE_FILES
                 and not f.name.startswith(".")
             ):
