@@ -24,9 +24,9 @@ from tests.conftest import REPO, fineweb_docs, write_jsonl_parts
 STAGES = ["extract", "langid", "quality", "dedup"]
 
 
-def _all_rows(run: Path) -> dict[str, list[tuple]]:
+def _all_rows(run: Path, stages: list[str] = STAGES) -> dict[str, list[tuple]]:
     out = {}
-    for stage in STAGES:
+    for stage in stages:
         files = sorted((run / stage).glob("*.parquet"))
         t = pa.concat_tables(pq.read_table(f, columns=["id", "drop_reason"]) for f in files)
         out[stage] = sorted(
@@ -159,6 +159,72 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, executor):
         and quality["rows_in"] == read_json(ref / "quality/_manifest.json")["rows_in"]
     )
     assert not list(killed.rglob(".*.tmp-*"))  # the killed attempt's temp files are cleaned up
+
+
+def _kill_when(cmd: list[str], env: dict, ready) -> None:
+    """Start `cmd`, SIGKILL it as soon as `ready()` holds, and wait for it."""
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 240
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(
+                f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+            )
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_in_distributed_dedup_and_in_the_mixture_then_resume(tmp_path):
+    """dedup fanned out (ray_min_rows 0) and the mixture, each killed mid-way, resume to the
+    rows and the shard bytes of an uninterrupted run."""
+    inputs = write_jsonl_parts(tmp_path / "in", fineweb_docs(), 8)
+    recipe = {
+        "name": "resume",
+        "executor": "local",
+        "stages": {
+            "quality": {"input": [str(p) for p in inputs], "max_drop_fraction": 1.0},
+            "dedup": {"ray_min_rows": 0, "num_partitions": 4},
+            "mixture": {
+                "tokenizer": "phi3", "seed": 7, "on_short": "scale", "shard_max_tokens": 20_000,
+                "phases": [{"name": "p1", "tokens": "60k",
+                            "sources": [{"name": "web", "input": "@dedup", "weight": 1.0}]}],
+            },
+        },
+    }  # fmt: skip
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(path), "--output"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run([*cmd, str(ref)], env=env, cwd=REPO, check=True, capture_output=True)
+
+    state = killed / "dedup" / "_state"
+    _kill_when(
+        [*cmd, str(killed)], env,
+        lambda: state.is_dir() and any(state.iterdir()) and not (state / "_DONE").is_file(),
+    )  # fmt: skip
+    shards = killed / "mixture"
+    _kill_when(
+        [*cmd, str(killed)], env,
+        lambda: any(shards.rglob("*.bin")) and not (shards / "manifest.json").is_file(),
+    )  # fmt: skip
+    done = subprocess.run([*cmd, str(killed)], env=env, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    assert _all_rows(killed, ["quality", "dedup"]) == _all_rows(ref, ["quality", "dedup"])
+    assert read_json(state / "_DONE")["fanned_out"]  # the distributed path, not union-find
+    bins = sorted(p.relative_to(ref) for p in (ref / "mixture").rglob("*.bin"))
+    assert bins and bins == sorted(
+        p.relative_to(killed) for p in (killed / "mixture").rglob("*.bin")
+    )
+    for b in bins:
+        assert (ref / b).read_bytes() == (killed / b).read_bytes()
+        idx = b.with_suffix(".idx")
+        assert (ref / idx).read_bytes() == (killed / idx).read_bytes()
 
 
 def test_bad_inputs_are_counted_not_fatal(tmp_path, shared_data):
