@@ -30,8 +30,9 @@ from pathlib import Path
 import httpx
 import pyarrow.parquet as pq
 
-from generators.generate import GenerateStage
+from generators.generate import GenerateRequests, GenerateStage
 from generators.seeds import STYLES, SeedsStage
+from generators.teacher.base import REQUEST_SCHEMA, row_request
 from generators.teacher.config import LocalServerConfig, TeacherConfig
 from generators.teacher.local import LocalServer
 from pipeline.stage_runner import run_stage
@@ -81,7 +82,10 @@ def main() -> None:
             teacher=teacher, max_tokens=args.max_tokens, style_max_tokens={},
             request_batch=args.parallel * 4,
         )  # fmt: skip
-        reqs = stage._requests(parts)
+        build = GenerateRequests(stage.config)
+        reqs = [
+            row_request(r) for p in parts for r in build(p).select(REQUEST_SCHEMA.names).to_pylist()
+        ]
         bodies = [
             {"model": "m", "messages": r.messages, "max_tokens": r.max_tokens,
              "temperature": r.temperature, "top_p": r.top_p, "seed": r.seed}

@@ -1,12 +1,18 @@
 """The `generate` stage: synthetic documents from the teacher, one per seed prompt.
 
 `generate` (a GlobalStage) sends every prompt of its input (the `seeds` output) to the
-teacher (generators/teacher/: `local`, `openai` or `vllm`), its answers stored by row id a
-request batch at a time in `_state/completions/` (generators/teacher/checkpoint.py): a run
-killed mid-way and started again generates only what is missing; nothing is generated
-twice or lost. With `vllm`, every pending prompt goes through one Ray Data job, so each
-engine replica loads the model once per run (once more per retry round with failures). The runner discards the stored answers with the stage folder when what
-decides them changes (model, sampling, budgets, seed, the input, which chains the `seeds`
+teacher (generators/teacher/: `local`, `openai` or `vllm`) through `ask_parts`
+(generators/teacher/checkpoint.py), a seeds part at a time: `GenerateRequests` builds one
+part's requests wherever it runs (a plan task, a task of the vllm job, or the driver for
+the other backends), so no process holds every prompt. Answers are stored by row id in
+`_state/completions/<part>/`, the part named by the rows' source_path (the seeds stage
+writes it), a request batch at a time: a run killed mid-way and started again generates
+only what is missing; nothing is generated twice or lost. `process()` of a part reads that
+part's folder only (`PartAnswers`), and `setup()` reads nothing. With `vllm`, every
+pending prompt goes through one Ray Data job, so each engine replica loads the model once
+per run (once more per retry round with failures). A store from before the part folders
+is moved into them once. The runner discards the stored answers with the stage folder
+when what decides them changes (model, sampling, budgets, seed, the input, which chains the `seeds`
 stage's template and its hash); transport settings (`request_batch`, the teacher's URL,
 timeouts, retries, concurrency) are `transport_keys` and may change freely.
 
@@ -26,8 +32,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,9 +44,10 @@ from pydantic import ConfigDict, Field
 
 from generators.prompts import Template, load_template
 from generators.teacher import checkpoint
-from generators.teacher.base import ChatRequest, derive_seed
+from generators.teacher.base import REQUEST_SCHEMA, derive_seed
 from generators.teacher.config import TeacherConfig
 from generators.teacher.factory import preflight_teacher
+from generators.teacher.store import PART, PartAnswers, file_source, row_keys
 from pipeline.executor import LOCAL, Executor
 from pipeline.io import iter_documents, write_json_atomic
 from pipeline.stage import DryRun, GlobalStage, StageConfig, mark_dropped, set_column
@@ -118,18 +125,78 @@ def unaskable(table: pa.Table) -> tuple[pa.Array, pa.Array, pa.Array]:
     return no_template, empty, why
 
 
-def estimate(prompts: Sequence[str], budgets: Sequence[int], tokens_per_s: float) -> dict[str, Any]:
-    """Upper-bound token and time estimate for sending `prompts` (prompt tokens ~ chars/4)."""
-    prompt_tokens = int(sum(len(p) for p in prompts) / 4)
-    completion_tokens = int(sum(budgets))
+def estimate(
+    prompt_chars: int, prompts: int, completion_tokens: int, tokens_per_s: float
+) -> dict[str, Any]:
+    """Upper-bound token and time estimate for sending `prompts` prompts of `prompt_chars`
+    characters in all (prompt tokens ~ chars/4) with `completion_tokens` of budget."""
     hours = completion_tokens / tokens_per_s / 3600
     return {
-        "prompts": len(prompts),
-        "prompt_tokens_est": prompt_tokens,
+        "prompts": prompts,
+        "prompt_tokens_est": int(prompt_chars / 4),
         "completion_tokens_max": completion_tokens,
         "tokens_per_s": tokens_per_s,
         "hours_at_that_rate": round(hours, 3),
     }
+
+
+@dataclass(frozen=True)
+class GenerateRequests:
+    """The requests of one seeds part, built where it is called (a task of the plan step
+    or of the vllm job, or the driver for the other backends): `REQUEST_SCHEMA` rows and
+    each row's part folder (`store.PART`, from its source_path). Rows that cannot be asked
+    are left out (process() records them)."""
+
+    config: GenerateConfig
+
+    def __call__(self, path: str) -> pa.Table:
+        cfg = self.config
+        cols = ("id", "prompt", "style", "template_id", "template_version", "source_path")
+        tables = list(iter_documents([path], cfg.batch_rows, columns=cols))
+        t = pa.concat_tables(tables, promote_options="default") if tables else None
+        if t is None or not len(t):
+            return pa.schema([*REQUEST_SCHEMA, pa.field(PART, pa.string())]).empty_table()
+        *_, why = unaskable(t)
+        t = t.filter(pc.is_null(why))
+        system: dict[str, list[dict[str, str]]] = {}
+        for name in pc.unique(_template_names(t)).to_pylist():
+            text = load_template(name).system()
+            system[name] = [{"role": "system", "content": text}] if text else []
+        ids = t["id"].to_pylist()
+        messages = [
+            json.dumps([*system[name], {"role": "user", "content": prompt}])
+            for name, prompt in zip(
+                _template_names(t).to_pylist(), t["prompt"].to_pylist(), strict=True
+            )
+        ]
+        n = len(t)
+        sources = t["source_path"] if "source_path" in t.column_names else None
+        return pa.table(
+            {
+                "id": pa.array(ids, pa.string()),
+                "messages": pa.array(messages, pa.large_string()),
+                "max_tokens": pa.array(
+                    [self.budget(s) for s in t["style"].to_pylist()], pa.int64()
+                ),
+                "temperature": pa.array(np.full(n, cfg.temperature), pa.float64()),
+                "top_p": pa.array(np.full(n, cfg.top_p), pa.float64()),
+                "seed": pa.array([derive_seed(cfg.seed, i) for i in ids], pa.int64()),
+                "json_schema": pa.nulls(n, pa.large_string()),
+                PART: row_keys(sources, n, file_source(path)),
+            }
+        )
+
+    def budget(self, style: str | None) -> int:
+        return self.config.style_max_tokens.get(style or "", self.config.max_tokens)
+
+    def estimate(self, path: str) -> dict[str, int]:
+        """The dry run's counts of one part."""
+        t = self(path)
+        return {
+            "prompts": len(t),
+            "prompt_chars": int(pc.sum(pc.utf8_length(t["messages"])).as_py() or 0),
+            "completion_tokens": int(pc.sum(t["max_tokens"]).as_py() or 0),
+        }
 
 
 class GenerateStage(GlobalStage):
@@ -150,35 +217,6 @@ class GenerateStage(GlobalStage):
         # missing is recorded (generate:no_template), the seeds stage checks its own.
         preflight_teacher(self.config.teacher)
 
-    def _requests(self, inputs: Sequence[str]) -> list[ChatRequest]:
-        cfg = self.config
-        rows: list[dict] = []
-        rejected: Counter[str] = Counter()
-        cols = ("id", "prompt", "style", "template_id", "template_version")
-        for t in iter_documents(inputs, cfg.batch_rows, columns=cols):
-            *_, why = unaskable(t)
-            rejected.update(pc.drop_null(why).to_pylist())
-            rows += t.filter(pc.is_null(why)).select(list(cols)).to_pylist()
-        for message, n in rejected.most_common():
-            log.warning("generate: %d seed rows not sent: %s", n, message)
-        rows.sort(key=lambda r: r["id"])
-        out = []
-        for r in rows:
-            template = load_template(f"{r['template_id']}_v{r['template_version']}")
-            system_text = template.system()
-            system = [{"role": "system", "content": system_text}] if system_text else []
-            out.append(
-                ChatRequest(
-                    id=r["id"],
-                    messages=[*system, {"role": "user", "content": r["prompt"]}],
-                    max_tokens=self.budget(r["style"]),
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    seed=derive_seed(cfg.seed, r["id"]),
-                )
-            )
-        return out
-
     def budget(self, style: str | None) -> int:
         return self.config.style_max_tokens.get(style or "", self.config.max_tokens)
 
@@ -186,21 +224,22 @@ class GenerateStage(GlobalStage):
         cfg = self.config
         self.state_dir = str(state_dir)
         state = Path(state_dir)
+        build = GenerateRequests(cfg)
+        units = [str(p) for p in inputs]
         if cfg.dry_run:
-            requests = self._requests(inputs)
+            counts = list(executor.map(build.estimate, units))
             est = estimate(
-                ["\n".join(m["content"] for m in r.messages) for r in requests],
-                [r.max_tokens or cfg.max_tokens for r in requests],
-                cfg.dry_run_tokens_per_s,
-            )
+                sum(c["prompt_chars"] for c in counts), sum(c["prompts"] for c in counts),
+                sum(c["completion_tokens"] for c in counts), cfg.dry_run_tokens_per_s,
+            )  # fmt: skip
             raise DryRun(f"generate dry run: {json.dumps(est)}")
         state.mkdir(parents=True, exist_ok=True)
         if (state / DONE_FILE).is_file():
             return
-        requests = self._requests(inputs)
-        _, stats = checkpoint.run_checkpointed(
-            requests, state / COMPLETIONS_DIR, cfg.teacher, batch_size=cfg.request_batch,
-            retry_rounds=cfg.retry_rounds, label=self.name,
+        checkpoint.migrate_flat(build, units, state / COMPLETIONS_DIR)
+        stats = checkpoint.ask_parts(
+            build, units, state / COMPLETIONS_DIR, cfg.teacher, executor=executor,
+            batch_size=cfg.request_batch, retry_rounds=cfg.retry_rounds, label=self.name,
         )  # fmt: skip
         log.info("generate: %s", json.dumps(stats))
         write_json_atomic(state / DONE_FILE, stats)
@@ -221,13 +260,14 @@ class GenerateStage(GlobalStage):
             raise RuntimeError(
                 f"generate: no finished completions in {self.state_dir!r}; run prepare() first"
             )
-        self._done = checkpoint.load_checkpoints(state / COMPLETIONS_DIR)
+        # Nothing is read here: process() reads the part folder of the rows in hand.
+        self.answers = PartAnswers(state / COMPLETIONS_DIR)
 
     def process(self, table: pa.Table) -> pa.Table:
         cfg = self.config
         no_template, empty_prompt, why = unaskable(table)
-        pos = pc.index_in(table["id"], value_set=self._done["id"])
-        got = self._done.take(pos)
+        sources = table["source_path"] if "source_path" in table.column_names else None
+        got = self.answers.lookup(sources, table["id"])
         ok = pc.is_null(got["error"])
         table = set_column(
             table, "text", pc.if_else(ok, got["text"], pa.scalar(None, pa.large_string()))
@@ -252,7 +292,7 @@ class GenerateStage(GlobalStage):
             "sample_seed",
             pa.array([derive_seed(cfg.seed, i) for i in table["id"].to_pylist()], pa.int64()),
         )
-        missing = pc.is_null(pos)
+        missing = pc.is_null(got["id"])
         failed = pc.and_(pc.invert(missing), pc.invert(ok))
         return mark_dropped(
             table, self.name,

@@ -11,7 +11,9 @@ same prompts on any machine; rendered prompts that repeat are removed.
 Every row carries its lineage: `seed_id` (a hash of source, seed text, audience, style,
 persona and template), `seed_text`, `seed_source` ("taxonomy:<subject>" or "web:<doc id>"),
 `audience`, `style`, `persona`, `template_id`, `template_version` and the rendered `prompt`.
-The output is Parquet parts (`seeds-NNNNN.parquet`) that `generate` reads.
+The output is Parquet parts (`seeds-NNNNN.parquet`) that `generate` reads; each row's
+`source_path` names its part ("<stage folder>/seeds-NNNNN.parquet"), which `generate` finds
+the row's stored answers by, so a worker reads one part's answers, not every one.
 """
 
 from __future__ import annotations
@@ -262,10 +264,15 @@ class SeedsStage(ArtifactStage):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         names = []
+        schema = schema_for((*SEED_COLUMNS, "source_path"))
         for k, lo in enumerate(range(0, max(len(table), 1), self.config.part_rows)):
             name = f"seeds-{k:05d}"
+            part = table.slice(lo, self.config.part_rows)
+            # The part each row comes from: what `generate` finds a row's answers by.
+            source = pa.repeat(pa.scalar(f"{out.name}/{name}.parquet"), len(part))
+            part = part.append_column("source_path", source).select(schema.names).cast(schema)
             tmp = out / f".{name}.parquet.tmp-{os.getpid()}"
-            pq.write_table(table.slice(lo, self.config.part_rows), tmp)
+            pq.write_table(part, tmp)
             os.replace(tmp, out / f"{name}.parquet")
             names.append(name)
         styles = pc.value_counts(table["style"]).to_pylist() if len(table) else []

@@ -9,13 +9,20 @@ it sits between tags named by a hash of itself (which it therefore cannot contai
 score is read only from a JSON answer validated against `{"score": 0..5}`, so nothing in a
 document can change how its score is parsed.
 
+The driver holds the sample's ids (`_state/sample.parquet`), never its texts: the
+candidates of each file are folded in as they arrive, and the workers write the sampled
+texts, a file per chunk of whole input files (`_state/sample/`), which is the unit the
+teacher's requests are built from (`AnnotateRequests`, wherever it runs).
+
 Sampled rows are written with `edu_label`, the model, backend, template id and version, the
 raw answer and token counts; a row the teacher failed on (timeout, dead server, garbage) is
 written with `teacher_error`, its raw answer and the reason `edu_annotate:teacher_error`.
 Rows not in the sample are counted (`edu_annotate:not_sampled`) but not written. Ratings
-are stored by document id under `_state/ratings/` (generators/teacher/checkpoint.py), a
-file per request batch (with `vllm`, the whole sample is one Ray Data job, so each
-engine replica loads the model once per run): a killed run re-rates nothing it finished,
+are stored by document id under `_state/ratings/<part>/`, the part named by the rows'
+source_path (generators/teacher/checkpoint.py and store.py), so `process()` of a part
+reads that part's ratings and `setup()` none; a file per request batch (with `vllm`, the
+whole sample is one Ray Data job, so each engine replica loads the model once per run):
+a killed run re-rates nothing it finished,
 rows that failed are sent again (`retry_rounds` within a run, once more on every resume,
 and on `primer run --retry-failed`). Transport settings (`request_batch`, the teacher's URL, timeouts,
 retries, concurrency) are `transport_keys`: changing them re-sends nothing. What decides a
@@ -33,7 +40,9 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,9 +55,10 @@ from pydantic import ConfigDict, Field, field_validator
 from filters.edu.metrics import sample_key
 from generators.prompts import load_template, require_template
 from generators.teacher import checkpoint
-from generators.teacher.base import ChatRequest
+from generators.teacher.base import ChatRequest, requests_table
 from generators.teacher.config import TeacherConfig
 from generators.teacher.factory import preflight_teacher
+from generators.teacher.store import PART, PartAnswers, file_source, row_keys
 from pipeline.executor import LOCAL, Executor
 from pipeline.io import iter_documents, write_json_atomic
 from pipeline.stage import GlobalStage, StageConfig, mark_dropped, set_column
@@ -65,6 +75,7 @@ SCORE_SCHEMA: dict[str, Any] = {
 
 DONE_FILE = checkpoint.DONE_FILE
 SAMPLE_FILE = "sample.parquet"
+SAMPLE_DIR = "sample"
 RATINGS_DIR = "ratings"
 RATING_COLUMNS = (
     "id",
@@ -141,13 +152,14 @@ def _file_candidates(path: str, file_index: int, cfg: EduAnnotateConfig) -> pa.T
     """Per stratum, the `sample_size` kept documents of one file with the smallest keys:
     no final quota can need more, and no text is held."""
     best: list[pa.Table] = []
-    for table in iter_documents([path], cfg.batch_rows, columns=("id", "text")):
+    for table in iter_documents([path], cfg.batch_rows, columns=("id", "text", "source_path")):
         has_text = pc.fill_null(pc.greater(pc.utf8_length(table["text"]), 0), False)
         table = table.filter(has_text)
         if not len(table):
             continue
         ids = table["id"].to_pylist()
         lengths = pc.utf8_length(table["text"]).to_numpy(zero_copy_only=False)
+        sources = table["source_path"] if "source_path" in table.column_names else None
         best.append(
             pa.table(
                 {
@@ -156,6 +168,8 @@ def _file_candidates(path: str, file_index: int, cfg: EduAnnotateConfig) -> pa.T
                     "key": sample_key(ids, cfg.seed),
                     "n_chars": lengths.astype(np.int64),
                     "file": np.full(len(ids), file_index, np.int32),
+                    # The ratings' part folder: process() finds it by the row's source_path.
+                    PART: row_keys(sources, len(ids), file_source(path)),
                 }
             )
         )
@@ -168,8 +182,107 @@ def _file_candidates(path: str, file_index: int, cfg: EduAnnotateConfig) -> pa.T
 
 _CANDIDATES = pa.schema(
     [("id", pa.string()), ("stratum", pa.int16()), ("key", pa.uint64()),
-     ("n_chars", pa.int64()), ("file", pa.int32())]
+     ("n_chars", pa.int64()), ("file", pa.int32()), (PART, pa.string())]
 )  # fmt: skip
+_TEXTS = pa.schema([("id", pa.string()), (PART, pa.string()), ("text", pa.large_string())])
+CHUNK_ROWS = 4096
+"""Sampled documents per text file of the sample (whole input files each): the unit the
+teacher's requests are built and planned by."""
+
+
+def _chunks(chosen: pa.Table) -> list[pa.Table]:
+    """The sample (sorted by file) cut into chunks of whole files, about CHUNK_ROWS rows."""
+    files = chosen["file"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, files[1:] != files[:-1]]) if len(files) else []
+    out, lo = [], 0
+    for s in [*starts[1:], len(files)]:
+        if s - lo >= CHUNK_ROWS or s == len(files):
+            out.append(chosen.slice(lo, s - lo))
+            lo = s
+    return [c for c in out if len(c)]
+
+
+@dataclass(frozen=True)
+class SampleTexts:
+    """Writes one chunk's texts (`<folder>/<chunk>.parquet`: id, part, the document's
+    beginning), reading only that chunk's input files: the driver never holds them."""
+
+    files: tuple[str, ...]
+    folder: str
+    batch_rows: int
+    max_doc_chars: int
+
+    def __call__(self, item: tuple[int, pa.Table]) -> int:
+        index, chunk = item
+        target = Path(self.folder) / f"{index:06d}.parquet"
+        if target.is_file():
+            return index  # written by an earlier attempt
+        out = []
+        for i in pc.unique(chunk["file"]).to_pylist():
+            mine = chunk.filter(pc.equal(chunk["file"], i))
+            for t in iter_documents([self.files[i]], self.batch_rows, columns=("id", "text")):
+                t = t.filter(pc.is_in(t["id"], value_set=mine["id"]))
+                cut = pc.utf8_slice_codeunits(t["text"], 0, self.max_doc_chars)
+                part = mine[PART].take(pc.index_in(t["id"], value_set=mine["id"]))
+                out.append(pa.table([t["id"], part, cut], schema=_TEXTS))
+        table = pa.concat_tables([_TEXTS.empty_table(), *out])
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        pq.write_table(table.cast(_TEXTS), tmp)
+        os.replace(tmp, target)
+        return index
+
+
+@dataclass(frozen=True)
+class AnnotateRequests:
+    """The rating requests of one chunk of the sample, built where it is called (a task of
+    the plan step or of the vllm job, or the driver): `REQUEST_SCHEMA` rows and each
+    document's part folder."""
+
+    config: EduAnnotateConfig
+    folder: str
+
+    def __call__(self, chunk: int) -> pa.Table:
+        cfg = self.config
+        template = load_template(cfg.template)
+        texts = pq.read_table(Path(self.folder) / f"{chunk:06d}.parquet")
+        reqs = [
+            rating_request(template, i, t, cfg.max_answer_tokens)
+            for i, t in zip(texts["id"].to_pylist(), texts["text"].to_pylist(), strict=True)
+        ]
+        return requests_table(reqs).append_column(PART, texts[PART])
+
+
+def rating_request(template: Any, doc_id: str, text: str, max_tokens: int) -> ChatRequest:
+    """The request rating one document: it sits between tags named by a hash of itself."""
+    boundary = "document-" + hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+    return ChatRequest(
+        id=doc_id,
+        messages=template.messages(document=text, boundary=boundary),
+        max_tokens=max_tokens,
+        json_schema=SCORE_SCHEMA,
+    )
+
+
+@dataclass(frozen=True)
+class LabelCounts:
+    """The rating of each document of one chunk, counted by label."""
+
+    folder: str
+    ratings: str
+
+    def __call__(self, chunk: int) -> dict[str, int]:
+        texts = pq.read_table(Path(self.folder) / f"{chunk:06d}.parquet", columns=["id", PART])
+        done = PartAnswers(Path(self.ratings)).lookup_keys(texts[PART], texts["id"])
+        labels = pc.drop_null(pa.array(_labels(done), pa.int8())).to_numpy()
+        values, counts = np.unique(labels, return_counts=True)
+        return {str(k): int(v) for k, v in zip(values, counts, strict=True)}
+
+
+def _labels(done: pa.Table) -> list[int | None]:
+    """The score of each usable answer (validated against SCORE_SCHEMA, so it parses)."""
+    ok = pc.and_(pc.is_valid(done["id"]), pc.is_null(done["error"]))
+    return [json.loads(t)["score"] if t is not None else None
+            for t in pc.if_else(ok, done["text"], None).to_pylist()]  # fmt: skip
 
 
 def _top_per_stratum(table: pa.Table, k: int) -> pa.Table:
@@ -227,30 +340,47 @@ class EduAnnotateStage(GlobalStage):
         cfg = self.config
         self.state_dir = str(state_dir)
         state = Path(state_dir)
-        template = load_template(cfg.template)
         files = [str(p) for p in inputs]
         state.mkdir(parents=True, exist_ok=True)
         if (state / DONE_FILE).is_file():
             return
-
         sample_path = state / SAMPLE_FILE
+        if sample_path.is_file() and "text" in pq.read_schema(sample_path).names:
+            sample_path.unlink()  # an older layout; the same sample is drawn again
         if not sample_path.is_file():
-            sample = self._draw_sample(files, executor)
+            chosen = self._draw_sample(files, executor)
             tmp = state / f".{SAMPLE_FILE}.tmp-{os.getpid()}"
-            pq.write_table(sample, tmp)
+            pq.write_table(chosen, tmp)
             os.replace(tmp, sample_path)
-        sample = pq.read_table(sample_path)
-        stats = self._rate(sample, template, state / RATINGS_DIR)
+        units = self._write_texts(files, pq.read_table(sample_path), executor, state / SAMPLE_DIR)
+        build = AnnotateRequests(cfg, str(state / SAMPLE_DIR))
+        ratings = state / RATINGS_DIR
+        checkpoint.migrate_flat(build, units, ratings)
+        stats = checkpoint.ask_parts(
+            build, units, ratings, cfg.teacher, executor=executor, batch_size=cfg.request_batch,
+            retry_rounds=cfg.retry_rounds, label=self.name,
+        )  # fmt: skip
+        labels: Counter[str] = Counter()
+        for counts in executor.map(LabelCounts(str(state / SAMPLE_DIR), str(ratings)), units):
+            labels.update(counts)
+        stats["label_counts"] = dict(sorted(labels.items()))
+        log.info("edu_annotate: %s", json.dumps(stats))
         write_json_atomic(state / DONE_FILE, stats)
 
     def _draw_sample(self, files: list[str], executor: Executor) -> pa.Table:
+        """The sampled documents (no text), sorted by file: per-file candidates folded in
+        as they come, so the driver holds a few times `sample_size` rows."""
         cfg = self.config
-        parts = list(
-            executor.map(functools.partial(_indexed_candidates, cfg=cfg), [*enumerate(files)])
-        )
-        cands = _top_per_stratum(
-            pa.concat_tables([_CANDIDATES.empty_table(), *parts]), cfg.sample_size
-        )
+        bound = 4 * cfg.sample_size * (len(cfg.length_bins) + 1)
+        best, held = [_CANDIDATES.empty_table()], 0
+        fn = functools.partial(_indexed_candidates, cfg=cfg)
+        for part in executor.map(fn, [*enumerate(files)]):
+            best.append(part)
+            held += len(part)
+            if held > bound:
+                best = [_top_per_stratum(pa.concat_tables(best), cfg.sample_size)]
+                held = len(best[0])
+        cands = _top_per_stratum(pa.concat_tables(best), cfg.sample_size)
         strata = cands["stratum"].to_numpy()
         quota = allocate(
             {int(s): int((strata == s).sum()) for s in np.unique(strata)}, cfg.sample_size
@@ -259,66 +389,53 @@ class EduAnnotateStage(GlobalStage):
             [np.flatnonzero(strata == s)[:q] for s, q in quota.items()] or [np.array([], int)]
         )
         chosen = cands.take(pa.array(keep, pa.int64())).sort_by(
-            [("key", "ascending"), ("id", "ascending")]
+            [("file", "ascending"), ("key", "ascending"), ("id", "ascending")]
         )
         log.info(
             "edu_annotate: sampled %d documents, per length stratum %s",
             len(chosen), {int(s): q for s, q in quota.items()},
         )  # fmt: skip
-        # Texts of the sample only, from the files that hold it.
-        texts: dict[str, str] = {}
-        wanted = pa.array(chosen["id"].to_pylist(), pa.string())
-        for i in sorted(set(chosen["file"].to_pylist())):
-            for t in iter_documents([files[i]], cfg.batch_rows, columns=("id", "text")):
-                t = t.filter(pc.is_in(t["id"], value_set=wanted))
-                cut = pc.utf8_slice_codeunits(t["text"], 0, cfg.max_doc_chars)
-                texts.update(zip(t["id"].to_pylist(), cut.to_pylist(), strict=True))
-        return chosen.append_column(
-            "text", pa.array([texts[i] for i in chosen["id"].to_pylist()], pa.large_string())
-        )
+        return chosen
 
-    def _rate(self, sample: pa.Table, template: Any, ratings_dir: Path) -> dict[str, Any]:
-        cfg = self.config
-        requests = [
-            self._request(template, i, t)
-            for i, t in zip(sample["id"].to_pylist(), sample["text"].to_pylist(), strict=True)
-        ]
-        done, stats = checkpoint.run_checkpointed(
-            requests, ratings_dir, cfg.teacher, batch_size=cfg.request_batch,
-            retry_rounds=cfg.retry_rounds, label=self.name,
-        )  # fmt: skip
-        labels = pc.drop_null(self._ratings_table(done, template)["edu_label"]).to_numpy()
-        values, counts = np.unique(labels, return_counts=True)
-        stats["label_counts"] = {str(k): int(v) for k, v in zip(values, counts, strict=True)}
-        log.info("edu_annotate: %s", json.dumps(stats))
-        return stats
+    def _write_texts(
+        self, files: list[str], chosen: pa.Table, executor: Executor, folder: Path
+    ) -> list[int]:
+        """The sample's texts, a file per chunk, written by the executor's workers; returns
+        the chunk numbers (the units the teacher is asked by)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        chunks = _chunks(chosen)
+        write = SampleTexts(tuple(files), str(folder), self.config.batch_rows,
+                            self.config.max_doc_chars)  # fmt: skip
+        for _ in executor.map(write, list(enumerate(chunks))):
+            pass
+        return list(range(len(chunks)))
+
+    def sample_texts(self) -> pa.Table:
+        """The sampled documents' ids and texts (after prepare(); for inspection)."""
+        folder = Path(self.state_dir or "") / SAMPLE_DIR
+        return pa.concat_tables(
+            [_TEXTS.empty_table(), *(pq.read_table(f) for f in sorted(folder.glob("*.parquet")))]
+        )
 
     def _request(self, template: Any, doc_id: str, text: str) -> ChatRequest:
-        boundary = "document-" + hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
-        return ChatRequest(
-            id=doc_id,
-            messages=template.messages(document=text, boundary=boundary),
-            max_tokens=self.config.max_answer_tokens,
-            json_schema=SCORE_SCHEMA,
-        )
+        return rating_request(template, doc_id, text, self.config.max_answer_tokens)
 
     def _ratings_table(self, done: pa.Table, template: Any) -> pa.Table:
-        """Checkpointed completions -> the rating columns (the JSON answers were validated
-        against SCORE_SCHEMA by the teacher client, so a successful row parses)."""
+        """Stored completions -> the rating columns, null where `done` has no row (the JSON
+        answers were validated against SCORE_SCHEMA by the teacher client, so a successful
+        row parses)."""
+        found = pc.is_valid(done["id"])
         ok = pc.is_null(done["error"])
-        labels = [
-            json.loads(t)["score"] if t is not None else None
-            for t in pc.if_else(ok, done["text"], None).to_pylist()
-        ]
-        n = len(done)
         return pa.table(
             {
                 "id": done["id"],
-                "edu_label": pa.array(labels, pa.int8()),
+                "edu_label": pa.array(_labels(done), pa.int8()),
                 "teacher_model": done["model"],
                 "teacher_backend": done["backend"],
-                "template_id": pa.array([template.template_id] * n, pa.string()),
-                "template_version": pa.array([template.version] * n, pa.int32()),
+                "template_id": pc.if_else(found, template.template_id, None),
+                "template_version": pc.if_else(
+                    found, pa.scalar(template.version, pa.int32()), None
+                ),  # fmt: skip
                 "teacher_answer": pc.if_else(ok, done["text"], done["raw"]),
                 "teacher_error": done["error"],
                 "prompt_tokens": done["prompt_tokens"],
@@ -327,9 +444,11 @@ class EduAnnotateStage(GlobalStage):
         )
 
     def load_ratings(self) -> pa.Table:
-        """The rating columns of every rated document (after prepare())."""
-        done = checkpoint.load_checkpoints(Path(self.state_dir or "") / RATINGS_DIR)
-        return self._ratings_table(done, load_template(self.config.template))
+        """The rating columns of every rated document, by id (after prepare(); for
+        inspection: a worker reads its part's ratings only)."""
+        done = PartAnswers(Path(self.state_dir or "") / RATINGS_DIR).everything()
+        table = self._ratings_table(done, load_template(self.config.template))
+        return table.sort_by([("id", "ascending")])
 
     # -- --retry-failed --
     def reopen_failed(self, state_dir: str) -> int:
@@ -350,13 +469,17 @@ class EduAnnotateStage(GlobalStage):
                 f"edu_annotate: no finished ratings in {self.state_dir!r}; call "
                 "prepare(inputs, state_dir) over all inputs before process()"
             )
-        self._ratings = self.load_ratings()
+        # Nothing is read here: process() reads the part folder of the rows in hand.
+        self.ratings = PartAnswers(state / RATINGS_DIR)
+        self._template = load_template(self.config.template)
 
     def process(self, table: pa.Table) -> pa.Table:
-        pos = pc.index_in(table["id"], value_set=self._ratings["id"])
-        found = pc.is_valid(pos)
+        sources = table["source_path"] if "source_path" in table.column_names else None
+        done = self.ratings.lookup(sources, table["id"])
+        found = pc.is_valid(done["id"])
+        ratings = self._ratings_table(done, self._template)
         for name in RATING_COLUMNS[1:]:
-            table = set_column(table, name, self._ratings[name].take(pos))
+            table = set_column(table, name, ratings[name])
         failed = pc.and_(found, pc.is_valid(table["teacher_error"]))
         return mark_dropped(
             table, self.name, [("not_sampled", pc.invert(found)), ("teacher_error", failed)]

@@ -13,15 +13,17 @@ completions` (same length, same order, always), and three backends chosen by
   SGLang, a hosted API) over httpx, with timeouts, retries and a key that never leaves the
   Authorization header (openai.py).
 - `vllm`: offline batch inference on GPUs through Ray Data LLM (vllm.py, behind the `gpu`
-  extra). It is also a `StreamingTeacher`: `stream(requests, batch_rows)` answers a whole
-  stage run's requests in one Ray Data job (each engine replica loads the model once) and
-  hands the answers back as they finish.
+  extra). It is also a `StreamingTeacher`: `stream(units, requests, batch_rows)` answers a
+  whole stage run's requests in one Ray Data job whose tasks build them (each engine
+  replica loads the model once) and hands the answers back as they finish.
 
 The modules, each importing only those before it: config.py (`TeacherConfig`, the
 transport keys), base.py (`ChatRequest`, `Completion`, the `Teacher` and
-`StreamingTeacher` protocols, `TeacherBase`, `check_answer`, `derive_seed`), the backends, factory.py (`make_teacher`,
-`preflight_teacher`) and checkpoint.py (`run_checkpointed`: many requests, every answer
-stored by id so nothing is asked twice).
+`StreamingTeacher` protocols, `TeacherBase`, `check_answer`, `derive_seed`), the
+backends, factory.py (`make_teacher`, `preflight_teacher`), store.py (answers by request
+id, a folder per part: `PartAnswers` reads one part's) and checkpoint.py (`ask_parts`: a
+stage's requests, part by part, every answer stored so nothing is asked twice;
+`run_checkpointed` for one list).
 
 Per-row problems never raise from `complete()`: a timeout, a refused connection, an HTTP
 error, an unparseable body, an empty answer or JSON that does not match the requested

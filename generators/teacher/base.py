@@ -3,9 +3,12 @@
 `Teacher.complete(requests) -> completions` is the whole interface (same length, same
 order, always; per-row failures are recorded in `Completion.error`, never raised). A
 backend whose engine loads once per job (vllm: one Ray Data job starts every replica) is
-also a `StreamingTeacher`: `stream(requests, batch_rows)` answers a whole stage's requests
-in one job and hands the answers back as they finish, as `COMPLETION_SCHEMA` tables, so the
-store (checkpoint.py) commits them while the engines keep working. `TeacherBase` gives a backend its context-manager plumbing; `check_answer` is the one
+also a `StreamingTeacher`: `stream(units, requests, batch_rows)` answers a whole stage's
+requests in one job, each unit's requests built where the job runs (`REQUEST_SCHEMA` rows),
+and hands the answers back as they finish, as `COMPLETION_SCHEMA` tables, so the store
+(checkpoint.py) commits them while the engines keep working. `REQUEST_SCHEMA` is a request
+as an Arrow row, the form requests travel in. `TeacherBase` gives a backend its
+context-manager plumbing; `check_answer` is the one
 strict check every backend applies to an answer (empty text, JSON that is not one value
 matching the requested schema); `derive_seed` and `sampling` fill a request's sampling
 parameters from the config so runs are reproducible; `retry_failed` sends the failed rows
@@ -21,7 +24,7 @@ import functools
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -139,10 +142,19 @@ class Teacher(Protocol):
 class StreamingTeacher(Teacher, Protocol):
     """A teacher that answers many requests in one job (its engines load once per job)."""
 
-    def stream(self, requests: Sequence[ChatRequest], batch_rows: int) -> Iterator[pa.Table]:
-        """The completions of `requests` as `COMPLETION_SCHEMA` tables of about `batch_rows`
-        rows each, as they finish, in any order: every request exactly once (a row the
-        engine lost is a failed completion), failures recorded, never raised."""
+    def stream(
+        self,
+        units: Sequence[Any],
+        requests: Callable[[Any], pa.Table],
+        batch_rows: int,
+        carry: Sequence[str] = (),
+    ) -> Iterator[pa.Table]:
+        """One job over the requests that `requests(unit)` builds, for each of `units`, where
+        the job runs: `REQUEST_SCHEMA` rows plus the columns named in `carry`, all with or
+        all without a JSON schema. The answers come back as they finish, in any order, as
+        tables of about `batch_rows` rows: `COMPLETION_SCHEMA` columns and the `carry`
+        columns of their requests; failures are recorded, never raised. A request the job
+        loses does not come back: the caller counts what it expected."""
         ...
 
 
@@ -162,6 +174,73 @@ COMPLETION_SCHEMA = pa.schema(
     ]
 )
 """`Completion` as Arrow: the checkpoint store's files and `StreamingTeacher.stream`."""
+
+
+LOST = "engine: the row did not come back from the Ray Data job"
+"""The error of a request a teacher's job did not hand back."""
+
+REQUEST_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("messages", pa.large_string()),  # JSON: one Arrow type whatever the messages
+        ("max_tokens", pa.int64()),
+        ("temperature", pa.float64()),
+        ("top_p", pa.float64()),
+        ("seed", pa.int64()),
+        ("json_schema", pa.large_string()),
+    ]
+)
+"""`ChatRequest` as Arrow: requests built where they are sent (a Ray Data job's workers, a
+part at a time in the driver) travel as rows of this schema."""
+
+
+def requests_table(requests: Sequence[ChatRequest]) -> pa.Table:
+    """`requests` as `REQUEST_SCHEMA` rows."""
+    return pa.table(
+        {
+            "id": [r.id for r in requests],
+            "messages": [json.dumps(r.messages) for r in requests],
+            "max_tokens": [r.max_tokens for r in requests],
+            "temperature": [r.temperature for r in requests],
+            "top_p": [r.top_p for r in requests],
+            "seed": [r.seed for r in requests],
+            "json_schema": [
+                json.dumps(r.json_schema) if r.json_schema is not None else None for r in requests
+            ],
+        },
+        schema=REQUEST_SCHEMA,
+    )
+
+
+def row_request(row: dict[str, Any]) -> ChatRequest:
+    """The ChatRequest a `REQUEST_SCHEMA` row holds."""
+
+    def opt(name: str, kind: type) -> Any:
+        v = row.get(name)
+        return None if v is None else kind(v)
+
+    messages = row["messages"]
+    messages = json.loads(messages) if isinstance(messages, str) else _plain(messages)
+    return ChatRequest(
+        id=str(row["id"]),
+        messages=[{"role": m["role"], "content": m["content"]} for m in messages],
+        max_tokens=opt("max_tokens", int),
+        temperature=opt("temperature", float),
+        top_p=opt("top_p", float),
+        seed=opt("seed", int),
+        json_schema=json.loads(row["json_schema"]) if row.get("json_schema") else None,
+    )
+
+
+def _plain(value: Any) -> Any:
+    """Arrow hands lists back as numpy arrays; make them lists again (recursively)."""
+    if hasattr(value, "tolist") and not isinstance(value, str | bytes):
+        value = value.tolist()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def completions_table(completions: Sequence[Completion]) -> pa.Table:

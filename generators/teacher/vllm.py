@@ -9,15 +9,16 @@ loads once per replica per Ray Data job. This module supplies the two ends:
 - `vllm_processor(cfg, to_request, keep_columns)`: that processor as a `Dataset ->
   Dataset` callable. `to_request(row) -> ChatRequest` builds the prompt from a row; the
   output rows carry the `Completion` fields (optionally prefixed) plus `keep_columns`.
-- `VLLMTeacher`: the processor behind the `StreamingTeacher` protocol. `stream(requests,
-  batch_rows)` runs ONE job over all the requests it is given (a Dataset of Arrow blocks,
-  prompts built on the workers) and yields the answers as they come back, `batch_rows` at a
-  time; the teacher stages call it through `run_checkpointed` (checkpoint.py) with every
-  pending request of a stage run, so each replica loads the model once per run, plus once
-  per retry round when rows failed. Requests with a JSON schema and requests without go in
-  separate jobs (see `_stream`); a stage's requests are all of one kind. `complete()` (the
-  plain `Teacher` protocol) is the same over one call's requests. A request the job did not
-  hand back becomes a failed row ("engine: ...").
+- `VLLMTeacher`: the processor behind the `StreamingTeacher` protocol. `stream(units,
+  requests, batch_rows)` runs ONE job: its first step builds each unit's requests on the
+  workers (`requests(unit)`, `REQUEST_SCHEMA` rows, a block per unit), the processor
+  answers them, and the answers come back as they finish, `batch_rows` at a time. The
+  teacher stages call it through `ask_parts` (checkpoint.py) with every pending unit of a
+  stage run, so each replica loads the model once per run, plus once per retry round when
+  rows failed, and the driver never holds the requests. One call's requests are all with
+  or all without a JSON schema (see `stream`). `complete()` (the plain `Teacher`
+  protocol) is the same over one call's requests, a job per kind; a request the job did
+  not hand back becomes a failed row ("engine: ...").
 
 Rows that fail inside the engine do not stop the job (`should_continue_on_error=True`); Ray
 Data LLM then skips our postprocess for them, so a final map (`finisher`) turns them into
@@ -56,13 +57,16 @@ import pyarrow as pa
 
 from generators.teacher.base import (
     COMPLETION_SCHEMA,
+    LOST,
     ChatRequest,
     Completion,
     TeacherBase,
     check_answer,
+    row_request,
     sampling,
     table_completions,
 )
+from generators.teacher.base import requests_table as base_requests_table
 from generators.teacher.config import TeacherConfig
 
 if TYPE_CHECKING:
@@ -181,17 +185,6 @@ def completion_row(row: dict[str, Any], model: str, prefix: str = "") -> dict[st
     return {prefix + k: v for k, v in c.to_dict().items()}
 
 
-def _plain(value: Any) -> Any:
-    """Arrow hands lists back as numpy arrays; make them lists again (recursively)."""
-    if hasattr(value, "tolist") and not isinstance(value, str | bytes):
-        value = value.tolist()
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
 def vllm_processor(
     cfg: TeacherConfig,
     to_request: Callable[[dict[str, Any]], ChatRequest],
@@ -244,38 +237,11 @@ def finisher(model: str, keep: tuple[str, ...], prefix: str) -> Callable[[dict],
     return finish
 
 
-_REQUESTS = pa.schema(
-    [
-        (INDEX, pa.int64()),
-        ("id", pa.string()),
-        ("messages", pa.large_string()),  # JSON: one Arrow type whatever the messages
-        ("max_tokens", pa.int64()),
-        ("temperature", pa.float64()),
-        ("top_p", pa.float64()),
-        ("seed", pa.int64()),
-        ("json_schema", pa.large_string()),
-    ]
-)
-
-
 def requests_table(requests: Sequence[ChatRequest], index: Sequence[int] | np.ndarray) -> pa.Table:
-    """Requests as the rows of a job's input Dataset, `index[i]` the `teacher_index` of
-    `requests[i]`."""
-    return pa.table(
-        {
-            INDEX: np.asarray(index, dtype=np.int64),
-            "id": [r.id for r in requests],
-            "messages": [json.dumps(r.messages) for r in requests],
-            "max_tokens": [r.max_tokens for r in requests],
-            "temperature": [r.temperature for r in requests],
-            "top_p": [r.top_p for r in requests],
-            "seed": [r.seed for r in requests],
-            "json_schema": [
-                json.dumps(r.json_schema) if r.json_schema is not None else None for r in requests
-            ],
-        },
-        schema=_REQUESTS,
-    )
+    """Requests as `REQUEST_SCHEMA` rows with their `teacher_index`: `index[i]` is that of
+    `requests[i]` (what `complete()` sends)."""
+    table = base_requests_table(requests)
+    return table.add_column(0, INDEX, pa.array(np.asarray(index, dtype=np.int64)))
 
 
 def request_row(i: int, req: ChatRequest) -> dict[str, Any]:
@@ -283,32 +249,23 @@ def request_row(i: int, req: ChatRequest) -> dict[str, Any]:
     return requests_table([req], [i]).to_pylist()[0]
 
 
-def row_request(row: dict[str, Any]) -> ChatRequest:
-    """The ChatRequest a `requests_table` row holds (VLLMTeacher's `to_request`)."""
-
-    def opt(name: str, kind: type) -> Any:
-        v = row.get(name)
-        return None if v is None else kind(v)
-
-    messages = row["messages"]
-    messages = json.loads(messages) if isinstance(messages, str) else _plain(messages)
-    return ChatRequest(
-        id=str(row["id"]),
-        messages=[{"role": m["role"], "content": m["content"]} for m in messages],
-        max_tokens=opt("max_tokens", int),
-        temperature=opt("temperature", float),
-        top_p=opt("top_p", float),
-        seed=opt("seed", int),
-        json_schema=json.loads(row["json_schema"]) if row.get("json_schema") else None,
-    )
-
-
-def _answers(batch: pa.Table) -> pa.Table:
-    """A batch of processor output as COMPLETION_SCHEMA columns plus `teacher_index`."""
+def _answers(batch: pa.Table, carry: Sequence[str]) -> pa.Table:
+    """A batch of processor output as COMPLETION_SCHEMA columns plus the `carry` columns."""
     columns = [batch[_PREFIX + f.name].cast(f.type) for f in COMPLETION_SCHEMA]
     return pa.Table.from_arrays(
-        [*columns, batch[INDEX].cast(pa.int64())], names=[*COMPLETION_SCHEMA.names, INDEX]
+        [*columns, *(batch[c] for c in carry)], names=[*COMPLETION_SCHEMA.names, *carry]
     )
+
+
+class _BuildRequests:
+    """The job's first step, on its workers: the requests of a unit (`requests(unit)`),
+    as REQUEST_SCHEMA rows plus the carried columns."""
+
+    def __init__(self, units: Sequence[Any], requests: Callable[[Any], pa.Table]) -> None:
+        self.units, self.requests = list(units), requests
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.concat_tables([self.requests(self.units[i]) for i in batch["unit"].to_pylist()])
 
 
 class VLLMTeacher(TeacherBase):
@@ -325,7 +282,13 @@ class VLLMTeacher(TeacherBase):
             )
         engine_config(cfg)  # validate now, not on the first batch
         self.cfg = cfg
-        self._run: Processor | None = None
+        self._runs: dict[tuple[str, ...], Processor] = {}
+
+    @property
+    def block_rows(self) -> int:
+        """Requests per block of a job's input that keep every replica busy: an engine
+        batch (a caller cuts its units into blocks of at least this)."""
+        return self.cfg.vllm.batch_size
 
     def __repr__(self) -> str:
         v = self.cfg.vllm
@@ -334,52 +297,45 @@ class VLLMTeacher(TeacherBase):
             f"concurrency={v.concurrency})"
         )
 
-    def stream(self, requests: Sequence[ChatRequest], batch_rows: int) -> Iterator[pa.Table]:
-        for table in self._stream(list(requests), batch_rows):
-            yield table.drop_columns([INDEX])
-
-    def _stream(self, reqs: list[ChatRequest], batch_rows: int) -> Iterator[pa.Table]:
-        """Answers with their `teacher_index`, as they finish: one Ray Data job, or two when
-        some requests have a JSON schema and some do not. Every row's `structured_outputs`
-        must have one Arrow type: a batch where it is all null does not merge with one where
-        it is a struct (ray-project/ray#61656). A teacher stage's requests are all of one
-        kind (edu_annotate's all have a schema, generate's none)."""
-        if batch_rows < 1:
-            raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
-        structured = np.array([r.json_schema is not None for r in reqs], dtype=bool)
-        for kind in (structured, ~structured):
-            if kind.any():
-                yield from self._job(reqs, np.flatnonzero(kind), batch_rows)
-
-    def _job(
-        self, reqs: list[ChatRequest], index: np.ndarray, batch_rows: int
+    def stream(
+        self,
+        units: Sequence[Any],
+        requests: Callable[[Any], pa.Table],
+        batch_rows: int,
+        carry: Sequence[str] = (),
     ) -> Iterator[pa.Table]:
-        """One Ray Data job over `reqs[index]`: each engine replica loads once."""
+        """One Ray Data job: each unit's requests are built by a task of the job (the driver
+        never holds them), then every engine replica, loaded once, answers them. Every
+        row's `structured_outputs` must have one Arrow type: a batch where it is all null
+        does not merge with one where it is a struct (ray-project/ray#61656), so one call's
+        requests are all with or all without a JSON schema (a teacher stage's are)."""
         import ray.data
 
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+        if not units:
+            return
+        carry = tuple(carry)
         t0 = time.monotonic()
-        if self._run is None:
-            self._run = vllm_processor(
-                self.cfg, row_request, keep_columns=(INDEX,), prefix=_PREFIX, build=self._build
+        run = self._runs.get(carry)
+        if run is None:
+            run = self._runs[carry] = vllm_processor(
+                self.cfg, row_request, keep_columns=carry, prefix=_PREFIX, build=self._build
             )
-        # Blocks of at least one engine batch: the replicas pull blocks as they free up.
-        rows = max(batch_rows, self.cfg.vllm.batch_size)
-        blocks = [index[lo : lo + rows] for lo in range(0, len(index), rows)]
-        ds = ray.data.from_arrow([requests_table([reqs[i] for i in b], b) for b in blocks])
-        back = np.zeros(len(reqs), dtype=bool)
-        ok = 0
-        for batch in self._run(ds).iter_batches(batch_size=batch_rows, batch_format="pyarrow"):
-            table = _answers(batch)
-            back[table[INDEX].to_numpy(zero_copy_only=False)] = True
-            ok += len(table) - table["error"].null_count
+        # A block per unit: the replicas pull blocks as they free up (Ray Data merges what
+        # one task yields into one block, so a caller cuts large units into several).
+        build = _BuildRequests(units, requests)
+        ds = ray.data.from_items(
+            [{"unit": i} for i in range(len(units))], override_num_blocks=len(units)
+        ).map_batches(build, batch_size=1, batch_format="pyarrow")
+        n = ok = 0
+        for batch in run(ds).iter_batches(batch_size=batch_rows, batch_format="pyarrow"):
+            table = _answers(batch, carry)
+            n += len(table)
+            ok += table["error"].null_count
             yield table
-        lost = index[~back[index]]
-        if lost.size:
-            log.warning("teacher vllm: %d of %d requests did not come back from the job; "
-                        "recorded as failed", lost.size, len(index))  # fmt: skip
-            yield self._lost([reqs[i] for i in lost], lost, time.monotonic() - t0)
-        log.info("teacher vllm: one job, %d requests, %d ok, %.1f s", len(index), ok,
-                 time.monotonic() - t0)  # fmt: skip
+        log.info("teacher vllm: one job over %d units, %d answers, %d ok, %.1f s", len(units),
+                 n, ok, time.monotonic() - t0)  # fmt: skip
 
     def _lost(self, reqs: list[ChatRequest], index: np.ndarray, seconds: float) -> pa.Table:
         n = len(reqs)
@@ -391,9 +347,7 @@ class VLLMTeacher(TeacherBase):
                 "prompt_tokens": pa.nulls(n, pa.int32()),
                 "completion_tokens": pa.nulls(n, pa.int32()),
                 "finish_reason": pa.nulls(n, pa.string()),
-                "error": pa.array(
-                    ["engine: the row did not come back from the Ray Data job"] * n, pa.string()
-                ),
+                "error": pa.array([LOST] * n, pa.string()),
                 "raw": pa.nulls(n, pa.large_string()),
                 "latency_s": pa.array(np.full(n, seconds), pa.float64()),
                 "model": pa.array([model] * n, pa.string()),
@@ -404,14 +358,35 @@ class VLLMTeacher(TeacherBase):
         )
 
     def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        """The plain `Teacher` protocol: one job per kind of request (with and without a
+        JSON schema); a request the job lost is a failed completion."""
         reqs = list(requests)
         out: list[Completion | None] = [None] * len(reqs)
-        for table in self._stream(reqs, self.cfg.vllm.batch_size):
-            where = table[INDEX].to_pylist()
-            for i, c in zip(where, table_completions(table), strict=True):
-                out[i] = c
-        assert all(c is not None for c in out)  # _stream hands back every request
+        t0 = time.monotonic()
+        structured = np.array([r.json_schema is not None for r in reqs], dtype=bool)
+        for kind in (structured, ~structured):
+            index = np.flatnonzero(kind)
+            if not len(index):
+                continue
+            table = requests_table([reqs[i] for i in index], index)
+            for answers in self.stream([table], _itself, self.cfg.vllm.batch_size, (INDEX,)):
+                self._place(answers, out)
+        lost = np.array([i for i, c in enumerate(out) if c is None], dtype=np.int64)
+        if len(lost):
+            log.warning("teacher vllm: %d of %d requests did not come back from the job; "
+                        "recorded as failed", len(lost), len(reqs))  # fmt: skip
+            self._place(self._lost([reqs[i] for i in lost], lost, time.monotonic() - t0), out)
         return out  # type: ignore[return-value]
 
+    @staticmethod
+    def _place(answers: pa.Table, out: list[Completion | None]) -> None:
+        where = answers[INDEX].to_pylist()
+        for i, c in zip(where, table_completions(answers), strict=True):
+            out[i] = c
+
     def close(self) -> None:
-        self._run = None
+        self._runs.clear()
+
+
+def _itself(table: pa.Table) -> pa.Table:
+    return table

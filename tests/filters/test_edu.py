@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
@@ -91,10 +92,20 @@ def test_the_sample_is_stratified_and_independent_of_partitioning(tmp_path):
     three = [docs_parquet(tmp_path / f"p{i}.parquet", docs[i::3]) for i in range(3)]
     stage = EduAnnotateStage(sample_size=40, length_bins=[2_000, 6_000])
     a, b = stage._draw_sample(one, LOCAL), stage._draw_sample(three, LOCAL)
-    assert a["id"].to_pylist() == b["id"].to_pylist() and len(a) == 40
+    assert sorted(a["id"].to_pylist()) == sorted(b["id"].to_pylist()) and len(a) == 40
     counts = np.bincount(a["stratum"].to_numpy(), minlength=3)
     assert counts.tolist() == [14, 13, 13]  # equal shares of 40 over 3 strata
-    assert max(len(t) for t in a["text"].to_pylist()) <= stage.config.max_doc_chars
+    # The texts are written by the workers, a file per chunk of input files.
+    stage.state_dir = str(tmp_path / "state")
+    assert stage._write_texts(three, b, LOCAL, tmp_path / "state/sample") == [0]
+    texts = stage.sample_texts()
+    assert sorted(texts["id"].to_pylist()) == sorted(b["id"].to_pylist())
+    assert max(len(t) for t in texts["text"].to_pylist()) <= stage.config.max_doc_chars
+    by_id = {d["id"]: d["text"] for d in docs}
+    assert all(
+        by_id[i].startswith(t)
+        for i, t in zip(texts["id"].to_pylist(), texts["text"].to_pylist(), strict=True)
+    )
 
 
 # --- annotation with teachers -------------------------------------------------------------
@@ -209,7 +220,7 @@ def test_vllm_annotation_loads_each_replica_once_and_once_more_for_the_failed_ro
     assert m["rows_in"] == 16 and m["dropped"] == {}
     assert 2 <= len(loads(log)) <= 4 and len(set(loads(log))) == len(loads(log))
     assert asked(log) == dict.fromkeys(ids, 1) | dict.fromkeys([ids[0], ids[5], ids[9]], 2)
-    store = sorted((tmp_path / "run/edu_annotate/_state/ratings").glob("*.parquet"))
+    store = sorted((tmp_path / "run/edu_annotate/_state/ratings").glob("*/*.parquet"))
     assert [len(pq.read_table(f)) for f in store] == [3, 3, 3, 3, 3, 1, 3]  # the last: retries
     ratings = stage.load_ratings().to_pylist()
     assert [r["edu_label"] for r in ratings] == [
@@ -273,6 +284,34 @@ def test_retry_failed_asks_exactly_the_failed_ratings_again(tmp_path):
     assert stage.reopen_failed(str(state)) == 0 and (state / "_DONE").is_file()
 
 
+def test_a_worker_reads_the_ratings_of_its_own_part_only(tmp_path):
+    """Ratings are stored by the rows' source_path: process() of one part reads that part's
+    ratings, and setup() reads none."""
+    docs = fineweb_docs(20)
+    files = []
+    for name, half in (("a", docs[:10]), ("b", docs[10:])):
+        path = docs_parquet(tmp_path / f"{name}.parquet", half)
+        table = pq.read_table(path)
+        pq.write_table(table.append_column("source_path", pa.array([f"crawl/{name}.warc"] * 10)),
+                       path)  # fmt: skip
+        files.append(path)
+    with fake_server(score_3) as (url, seen):
+        m = run_stage(EduAnnotateStage(teacher=rater(url), **RATE), files, tmp_path / "run")
+        assert len(seen) == 8 and m["dropped"]["edu_annotate:not_sampled"] == 12
+    stage = EduAnnotateStage(**RATE)
+    stage.state_dir = str(tmp_path / "run/edu_annotate/_state")
+    stage.setup()
+    assert stage.ratings.rows_loaded == 0
+    rated = 0
+    for path in files:
+        before = stage.ratings.rows_loaded
+        out = stage(pq.read_table(path))
+        mine = pc.sum(pc.is_valid(out["edu_label"])).as_py()
+        assert stage.ratings.rows_loaded - before == mine and out["edu_label"].null_count < 10
+        rated += mine
+    assert rated == 8
+
+
 def test_transport_settings_keep_the_ratings_and_what_decides_them_does_not(tmp_path):
     files = [docs_parquet(tmp_path / "docs.parquet", fineweb_docs(20))]
     run = tmp_path / "run"
@@ -286,7 +325,7 @@ def test_transport_settings_keep_the_ratings_and_what_decides_them_does_not(tmp_
     template = load_template("edu_annotate_v1")
     assert first.content_fingerprint() == {"template.edu_annotate_v1": template.sha256}
     assert sorted(p.name for p in (folder / "_state").iterdir()) == [
-        "_DONE", "ratings", "sample.parquet",
+        "_DONE", "ratings", "sample", "sample.parquet",
     ]  # fmt: skip
 
     with fake_server(score_3) as (url, seen):
@@ -314,7 +353,7 @@ def test_transport_settings_keep_the_ratings_and_what_decides_them_does_not(tmp_
         assert stricter.fingerprint() != first.fingerprint()
         run_stage(stricter, files, run)
         assert len(seen) == 8
-    assert {p.name[:7] for p in (folder / "_state" / "ratings").iterdir()} == {"g000001"}
+    assert {p.name[:7] for p in (folder / "_state" / "ratings").glob("*/*")} == {"g000001"}
 
 
 def test_a_model_given_as_a_file_path_is_part_of_the_fingerprint(tmp_path):

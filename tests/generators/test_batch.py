@@ -10,9 +10,10 @@ import sys
 import threading
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from generators.teacher.base import ChatRequest, Completion, derive_seed
+from generators.teacher.base import ChatRequest, Completion, StreamingTeacher, derive_seed
 from generators.teacher.checkpoint import (
     answers_revision,
     completions_table,
@@ -186,3 +187,49 @@ def test_a_killed_run_leaves_whole_checkpoints_and_the_resume_asks_only_the_rest
     assert stats["reused"] == 4 and stats["ok"] == 10
     assert table["text"].to_pylist() == [f"question {i}" for i in range(10)]
     assert not list(ckpt.glob(".*"))
+
+
+class OneUnitAtATime:
+    """A StreamingTeacher in this process that builds each unit's requests only after the
+    answers of the units before it were committed (a job's tasks run in any order)."""
+
+    backend = "fake"
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def stream(self, units, requests, batch_rows, carry=()):
+        for unit in units:
+            table = requests(unit)
+            self.asked += table["id"].to_pylist()
+            answers = completions_table(
+                [Completion(i, f"answer {i}", 3, 2, "stop", None, None, 0.0, "m", "fake")
+                 for i in table["id"].to_pylist()]
+            )  # fmt: skip
+            yield pa.Table.from_arrays(
+                [*answers.columns, *(table[c] for c in carry)], [*answers.column_names, *carry]
+            )
+
+    def complete(self, requests):
+        raise AssertionError("a streaming teacher is asked through stream()")
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def test_a_streamed_unit_cut_in_blocks_asks_each_request_once(tmp_path):
+    """A job's blocks of one unit are built at different times, some after answers of the
+    others are stored: every request is in exactly one block all the same."""
+    reqs = [ask(i) for i in range(9)]
+    teacher = OneUnitAtATime()
+    assert isinstance(teacher, StreamingTeacher)
+    table, stats = run_checkpointed(reqs, tmp_path / "store", cfg("http://127.0.0.1:9/v1"),
+                                    batch_size=2, teacher=teacher)  # fmt: skip
+    assert sorted(teacher.asked) == [r.id for r in reqs]
+    assert stats["ok"] == 9 and table["text"].to_pylist() == [f"answer {r.id}" for r in reqs]

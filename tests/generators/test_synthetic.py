@@ -4,6 +4,12 @@ failures) against the real local teacher and scripted fake servers, validate."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,13 +19,14 @@ import pytest
 from generators.generate import GenerateStage
 from generators.prompts import load_template
 from generators.seeds import STYLES, SeedsStage, draw, load_taxonomy
-from generators.teacher.base import derive_seed
+from generators.teacher.base import Completion, completions_table, derive_seed
 from generators.teacher.config import LocalServerConfig, TeacherConfig
+from generators.teacher.store import part_key
 from generators.validate import ValidateStage
 from pipeline import registry
 from pipeline.stage import DryRun, PreflightError
 from pipeline.stage_runner import run_stage
-from tests.conftest import fineweb_docs
+from tests.conftest import REPO, fineweb_docs
 from tests.fake_llm import chat, fake_server
 
 GOOD = (
@@ -179,7 +186,10 @@ def test_generate_retry_failed_asks_exactly_the_failed_prompts_again(tmp_path):
         assert len(seen) == 2 + 9 and m["dropped"] == {}
     assert m["config"]["temperature"] == 0.9
     assert sorted(p.name for p in state.iterdir()) == ["_DONE", "completions"]  # no stamp
-    assert {p.name[:7] for p in (state / "completions").iterdir()} == {"g000001"}
+    # One folder per seeds part (9 prompts, one part), holding this attempt's files only.
+    assert [p.name[:7] for p in (state / "completions").iterdir()] == [part_key(
+        f"seeds/{Path(parts[0]).name}")[:7]]  # fmt: skip
+    assert {p.name[:7] for p in (state / "completions").glob("*/*")} == {"g000001"}
 
 
 def test_the_seeds_template_and_taxonomy_chain_into_what_generate_reads(tmp_path):
@@ -318,3 +328,133 @@ def test_generate_with_the_real_local_teacher(tmp_path):
         assert 1 <= r["completion_tokens"] <= 48 and r["prompt_tokens"] > 20
     done = json.loads((tmp_path / "run/generate/_state/_DONE").read_text())
     assert done["ok"] == 3 and done["completion_tokens_per_s"] > 0
+
+
+# --- the answer store, part by part -------------------------------------------------------
+
+
+def two_parts(tmp_path: Path) -> tuple[list[str], list[list[str]]]:
+    """Seeds in two parts (6 and 5 prompts) and the ids of each."""
+    parts = seeds_parts(tmp_path / "seeds", per_style={"textbook": 6, "story": 5}, part_rows=6)
+    return parts, [pq.read_table(p)["id"].to_pylist() for p in parts]
+
+
+def test_each_part_reads_only_its_own_answers_and_a_retry_asks_only_the_failed(tmp_path):
+    parts, ids = two_parts(tmp_path)
+    everyone = [i for p in ids for i in p]
+
+    def first_two_fail(n, body, headers):
+        return (500, {}, b"kaboom") if n <= 2 else good(n, body, headers)
+
+    cfg = dict(request_batch=4, retry_rounds=0)  # batches of 4 across the two parts
+    with fake_server(first_two_fail) as (url, _):
+        m = run_stage(GenerateStage(teacher=writer(url, max_concurrency=1), **cfg), parts,
+                      tmp_path / "run")  # fmt: skip
+    assert m["dropped"] == {"generate:teacher_error": 2}
+    state = tmp_path / "run/generate/_state"
+    store = state / "completions"
+    held = {d.name: sorted(pa.concat_tables(pq.read_table(f) for f in d.iterdir())["id"].to_pylist())
+            for d in store.iterdir()}  # fmt: skip
+    assert held == {part_key(f"seeds/{Path(p).name}"): sorted(i) for p, i in zip(parts, ids,
+                    strict=True)}  # fmt: skip
+
+    # A worker reads nothing in setup() and, per part, that part's answers only.
+    stage = GenerateStage()
+    stage.state_dir = str(state)
+    stage.setup()
+    assert stage.answers.rows_loaded == 0
+    for part, mine in zip(parts, ids, strict=True):
+        before = stage.answers.rows_loaded
+        out = stage(pq.read_table(part))
+        assert stage.answers.rows_loaded - before == len(mine)
+        assert out["id"].to_pylist() == mine and out["text"].null_count <= 2
+
+    with fake_server(good) as (url, seen):
+        stage = GenerateStage(teacher=writer(url), **cfg)
+        m = run_stage(stage, parts, tmp_path / "run", retry_failed=True)
+        assert len(seen) == 2 and m["dropped"] == {}
+    rows = pa.concat_tables(pq.read_table(tmp_path / f"run/generate/{n}.parquet")
+                            for n in m["part_names"])  # fmt: skip
+    assert rows["id"].to_pylist() == everyone and set(rows["text"].to_pylist()) == {GOOD}
+
+
+_KILLED_GENERATE = """
+import sys
+from pathlib import Path
+from generators.generate import GenerateStage
+from generators.teacher.config import TeacherConfig
+from pipeline.stage_runner import run_stage
+url, run, *parts = sys.argv[1:]
+teacher = TeacherConfig(backend="openai", base_url=url, max_retries=0, max_concurrency=1)
+run_stage(GenerateStage(teacher=teacher, request_batch=3, retry_rounds=0), parts, Path(run))
+"""
+
+
+def test_a_killed_generate_resumes_with_exactly_the_prompts_left(tmp_path):
+    """SIGKILL while the second request batch is in flight: the first batch is whole in the
+    store, and the resume asks exactly the other prompts of both parts."""
+    parts, ids = two_parts(tmp_path)
+    everyone = [i for p in ids for i in p]
+    hang = threading.Event()
+
+    def stalls_on_the_fifth(n, body, headers):
+        if n >= 5:
+            hang.wait(30)
+        return good(n, body, headers)
+
+    run = tmp_path / "run"
+    store = run / "generate/_state/completions"
+    with fake_server(stalls_on_the_fifth) as (url, seen):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([sys.executable, "-c", _KILLED_GENERATE, url, str(run), *parts],
+                                env=env, cwd=REPO, stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while len(seen) < 5 and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            assert len(seen) == 5, proc.stderr.read().decode() if proc.poll() is not None else ""
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        finally:
+            hang.set()
+            if proc.poll() is None:
+                proc.kill()
+            proc.stderr.close()
+    committed = sorted(
+        i for f in store.glob("*/*.parquet") for i in pq.read_table(f)["id"].to_pylist()
+    )
+    assert committed == sorted(everyone[:3])
+
+    with fake_server(good) as (url, seen):
+        m = run_stage(GenerateStage(teacher=writer(url), request_batch=3), parts, run)
+        assert generated_ids(seen, everyone) == sorted(everyone[3:])
+    assert m["rows_in"] == 11 and m["dropped"] == {}
+    assert not list(store.glob("**/.*"))
+
+
+def test_a_store_from_before_the_part_folders_is_moved_into_them(tmp_path):
+    """Answers stored by id directly in completions/, and seeds parts without source_path
+    (both as the code before part folders wrote them): the answers move into part folders,
+    only what has no usable answer is asked, and process() finds every row's answer."""
+    parts, ids = two_parts(tmp_path)
+    everyone = [i for p in ids for i in p]
+    for p in parts:
+        pq.write_table(pq.read_table(p).drop_columns(["source_path"]), p)
+    store = tmp_path / "state/completions"
+    store.mkdir(parents=True)
+    old = [Completion(i, f"old {i}", 5, 2, "stop", None, None, 0.1, "m", "openai")
+           for i in everyone[1:]]  # fmt: skip
+    old[0] = Completion(everyone[1], None, None, None, None, "http_503: busy", "busy", 0.1, "m",
+                        "openai")  # fmt: skip
+    pq.write_table(completions_table(old), store / "g000001-000000.parquet")
+    with fake_server(good) as (url, seen):
+        stage = GenerateStage(teacher=writer(url))
+        stage.prepare(parts, str(tmp_path / "state"))
+        assert generated_ids(seen, everyone) == sorted(everyone[:2])
+    assert not list(store.glob("*.parquet")) and not (store / "_MIGRATED").exists()
+    assert sorted(d.name for d in store.iterdir()) == sorted(
+        part_key(f"seeds/{Path(p).name}") for p in parts
+    )
+    stage.setup()
+    out = pa.concat_tables(stage(pq.read_table(p)) for p in parts)
+    assert out["text"].to_pylist() == [GOOD, GOOD, *(f"old {i}" for i in everyone[2:])]
