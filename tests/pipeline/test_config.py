@@ -104,7 +104,7 @@ def test_cli_lists_stages_with_defaults_modules_and_kinds_of_keys(capsys):
 
     assert main(["stages"]) == 0
     out = capsys.readouterr().out
-    for name in ("extract_v1", "langid_v1", "quality_v1", "dedup_v2"):
+    for name in ("extract_v1", "langid_v1", "quality_v1", "dedup_v3"):
         assert name in out
     assert "min_score = 0.65  (threshold)" in out
     for name in registry.names():  # `primer stages` leads to each stage's file in one hop
