@@ -69,15 +69,18 @@ class Part:
     from_stage: bool  # a Primer stage output (Parquet with drop_reason) vs a raw input file
     stable: str = ""  # the path recorded in fingerprints and lineage (see stable_path)
     row_groups: tuple[int, int] | None = None  # a sub-part: row groups [a, b) of a Parquet
+    byte_range: tuple[int, int] | None = None  # a sub-part: records starting in bytes [a, b)
 
     @property
     def label(self) -> str:
-        """The part's `source_path`: the stable path, and for a sub-part its row groups
-        (ids are unique within a part, so (source_path, id) names one document)."""
+        """The part's `source_path`: the stable path, and for a sub-part its row groups or
+        bytes (ids are unique within a part, so (source_path, id) names one document)."""
         path = self.stable or self.source
-        if self.row_groups is None:
-            return path
-        return f"{path}#row_groups={self.row_groups[0]}-{self.row_groups[1] - 1}"
+        if self.row_groups is not None:
+            return f"{path}#row_groups={self.row_groups[0]}-{self.row_groups[1] - 1}"
+        if self.byte_range is not None:
+            return f"{path}#bytes={self.byte_range[0]}-{self.byte_range[1] - 1}"
+        return path
 
 
 def utc_now() -> str:
@@ -156,15 +159,38 @@ def row_group_spans(path: str, max_rows: int | None) -> list[tuple[int, int]] | 
     return spans if len(spans) > 1 else None
 
 
+def byte_spans(path: str, max_bytes: int | None) -> list[tuple[int, int]] | None:
+    """Consecutive byte ranges [a, b) of at most `max_bytes` covering a raw gzip WARC or
+    plain JSONL file (the reader finds the record boundaries inside them); None when the
+    file is not split: small enough, or a format that cannot be entered mid-file."""
+    from pipeline.readers import detect_format
+    from pipeline.readers.compression import byte_splittable
+
+    try:
+        size = os.path.getsize(path)
+        if max_bytes is None or size <= max_bytes:
+            return None
+        if not byte_splittable(path, detect_format(path)):
+            return None
+    except (OSError, ValueError):
+        return None  # unreadable or unknown: the reader or the plan records it
+    return [(a, min(a + max_bytes, size)) for a in range(0, size, max_bytes)]
+
+
 def _sub_name(name: str, part: Part) -> str:
-    return name if part.row_groups is None else f"{name}.rg{part.row_groups[0]:05d}"
+    if part.row_groups is not None:
+        return f"{name}.rg{part.row_groups[0]:05d}"
+    if part.byte_range is not None:
+        return f"{name}.b{part.byte_range[0]:013d}"
+    return name
 
 
 def plan_parts(
     files: Sequence[str], anchor: str | Path | None = None, read: ReadOptions | None = None
 ) -> list[Part]:
     """One part per file, except a raw Parquet file with more than `read.max_rows_per_part`
-    rows: one sub-part per range of row groups, so no file is a single-task bottleneck."""
+    rows (one sub-part per range of row groups) and a gzip WARC or plain JSONL file over
+    `read.max_bytes_per_part` (one per byte range), so no file is a single-task bottleneck."""
     read = read or ReadOptions()
     parts = []
     for f in files:
@@ -173,13 +199,21 @@ def plan_parts(
             parts.append(Part(Path(f).stem, f, True, stable))
             continue
         from_stage = is_stage_output(f)
-        spans = None if from_stage else row_group_spans(f, read.max_rows_per_part)
         name = part_name(f, stable)
-        if spans is None:
+        if from_stage:
             parts.append(Part(name, f, from_stage, stable))
-        else:
-            subs = [Part(name, f, False, stable, span) for span in spans]
+            continue
+        subs = [
+            Part(name, f, False, stable, span)
+            for span in row_group_spans(f, read.max_rows_per_part) or ()
+        ]
+        if not subs:
+            spans = byte_spans(f, read.max_bytes_per_part) or ()
+            subs = [Part(name, f, False, stable, byte_range=span) for span in spans]
+        if subs:
             parts += [replace(p, name=_sub_name(name, p)) for p in subs]
+        else:
+            parts.append(Part(name, f, False, stable))
     names = [p.name for p in parts]
     if len(set(names)) != len(names):
         # Two inputs from different stage folders with the same part name: disambiguate.
@@ -218,8 +252,21 @@ class ReadOptions:
     text_column: str = "text"
     id_column: str = "id"
     max_rows_per_part: int | None = None  # a larger raw Parquet file becomes sub-parts
+    max_bytes_per_part: int | None = None  # a larger gzip WARC or plain JSONL file too
+
+    @classmethod
+    def of(cls, section: Any) -> ReadOptions:
+        """From a recipe's `read:` section (pipeline.recipe.ReadConfig)."""
+        return cls(
+            section.text_column,
+            section.id_column,
+            section.max_rows_per_part,
+            section.max_bytes_per_part,
+        )
 
     def fingerprint(self) -> str:
+        # Byte ranges need no entry: they change only split files' part labels, which
+        # input_fingerprint hashes.
         split = "" if self.max_rows_per_part is None else f"\0split={self.max_rows_per_part}"
         return f"text={self.text_column}\0id={self.id_column}{split}"
 
@@ -253,6 +300,7 @@ def iter_input(
         id_column=read.id_column,
         unique_ids=unique,
         row_groups=part.row_groups,
+        byte_range=part.byte_range,
     ):
         # Lineage names the stable path, not wherever this worker found the file.
         idx = table.column_names.index("source_path")

@@ -71,6 +71,12 @@ class ReadConfig(BaseModel):
     with its own commit, so one big file is not one core's work however big the cluster.
     Rows of such a part carry `source_path` "<file>#row_groups=a-b". None: never split."""
 
+    max_bytes_per_part: int | None = Field(256 << 20, ge=1 << 16)
+    """A gzip WARC/WET (one gzip member per record, as Common Crawl writes them) or a plain
+    JSONL input larger than this many bytes is read as several parts, byte ranges each
+    holding the records that start in it. Rows carry `source_path` "<file>#bytes=a-b".
+    Compressed JSONL cannot be entered mid-file and is read whole. None: never split."""
+
     on_unknown_input: Literal["skip", "fail"] = "skip"
     """Files in an input folder or glob that no reader handles (a LICENSE, a README, a
     `.wat.gz` metadata file, a JSON manifest): "skip" lists them before any work, with a

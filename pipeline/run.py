@@ -47,7 +47,7 @@ def run_recipe(
     selected = select_stages(loaded, only)
     plans = plan_run(loaded, selected, out_root)
     cfg = loaded.recipe.read
-    read = ReadOptions(cfg.text_column, cfg.id_column, cfg.max_rows_per_part)
+    read = ReadOptions.of(cfg)
     out_root.mkdir(parents=True, exist_ok=True)
     with RunLock(out_root, command):
         where: Executor = LOCAL

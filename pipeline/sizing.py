@@ -155,7 +155,7 @@ def estimate(
 ) -> list[StageEstimate]:
     """Follow the documents through the recipe's stages; see the module docstring."""
     measured = measured or {}
-    read = read or ReadOptions(max_rows_per_part=loaded.recipe.read.max_rows_per_part)
+    read = read or ReadOptions.of(loaded.recipe.read)
     out: dict[str, StageEstimate] = {}
     driver = rates["driver"]
     for i, spec in enumerate(loaded.stages):

@@ -47,6 +47,30 @@ def iter_chunks(path: str) -> Iterator[bytes]:
                 yield chunk
 
 
+def range_chunks(path: str, begin: int, stop: int) -> Iterator[bytes]:
+    """Bytes begin..stop-1 of an uncompressed file, a megabyte at a time."""
+    with open(path, "rb") as f:
+        f.seek(begin)
+        left = stop - begin
+        while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+            left -= len(chunk)
+            yield chunk
+
+
+def byte_splittable(path: str, fmt: str) -> bool:
+    """Whether a raw input of format `fmt` (a READERS key) can be read in byte ranges: a
+    gzip WARC/WET (one gzip member per record, as crawlers write them; a file written as one
+    member reads whole in its first range) or a plain UTF-8 JSONL file."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if ".warc" in fmt or ".wet" in fmt:
+        return head.startswith(GZIP_MAGIC)
+    if fmt in (".jsonl", ".ndjson"):
+        compressed = head.startswith(GZIP_MAGIC) or head == _ZSTD_MAGIC
+        return not compressed and head[:2] not in _UTF16_BOMS
+    return False
+
+
 def _gunzip(f: io.BufferedReader) -> Iterator[bytes]:
     d = zlib.decompressobj(wbits=31)
     in_member = False

@@ -10,6 +10,11 @@ rule). Blank lines are skipped without a row, but counted in fallback ids.
     from pipeline.readers.jsonl import read_jsonl
     for table in read_jsonl("dump.jsonl.zst", text_column="content"):
         ...
+
+A plain (uncompressed, UTF-8) file can be read in byte ranges (`byte_range`, a sub-part):
+a range holds the lines that start inside it, so consecutive ranges read every line once.
+Fallback ids in a range name the line's byte offset ("<file>:@<offset>") instead of its
+number, which would need every earlier byte counted.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from pipeline.readers.compression import iter_lines, text_chunks
+from pipeline.readers.compression import iter_lines, range_chunks, text_chunks
 from pipeline.readers.rows import (
     MAX_REPLACED_SHARE,
     TIME_FIELDS,
@@ -43,14 +48,58 @@ _JSON = json.JSONDecoder(strict=False)
 
 
 def read_jsonl(
-    path: str, batch_rows: int = 1000, *, text_column: str = "text", id_column: str = "id"
+    path: str,
+    batch_rows: int = 1000,
+    *,
+    text_column: str = "text",
+    id_column: str = "id",
+    byte_range: tuple[int, int] | None = None,
 ) -> Iterator[pa.Table]:
     """JSON Lines (plain, .gz or .zst) -> READ_SCHEMA batches, one row per non-blank line.
 
     `url` and `title` come from top-level fields or, Dolma style, from a `metadata` object;
-    `fetch_time` from the first of `timestamp`, `date`, `created` present.
+    `fetch_time` from the first of `timestamp`, `date`, `created` present. `byte_range`
+    (a, b) of a plain file reads the lines that start at offsets a..b-1.
     """
+    if byte_range is not None:
+        rows = _jsonl_range_rows(path, byte_range, text_column, id_column)
+        return batched(rows, path, batch_rows)
     return batched(_jsonl_rows(path, text_column, id_column), path, batch_rows)
+
+
+def line_start(path: str, offset: int) -> int:
+    """The first offset >= `offset` at which a line starts (the file's size if none)."""
+    if offset <= 0:
+        return 0
+    with open(path, "rb") as f:
+        f.seek(offset - 1)
+        if f.read(1) == b"\n":
+            return offset
+        pos = offset
+        while chunk := f.read(1 << 20):
+            i = chunk.find(b"\n")
+            if i >= 0:
+                return pos + i + 1
+            pos += len(chunk)
+        return pos
+
+
+def _jsonl_range_rows(
+    path: str, byte_range: tuple[int, int], text_column: str, id_column: str
+) -> Iterator[Row]:
+    name = os.path.basename(path)
+    begin, stop = line_start(path, byte_range[0]), line_start(path, byte_range[1])
+    offset = begin
+    for line in iter_lines(range_chunks(path, begin, stop)):
+        fallback = f"{name}:@{offset}"
+        if line is None:
+            yield drop_row(fallback, "too_large")
+            # the line's length is not kept; its end is the next newline
+            offset = line_start(path, offset + 1)
+            continue
+        if line and not line.isspace():
+            yield _json_row(line, fallback, text_column, id_column)
+        offset += len(line) + 1
 
 
 def _jsonl_rows(path: str, text_column: str, id_column: str) -> Iterator[Row]:

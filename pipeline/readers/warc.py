@@ -14,6 +14,12 @@ becomes one drop row, and reading resumes at the next gzip member (or WARC heade
     from pipeline.readers.warc import read_warc
     for table in read_warc("crawl.warc.gz"):
         ...
+
+A gzip file can be read in byte ranges (`byte_range`, a sub-part): a range holds the
+records whose gzip member starts inside it. Where a range starts and stops is found by one
+rule, `member_start` (the first gzip header at or after the offset that inflates to
+"WARC/"), applied by both neighbours, so consecutive ranges read every record once. Ids of
+records without a WARC-Record-ID then name the range ("<file>@<start>:<n>").
 """
 
 from __future__ import annotations
@@ -38,19 +44,47 @@ _CUT_REASONS = ("read:truncated_gzip", "read:truncated_record")
 
 
 def read_warc(
-    path: str, batch_rows: int = 1000, *, text_column: str = "text", id_column: str = "id"
+    path: str,
+    batch_rows: int = 1000,
+    *,
+    text_column: str = "text",
+    id_column: str = "id",
+    byte_range: tuple[int, int] | None = None,
 ) -> Iterator[pa.Table]:
     """WARC/WET file -> READ_SCHEMA batches.
 
     HTTP `response` and web `resource` records give `html` (the HTTP body, de-chunked and
     content-decoded); WET `conversion` records give `text`. Either kind is read from either
     file name, so a WET file named .warc.gz still works. `text_column` and `id_column` do
-    not apply to WARC; they are accepted so every reader has one signature.
+    not apply to WARC; they are accepted so every reader has one signature. `byte_range`
+    (a, b) of a gzip file reads the records whose member starts at offsets a..b-1.
     """
-    return batched(_warc_rows(path), path, batch_rows)
+    return batched(_warc_rows(path, byte_range), path, batch_rows)
 
 
-def _warc_rows(path: str) -> Iterator[Row]:
+_MEMBER = b"\x1f\x8b\x08"
+
+
+def member_start(path: str, offset: int) -> int | None:
+    """The first offset >= `offset` where a gzip member holding a WARC record starts, or
+    None. A candidate header must inflate to b"WARC/": deflate data can hold the three
+    magic bytes by chance, but not that."""
+    pos = offset
+    while (c := _find(path, _MEMBER, pos)) is not None:
+        with open(path, "rb") as f:
+            f.seek(c)
+            data = f.read(READ_CHUNK)
+        try:
+            head = zlib.decompressobj(wbits=31).decompress(data, 8)
+        except zlib.error:
+            head = b""
+        if head.startswith(b"WARC/"):
+            return c
+        pos = c + 1
+    return None
+
+
+def _warc_rows(path: str, byte_range: tuple[int, int] | None = None) -> Iterator[Row]:
     from fastwarc.stream_io import GzipReader
     from fastwarc.warc import ArchiveIterator
 
@@ -58,9 +92,20 @@ def _warc_rows(path: str) -> Iterator[Row]:
     with open(path, "rb") as f:
         gz = f.read(2) == GZIP_MAGIC
     # Where to pick up again after a broken record: the next gzip member or WARC header.
-    marker = b"\x1f\x8b\x08" if gz else b"WARC/1."
+    marker = _MEMBER if gz else b"WARC/1."
     index = 0  # ordinal of document records, for ids of records without WARC-Record-ID
     start = 0  # byte offset the current ArchiveIterator started at (moves on resync)
+    stop = None  # a range: records whose member starts at or after this are the next's
+    if byte_range is not None:
+        if not gz:
+            raise ValueError(f"byte ranges are for gzip WARC files only, not {path}")
+        first = member_start(path, byte_range[0]) if byte_range[0] > 0 else 0
+        stop = member_start(path, byte_range[1])
+        if first is None or (stop is not None and first >= stop):
+            return  # no record starts in this range
+        start = first
+        if byte_range[0] > 0:
+            name = f"{name}@{byte_range[0]}"
     seen_since_error = True
     # The newest row is held back one step: when the file turns out to end inside that
     # very record, its "malformed" verdict becomes "truncated" instead of a second row.
@@ -77,6 +122,8 @@ def _warc_rows(path: str) -> Iterator[Row]:
             # parse their HTTP headers in _warc_row.
             for rec in ArchiveIterator(stream, parse_http=False, stream_detect=False):
                 last = stream.frame_start_position() if gz else rec.stream_pos
+                if stop is not None and last >= stop:
+                    break  # the next range's first record
                 seen_since_error = True
                 if int(rec.record_type) & _DOC_TYPES:
                     row = _warc_row(rec, name, index, gz)
@@ -98,6 +145,8 @@ def _warc_rows(path: str) -> Iterator[Row]:
                 held = None
             frame = stream.frame_start_position() if gz and stream is not None else None
             frame = last if frame is None else frame
+            if stop is not None and frame >= stop:
+                return  # the broken record is the next range's to record
             nxt = _find(path, marker, max(start, last, frame) + 1)
             if seen_since_error:
                 reason = gz and _member_problem(path, frame)
@@ -106,16 +155,18 @@ def _warc_rows(path: str) -> Iterator[Row]:
                 yield drop_row(f"{name}:{index}", reason or "malformed_record")
                 index += 1
             seen_since_error = False
-            if nxt is None:
+            if nxt is None or (stop is not None and nxt >= stop):
                 return
             start = nxt
             continue
         finally:
             raw.close()
         # A cut inside WARC headers ends FastWARC's iteration silently, so the end of the
-        # file is checked on its own, from the start of the last record seen.
+        # file is checked on its own, from the start of the last record seen (a range that
+        # stops before the end leaves that to the last range).
         cut = held is not None and held[7] in _CUT_REASONS
-        reason = None if cut else _tail_problem(path, last, gz)
+        ended = stop is not None and last >= stop
+        reason = None if cut or ended else _tail_problem(path, last, gz)
         if reason and held is not None and held_at == last and held[7] == "read:malformed_record":
             held, reason = (*held[:7], f"read:{reason}"), None
         if held is not None:
