@@ -19,7 +19,6 @@ row by row, and a base rewritten since is a clear error, never a silent misalign
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import uuid
@@ -280,27 +279,21 @@ def iter_parquet(
 
 
 def expand_inputs(patterns: Iterable[str]) -> list[str]:
-    """Expand globs and folders into a sorted, de-duplicated list of files.
+    """Expand globs and folders (local, or URIs: s3://, gs://, hf://, file://; see
+    pipeline/storage.py) into a sorted, de-duplicated list of files.
 
     Raises a clear error for a pattern that matches nothing, before any work starts.
     """
+    from pipeline import storage
+
     files: list[str] = []
     for pattern in patterns:
-        p = Path(pattern).expanduser()
-        if p.is_dir():
-            found = sorted(
-                str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith((".", "_"))
-            )
-        elif any(ch in pattern for ch in "*?["):
-            found = sorted(f for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
-        elif p.is_file():
-            found = [str(p)]
-        else:
-            found = []
+        found = storage.expand(pattern)
         if not found:
             raise FileNotFoundError(f"input {pattern!r} matches no file")
         files.extend(found)
-    return sorted(dict.fromkeys(str(Path(f).resolve()) for f in files))
+    resolved = (f if storage.is_remote(f) else str(Path(f).resolve()) for f in files)
+    return sorted(dict.fromkeys(resolved))
 
 
 def is_stage_parquet(path: str | Path) -> bool:

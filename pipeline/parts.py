@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
+from pipeline import storage
 from pipeline.io import (
     AtomicParquetWriter,
     column_part_metadata,
@@ -49,6 +50,7 @@ from pipeline.io import (
     stage_schema,
     write_json_atomic,
 )
+from pipeline.readers.splits import byte_spans, row_group_spans
 from pipeline.schema import READ_COLUMNS, schema_for
 from pipeline.stage import MissingColumns, Stage, StageFatal
 
@@ -90,8 +92,11 @@ def utc_now() -> str:
 def stable_path(path: str, anchor: str | Path | None = None) -> str:
     """`path` as fingerprints and lineage record it: relative to `anchor` (default: the
     working directory) when inside it, else absolute. A Ray job's working dir is unpacked to
-    a new temporary folder on every submission; its files keep their relative paths."""
-    absolute = os.path.abspath(path)
+    a new temporary folder on every submission; its files keep their relative paths.
+    A remote URI is its own stable path."""
+    if storage.is_remote(path):
+        return path
+    absolute = os.path.abspath(storage.local(path))
     root = os.path.abspath(anchor if anchor is not None else os.getcwd())
     try:
         rel = os.path.relpath(absolute, root)
@@ -129,52 +134,10 @@ def is_stage_output(path: str) -> bool:
     if not path.lower().endswith(".parquet"):
         return False
     try:
-        names = pq.read_schema(path).names
+        names = storage.parquet_schema(path).names
     except (pa.ArrowException, OSError):
         return False
     return "id" in names and "drop_reason" in names
-
-
-def row_group_spans(path: str, max_rows: int | None) -> list[tuple[int, int]] | None:
-    """Consecutive row-group ranges [a, b) of a raw Parquet file holding at most `max_rows`
-    rows each (a larger single group is a range of its own); None when the file is not
-    split: small enough, one row group, not Parquet, or a footer that does not read (the
-    reader records that file as a bad input)."""
-    if max_rows is None or not path.lower().endswith(".parquet"):
-        return None
-    try:
-        meta = pq.read_metadata(path)
-    except (pa.ArrowException, OSError):
-        return None
-    if meta.num_rows <= max_rows or meta.num_row_groups < 2:
-        return None
-    spans, start, rows = [], 0, 0
-    for g in range(meta.num_row_groups):
-        n = meta.row_group(g).num_rows
-        if rows and rows + n > max_rows:
-            spans.append((start, g))
-            start, rows = g, 0
-        rows += n
-    spans.append((start, meta.num_row_groups))
-    return spans if len(spans) > 1 else None
-
-
-def byte_spans(path: str, max_bytes: int | None) -> list[tuple[int, int]] | None:
-    """Consecutive byte ranges [a, b) of at most `max_bytes` covering a raw gzip WARC or
-    plain JSONL file (the reader finds the record boundaries inside them); None when the
-    file is not split: small enough, or a format that cannot be entered mid-file."""
-    from pipeline.readers import detect_format
-    from pipeline.readers.compression import byte_splittable
-
-    try:
-        size = os.path.getsize(path)
-        if max_bytes is None or size <= max_bytes:
-            return None
-        if not byte_splittable(path, detect_format(path)):
-            return None
-    except (OSError, ValueError):
-        return None  # unreadable or unknown: the reader or the plan records it
-    return [(a, min(a + max_bytes, size)) for a in range(0, size, max_bytes)]
 
 
 def _sub_name(name: str, part: Part) -> str:
@@ -195,7 +158,7 @@ def plan_parts(
     parts = []
     for f in files:
         stable = stable_path(f, anchor)
-        if is_stage_output(f) and Path(f).parent.joinpath("_parts").is_dir():
+        if is_stage_output(f) and storage.is_dir(storage.join(storage.parent(f), "_parts")):
             parts.append(Part(Path(f).stem, f, True, stable))
             continue
         from_stage = is_stage_output(f)
@@ -225,7 +188,7 @@ def _content_sample(path: str, size: int) -> str:
     """xxh64 of the first and last 64 KiB: content, not mtime, which copies and Ray's
     working-dir unpacking do not keep. Two small reads per file, even on object storage."""
     h = xxhash.xxh64()
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         h.update(f.read(_SAMPLE_BYTES))
         if size > 2 * _SAMPLE_BYTES:
             f.seek(size - _SAMPLE_BYTES)
@@ -240,7 +203,7 @@ def input_fingerprint(parts: Sequence[Part], read: str = "") -> str:
     the reader settings that change what is read from them)."""
     h = hashlib.sha256(read.encode())
     for p in parts:
-        size = os.stat(p.source).st_size
+        size = storage.size(p.source)
         h.update(f"{p.name}\0{p.label}\0{size}\0{_content_sample(p.source, size)}\n".encode())
     return h.hexdigest()[:16]
 

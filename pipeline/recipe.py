@@ -285,6 +285,16 @@ def load_recipe(
     return LoadedRecipe(recipe=recipe, stages=specs, path=Path(path) if path else None)
 
 
+def _input_path(base: Path, value: str) -> str:
+    """A recipe input: a URI as written (s3://, gs://, hf://, file://), else a path
+    relative to the recipe file."""
+    from pipeline import storage
+
+    if storage.scheme(value) is not None:
+        return value
+    return str(Path(base, Path(value).expanduser()))
+
+
 def _stage_spec(
     i: int, name: str, body: dict | None, earlier: list[str], base: Path, check_inputs: bool
 ) -> StageSpec:
@@ -313,13 +323,7 @@ def _stage_spec(
         raise ConfigError(f"stages.{name}.input: mix of @stage references and files")
     if inputs is not None and not refs:
         inputs = [
-            str(
-                Path(
-                    base,
-                    Path(expand_vars(p, f"stages.{name}.input", check_inputs)).expanduser(),
-                )
-            )
-            for p in inputs
+            _input_path(base, expand_vars(p, f"stages.{name}.input", check_inputs)) for p in inputs
         ]
         if check_inputs:
             from pipeline.io import expand_inputs

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import storage
 from pipeline.io import expand_inputs, read_json
 from pipeline.parts import ReadOptions, plan_parts
 from pipeline.recipe import LoadedRecipe
@@ -89,33 +90,43 @@ def measured_rates(run: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _family(fmt: str) -> str:
+    """A READERS key -> the format family rates.yaml names: ".warc.wet.gz" -> "wet"."""
+    for family, marks in (
+        ("wet", ("wet",)),
+        ("warc", ("warc",)),
+        ("jsonl", ("jsonl", "ndjson", "json")),
+        ("html", ("htm",)),
+    ):
+        if any(m in fmt for m in marks):
+            return family
+    return fmt.strip(".")
+
+
 def count_documents(files: list[str], rates: dict[str, Any]) -> tuple[int, str]:
-    """(documents, how they were counted) in raw input files: Parquet footers exactly;
-    other formats by reading a few small files, else by bytes per document."""
+    """(documents, how they were counted) in raw input files (local or URIs): Parquet
+    footers exactly; other formats by reading a few small files, else by bytes per document."""
     from pipeline.readers import detect_format, iter_batches
 
-    parquet = [f for f in files if detect_format(f) == "parquet"]
-    docs = 0
-    if parquet:
-        import pyarrow.parquet as pq
-
-        docs += sum(pq.read_metadata(f).num_rows for f in parquet)
+    families = {f: _family(detect_format(f)) for f in files}
+    parquet = [f for f in files if families[f] == "parquet"]
+    docs = sum(storage.parquet_metadata(f).num_rows for f in parquet)
     by_format: dict[str, list[str]] = {}
     for f in files:
-        if detect_format(f) != "parquet":
-            by_format.setdefault(detect_format(f), []).append(f)
+        if families[f] != "parquet":
+            by_format.setdefault(families[f], []).append(f)
     hows = [f"{len(parquet)} Parquet footers"] if parquet else []
     for fmt, group in sorted(by_format.items()):
-        size = sum(os.path.getsize(f) for f in group)
-        small = [f for f in group if os.path.getsize(f) <= _SAMPLE_FILE_BYTES][:_SAMPLE_FILES]
+        sizes = {f: storage.size(f) for f in group}
+        small = [f for f in group if sizes[f] <= _SAMPLE_FILE_BYTES][:_SAMPLE_FILES]
         if small:
             counted = sum(len(t) for f in small for t in iter_batches(f, 10_000))
-            per_byte = counted / max(sum(os.path.getsize(f) for f in small), 1)
+            per_byte = counted / max(sum(sizes[f] for f in small), 1)
             hows.append(f"{fmt}: {len(small)} file(s) counted")
         else:
             per_byte = 1 / rates["documents"].get(f"{fmt}_bytes_per_doc", 3000)
             hows.append(f"{fmt}: bytes per document from rates")
-        docs += round(size * per_byte)
+        docs += round(sum(sizes.values()) * per_byte)
     return docs, "; ".join(hows)
 
 

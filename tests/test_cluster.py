@@ -145,6 +145,7 @@ def test_ray_job_submit_runs_a_recipe_on_the_cluster(ray_head, tmp_path):
     assert "streaming_executor" not in done.stdout + done.stderr
 
 
+@pytest.mark.slow  # ~40 s: two job submissions; the plain submission above runs by default
 def test_a_resubmitted_job_resumes_after_the_working_dir_changed(ray_head, tmp_path):
     """Ray unpacks `--working-dir` to a new temporary path (named by its content hash) on
     every submission: inputs inside it are fingerprinted by their path relative to it, and

@@ -58,6 +58,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import pyarrow as pa
 
+from pipeline import storage
 from pipeline.readers.arrow import can_hold_text, list_names
 from pipeline.readers.hf import is_saved_dataset, iter_hf_dataset
 from pipeline.readers.html import read_html
@@ -121,7 +122,7 @@ _COMPRESSIONS = (".bz2", ".xz", ".lz4", ".zip", ".tar", ".tgz", ".7z", ".br", ".
 
 def _unsupported(path: str) -> str | None:
     """Why no reader handles `path`, in a few words; None when one does."""
-    if os.path.isdir(path):
+    if not storage.is_remote(path) and os.path.isdir(path):
         if is_saved_dataset(path):
             return "a directory holding a saved Hugging Face dataset (read it with iter_hf_dataset)"
         return "a directory"
@@ -193,14 +194,12 @@ def check_input(
     why = _unsupported(p)
     if why is not None:
         return f"{p}: {why}"
-    if not os.path.exists(p):
+    if not storage.exists(p):
         return f"{p}: no such file"
     if detect_format(p) != ".parquet":
         return None
-    import pyarrow.parquet as pq
-
     try:
-        schema = pq.read_schema(p)
+        schema = storage.parquet_schema(p)
     except PARQUET_ERRORS:
         return None
     names = schema.names
@@ -249,7 +248,7 @@ def iter_batches(
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     p = os.fspath(path)
     reader = READERS[detect_format(p)]
-    if not os.path.exists(p):
+    if not storage.exists(p):
         raise FileNotFoundError(f"no such input file: {p}")
     unique = unique_ids if unique_ids is not None else UniqueIds()
     kwargs: dict = {"text_column": text_column, "id_column": id_column}

@@ -19,6 +19,7 @@ import itertools
 import zlib
 from collections.abc import Iterable, Iterator
 
+from pipeline import storage
 from pipeline.readers import rows
 from pipeline.readers.rows import BadInput
 
@@ -35,7 +36,7 @@ def iter_chunks(path: str) -> Iterator[bytes]:
 
     Raises BadInput after the last good chunk when the stream is cut or corrupt.
     """
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         head = f.read(4)
         f.seek(0)
         if head.startswith(GZIP_MAGIC):
@@ -49,7 +50,7 @@ def iter_chunks(path: str) -> Iterator[bytes]:
 
 def range_chunks(path: str, begin: int, stop: int) -> Iterator[bytes]:
     """Bytes begin..stop-1 of an uncompressed file, a megabyte at a time."""
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         f.seek(begin)
         left = stop - begin
         while left > 0 and (chunk := f.read(min(left, 1 << 20))):
@@ -61,7 +62,7 @@ def byte_splittable(path: str, fmt: str) -> bool:
     """Whether a raw input of format `fmt` (a READERS key) can be read in byte ranges: a
     gzip WARC/WET (one gzip member per record, as crawlers write them; a file written as one
     member reads whole in its first range) or a plain UTF-8 JSONL file."""
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         head = f.read(4)
     if ".warc" in fmt or ".wet" in fmt:
         return head.startswith(GZIP_MAGIC)

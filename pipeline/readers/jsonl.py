@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
+from pipeline import storage
 from pipeline.readers.compression import iter_lines, range_chunks, text_chunks
 from pipeline.readers.rows import (
     MAX_REPLACED_SHARE,
@@ -71,7 +72,7 @@ def line_start(path: str, offset: int) -> int:
     """The first offset >= `offset` at which a line starts (the file's size if none)."""
     if offset <= 0:
         return 0
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         f.seek(offset - 1)
         if f.read(1) == b"\n":
             return offset

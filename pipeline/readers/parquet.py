@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
+from pipeline import storage
 from pipeline.readers.arrow import (
     fallback_ids,
     input_columns,
@@ -63,12 +64,10 @@ def _parquet_tables(
     id_column: str,
     row_groups: tuple[int, int] | None = None,
 ) -> Iterator[pa.Table]:
-    import pyarrow.parquet as pq
-
     name = os.path.basename(path)
     try:
         # Page checksums, where the writer stored them, turn silent bit rot into an error.
-        pf = pq.ParquetFile(path, page_checksum_verification=True)
+        pf = storage.parquet_file(path, page_checksum_verification=True)
     except FileNotFoundError:
         raise
     except PARQUET_ERRORS:

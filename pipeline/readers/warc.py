@@ -32,6 +32,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline import storage
 from pipeline.readers import rows
 from pipeline.readers.compression import GZIP_MAGIC, READ_CHUNK
 from pipeline.readers.rows import Row, batched, decode_text, drop_row
@@ -71,7 +72,7 @@ def member_start(path: str, offset: int) -> int | None:
     magic bytes by chance, but not that."""
     pos = offset
     while (c := _find(path, _MEMBER, pos)) is not None:
-        with open(path, "rb") as f:
+        with storage.open_input(path) as f:
             f.seek(c)
             data = f.read(READ_CHUNK)
         try:
@@ -89,7 +90,7 @@ def _warc_rows(path: str, byte_range: tuple[int, int] | None = None) -> Iterator
     from fastwarc.warc import ArchiveIterator
 
     name = os.path.basename(path)
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         gz = f.read(2) == GZIP_MAGIC
     # Where to pick up again after a broken record: the next gzip member or WARC header.
     marker = _MEMBER if gz else b"WARC/1."
@@ -114,7 +115,7 @@ def _warc_rows(path: str, byte_range: tuple[int, int] | None = None) -> Iterator
     while True:
         last = start  # offset of the last record seen, any type (gzip: its member)
         stream: Any = None
-        raw = open(path, "rb")  # noqa: SIM115 - a generator spans it; closed in finally
+        raw = storage.open_input(path)  # noqa: SIM115 - a generator spans it; closed in finally
         try:
             raw.seek(start)
             stream = GzipReader(raw) if gz else raw
@@ -268,7 +269,7 @@ def _decode_http_body(body: bytes, te: str | None, ce: str | None) -> bytes | No
 
 def _find(path: str, marker: bytes, start: int) -> int | None:
     """Offset of the first `marker` at or after `start`, or None."""
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         f.seek(start)
         pos, tail = start, b""
         while chunk := f.read(1 << 20):
@@ -286,7 +287,7 @@ def _member_problem(path: str, start: int, members: int | None = 1) -> str | Non
 
     `members=None` checks every member to the end of the file.
     """
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         f.seek(start)
         d = zlib.decompressobj(wbits=31)
         data = b""
@@ -306,8 +307,10 @@ def _member_problem(path: str, start: int, members: int | None = 1) -> str | Non
                     if members == 0:
                         return None
                 data = d.unused_data
-                if not data and not f.peek(1):
-                    return None
+                if not data:
+                    data = f.read(READ_CHUNK)  # object-store files have no peek()
+                    if not data:
+                        return None
                 d = zlib.decompressobj(wbits=31)
 
 
@@ -319,12 +322,12 @@ def _tail_problem(path: str, last: int, gz: bool) -> str | None:
     member). Plain WARC: the last record's Content-Length must fit in the file, with only
     whitespace after it.
     """
-    size = os.path.getsize(path)
+    size = storage.size(path)
     if last >= size:
         return None
     if gz:
         return _member_problem(path, last, members=None)
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         f.seek(last)
         head = f.read(64 << 10)
         if not head.strip():

@@ -1,0 +1,164 @@
+"""Inputs on object storage: a real S3-compatible server (moto's server mode) on 127.0.0.1,
+read through the same readers and runner as local files, with the same rows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import storage
+from pipeline.cli import main
+from pipeline.io import expand_inputs
+from pipeline.parts import ReadOptions, plan_parts
+from pipeline.readers import iter_batches
+from pipeline.stage_runner import output_files
+from tests.conftest import fineweb_docs
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+BUCKET = "primer-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 (an ephemeral port) holding a copy of a local folder
+    of inputs; the standard AWS variables point at it. Yields (local folder, s3 prefix)."""
+    from moto.server import ThreadedMotoServer
+
+    mp = pytest.MonkeyPatch()
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        mp.delenv(key, raising=False)
+    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    mp.setenv("AWS_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    mp.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+
+    local = tmp_path_factory.mktemp("inputs")
+    for name in ("fineweb-1.jsonl.gz", "dolma-sample-0000.warc.gz", "whirlwind.warc.wet.gz"):
+        shutil.copy(SAMPLE / name, local / name)
+    docs = fineweb_docs(120)
+    table = pa.table({"id": [d["id"] for d in docs], "text": [d["text"] for d in docs]})
+    pq.write_table(table, local / "docs.parquet", row_group_size=25)
+    with open(local / "plain.jsonl", "w") as f:
+        for d in docs[:80]:
+            f.write(json.dumps(d) + "\n")
+    (local / "LICENSE").write_text("a licence, not documents\n")
+
+    fs, _ = storage.filesystem(f"s3://{BUCKET}")
+    fs.mkdir(BUCKET)
+    fs.put(f"{local}/", f"{BUCKET}/inputs/", recursive=True)
+    try:
+        yield local, f"s3://{BUCKET}/inputs"
+    finally:
+        server.stop()
+        mp.undo()
+
+
+def _rows(t: pa.Table) -> list[tuple]:
+    cols = ("id", "text", "html", "url", "drop_reason")
+    return sorted(zip(*(t[c].to_pylist() for c in cols), strict=True), key=repr)
+
+
+def _read(path: str, **kwargs) -> pa.Table:
+    return pa.concat_tables(list(iter_batches(path, batch_rows=50, **kwargs)))
+
+
+def test_folders_and_globs_on_a_bucket_expand_to_uris(s3):
+    local, prefix = s3
+    files = expand_inputs([prefix])
+    assert files == sorted(f"{prefix}/{p.name}" for p in local.iterdir())
+    assert expand_inputs([f"{prefix}/*.warc*.gz"]) == [
+        f"{prefix}/dolma-sample-0000.warc.gz",
+        f"{prefix}/whirlwind.warc.wet.gz",
+    ]
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        expand_inputs([f"{prefix}/nothing-*.jsonl"])
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fineweb-1.jsonl.gz",
+        "dolma-sample-0000.warc.gz",
+        "whirlwind.warc.wet.gz",
+        "docs.parquet",
+        "plain.jsonl",
+    ],
+)
+def test_every_reader_gives_the_same_rows_from_the_bucket(s3, name):
+    local, prefix = s3
+    assert _rows(_read(f"{prefix}/{name}")) == _rows(_read(str(local / name)))
+
+
+def test_sub_parts_of_bucket_files_read_every_record_once(s3):
+    local, prefix = s3
+    read = ReadOptions(max_rows_per_part=50, max_bytes_per_part=40_000)
+    remote = plan_parts(expand_inputs([prefix]), read=read)
+    split = {p.source.rsplit("/", 1)[1]: [] for p in remote}
+    for p in remote:
+        split[p.source.rsplit("/", 1)[1]].append(p)
+    assert len(split["dolma-sample-0000.warc.gz"]) > 3 and len(split["docs.parquet"]) == 3
+    assert len(split["plain.jsonl"]) > 1
+    for name in ("dolma-sample-0000.warc.gz", "docs.parquet", "plain.jsonl"):
+        tables = [
+            t
+            for p in split[name]
+            for t in iter_batches(
+                p.source, batch_rows=50, row_groups=p.row_groups, byte_range=p.byte_range
+            )
+        ]
+        whole = _read(str(local / name))
+        got = pa.concat_tables(tables)
+        assert sorted(got["text"].drop_null().to_pylist()) == sorted(
+            whole["text"].drop_null().to_pylist()
+        )
+        assert got.num_rows == whole.num_rows
+
+
+def test_a_run_reads_its_inputs_from_the_bucket_like_local_files(s3, tmp_path):
+    local, prefix = s3
+
+    def run(inputs: str, out: Path) -> pa.Table:
+        recipe = tmp_path / f"{out.name}.yaml"
+        recipe.write_text(
+            "name: s3\nexecutor: local\nstages:\n"
+            f"  quality: {{input: ['{inputs}']}}\n"
+            "  dedup: {}\n"
+        )
+        assert main(["run", str(recipe), "--output", str(out)]) == 0
+        t = pa.concat_tables(pq.read_table(f) for f in output_files(out / "dedup"))
+        return t.filter(pc.is_null(t["drop_reason"]))
+
+    remote = run(f"{prefix}/*.jsonl*", tmp_path / "remote")
+    here = run(f"{local}/*.jsonl*", tmp_path / "local")
+    assert remote.num_rows == here.num_rows > 50
+    assert sorted(zip(remote["id"].to_pylist(), remote["text"].to_pylist())) == sorted(
+        zip(here["id"].to_pylist(), here["text"].to_pylist())
+    )
+    # lineage names the object, as a URI
+    assert set(remote["source_path"].to_pylist()) == {f"{prefix}/fineweb-1.jsonl.gz"}
+    manifest = json.loads((tmp_path / "remote/quality/_manifest.json").read_text())
+    assert "testing" not in json.dumps(manifest)  # the key is never written
+
+
+def test_a_missing_filesystem_package_names_the_extra(monkeypatch):
+    import fsspec
+
+    def missing(protocol, **kwargs):
+        raise ImportError(f"no {protocol}")
+
+    storage._filesystem.cache_clear()
+    monkeypatch.setattr(fsspec, "filesystem", missing)
+    with pytest.raises(ImportError, match=r"pip install gcsfs"):
+        storage.filesystem("gs://bucket/x.jsonl")
+    storage._filesystem.cache_clear()
+
