@@ -285,14 +285,23 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
     Raises a clear error for a pattern that matches nothing, before any work starts.
     """
     from pipeline import storage
+    from pipeline.readers.hf import is_hf_spec, is_saved_dataset, saved_dataset_inputs
 
     files: list[str] = []
     for pattern in patterns:
+        if is_hf_spec(pattern):  # a dataset, not files: checked when the run is planned
+            files.append(pattern)
+            continue
+        if not storage.is_remote(pattern) and is_saved_dataset(Path(pattern).expanduser()):
+            files.extend(saved_dataset_inputs(str(Path(pattern).expanduser())))
+            continue
         found = storage.expand(pattern)
         if not found:
             raise FileNotFoundError(f"input {pattern!r} matches no file")
         files.extend(found)
-    resolved = (f if storage.is_remote(f) else str(Path(f).resolve()) for f in files)
+    resolved = (
+        f if storage.is_remote(f) or is_hf_spec(f) else str(Path(f).resolve()) for f in files
+    )
     return sorted(dict.fromkeys(resolved))
 
 

@@ -94,8 +94,8 @@ def stable_path(path: str, anchor: str | Path | None = None) -> str:
     working directory) when inside it, else absolute. A Ray job's working dir is unpacked to
     a new temporary folder on every submission; its files keep their relative paths.
     A remote URI is its own stable path."""
-    if storage.is_remote(path):
-        return path
+    if storage.is_remote(path) or path.startswith("hf:"):
+        return path  # a URI, or a dataset spec hf:NAME[:CONFIG]:SPLIT
     absolute = os.path.abspath(storage.local(path))
     root = os.path.abspath(anchor if anchor is not None else os.getcwd())
     try:
@@ -201,8 +201,13 @@ def _content_sample(path: str, size: int) -> str:
 def input_fingerprint(parts: Sequence[Part], read: str = "") -> str:
     """What the raw inputs are: stable path, size and content sample of each (and `read`,
     the reader settings that change what is read from them)."""
+    from pipeline.readers import dataset_digest, is_dataset_input
+
     h = hashlib.sha256(read.encode())
     for p in parts:
+        if is_dataset_input(p.source):
+            h.update(f"{p.name}\0{p.label}\0{dataset_digest(p.source)}\n".encode())
+            continue
         size = storage.size(p.source)
         h.update(f"{p.name}\0{p.label}\0{size}\0{_content_sample(p.source, size)}\n".encode())
     return h.hexdigest()[:16]

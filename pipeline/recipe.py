@@ -286,12 +286,17 @@ def load_recipe(
 
 
 def _input_path(base: Path, value: str) -> str:
-    """A recipe input: a URI as written (s3://, gs://, hf://, file://), else a path
-    relative to the recipe file."""
+    """A recipe input: a URI as written (s3://, gs://, hf://, file://), a dataset spec
+    (hf:NAME[:CONFIG]:SPLIT), else a path relative to the recipe file."""
     from pipeline import storage
 
     if storage.scheme(value) is not None:
         return value
+    if value.startswith("hf:"):  # hf:NAME[:CONFIG]:SPLIT; a local NAME is recipe-relative
+        name, sep, rest = value[3:].partition(":")
+        if name.startswith((".", "/", "~")):
+            name = str(Path(base, Path(name).expanduser()))
+        return f"hf:{name}{sep}{rest}"
     return str(Path(base, Path(value).expanduser()))
 
 

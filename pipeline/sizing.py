@@ -111,11 +111,14 @@ def count_documents(files: list[str], rates: dict[str, Any]) -> tuple[int, str]:
     families = {f: _family(detect_format(f)) for f in files}
     parquet = [f for f in files if families[f] == "parquet"]
     docs = sum(storage.parquet_metadata(f).num_rows for f in parquet)
+    hows = [f"{len(parquet)} Parquet footers"] if parquet else []
+    datasets = [f for f in files if families[f] == "hf"]
+    hows += [f"{len(datasets)} dataset(s) by their metadata"] if datasets else []
+    docs += sum(_dataset_rows(f, rates) for f in datasets)
     by_format: dict[str, list[str]] = {}
     for f in files:
-        if families[f] != "parquet":
+        if families[f] not in ("parquet", "hf"):
             by_format.setdefault(families[f], []).append(f)
-    hows = [f"{len(parquet)} Parquet footers"] if parquet else []
     for fmt, group in sorted(by_format.items()):
         sizes = {f: storage.size(f) for f in group}
         small = [f for f in group if sizes[f] <= _SAMPLE_FILE_BYTES][:_SAMPLE_FILES]
@@ -128,6 +131,21 @@ def count_documents(files: list[str], rates: dict[str, Any]) -> tuple[int, str]:
             hows.append(f"{fmt}: bytes per document from rates")
         docs += round(sum(sizes.values()) * per_byte)
     return docs, "; ".join(hows)
+
+
+def _dataset_rows(path: str, rates: dict[str, Any]) -> int:
+    """Rows of a dataset input: a saved dataset's count, a hub split's from its card's
+    metadata, else rates' `hf_docs_per_dataset`."""
+    from pipeline.readers.hf import open_hf_dataset
+
+    ds = open_hf_dataset(path)
+    if getattr(ds, "num_rows", None) is not None:
+        return int(ds.num_rows)
+    splits = getattr(ds.info, "splits", None) or {}
+    split = ds.split if getattr(ds, "split", None) else None
+    if split is not None and str(split) in splits and splits[str(split)].num_examples:
+        return int(splits[str(split)].num_examples)
+    return int(rates["documents"].get("hf_docs_per_dataset", 1_000_000))
 
 
 def human(n: float) -> str:

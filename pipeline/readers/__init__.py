@@ -60,7 +60,14 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.readers.arrow import can_hold_text, list_names
-from pipeline.readers.hf import is_saved_dataset, iter_hf_dataset
+from pipeline.readers.hf import (
+    check_hf_input,
+    dataset_digest,
+    is_hf_spec,
+    is_saved_dataset,
+    iter_hf_dataset,
+    read_hf_input,
+)
 from pipeline.readers.html import read_html
 from pipeline.readers.jsonl import read_jsonl
 from pipeline.readers.parquet import PARQUET_ERRORS, read_parquet
@@ -73,7 +80,9 @@ __all__ = [
     "UniqueIds",
     "check_input",
     "classify_inputs",
+    "dataset_digest",
     "detect_format",
+    "is_dataset_input",
     "is_saved_dataset",
     "iter_batches",
     "iter_hf_dataset",
@@ -105,6 +114,10 @@ READERS: dict[str, Reader] = {
 """File extension (lower case) -> reader; every reader takes (path, batch_rows, *,
 text_column, id_column) and yields READ_SCHEMA tables."""
 
+HF_DATASET = "hf"
+"""detect_format's answer for a Hugging Face dataset input (a spec or a save_to_disk
+folder), which has no extension."""
+
 SUPPORTED_EXTENSIONS: tuple[str, ...] = tuple(sorted(READERS, key=len, reverse=True))
 
 # Files met in crawl and dataset folders that hold no documents, by how their name ends.
@@ -122,9 +135,11 @@ _COMPRESSIONS = (".bz2", ".xz", ".lz4", ".zip", ".tar", ".tgz", ".7z", ".br", ".
 
 def _unsupported(path: str) -> str | None:
     """Why no reader handles `path`, in a few words; None when one does."""
+    if is_hf_spec(path):
+        return None
     if not storage.is_remote(path) and os.path.isdir(path):
         if is_saved_dataset(path):
-            return "a directory holding a saved Hugging Face dataset (read it with iter_hf_dataset)"
+            return None
         return "a directory"
     lower = os.path.basename(path).lower()
     if any(lower.endswith(ext) for ext in SUPPORTED_EXTENSIONS):
@@ -140,10 +155,18 @@ def _unsupported(path: str) -> str | None:
     return f"unknown file type {ext}"
 
 
+def is_dataset_input(path: str | os.PathLike[str]) -> bool:
+    """A Hugging Face dataset input: `hf:NAME[:CONFIG]:SPLIT` or a save_to_disk folder."""
+    p = os.fspath(path)
+    return is_hf_spec(p) or (not storage.is_remote(p) and is_saved_dataset(p))
+
+
 def detect_format(path: str | os.PathLike[str]) -> str:
     """The READERS key (extension) of `path`; ValueError naming what is supported."""
     p = os.fspath(path)
     why = _unsupported(p)
+    if why is None and is_dataset_input(p):
+        return HF_DATASET
     if why is None:
         lower = os.path.basename(p).lower()
         # longest first, so .warc.wet.gz beats .warc.gz
@@ -152,7 +175,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         raise ValueError(f"{p} is a directory; pass its files (expand the glob first)")
     raise ValueError(
         f"cannot read {p}: {why}. Supported extensions: {', '.join(sorted(READERS))}; "
-        "Hugging Face datasets go through iter_hf_dataset()."
+        "Hugging Face datasets: hf:NAME[:CONFIG]:SPLIT or a save_to_disk folder."
     )
 
 
@@ -194,6 +217,8 @@ def check_input(
     why = _unsupported(p)
     if why is not None:
         return f"{p}: {why}"
+    if is_dataset_input(p):
+        return check_hf_input(p, text_column)
     if not storage.exists(p):
         return f"{p}: no such file"
     if detect_format(p) != ".parquet":
@@ -247,8 +272,9 @@ def iter_batches(
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     p = os.fspath(path)
-    reader = READERS[detect_format(p)]
-    if not storage.exists(p):
+    fmt = detect_format(p)
+    reader = read_hf_input if fmt == HF_DATASET else READERS[fmt]
+    if fmt != HF_DATASET and not storage.exists(p):
         raise FileNotFoundError(f"no such input file: {p}")
     unique = unique_ids if unique_ids is not None else UniqueIds()
     kwargs: dict = {"text_column": text_column, "id_column": id_column}
