@@ -3,8 +3,7 @@
 A path is either a plain local path or a URI: `s3://bucket/key`, `gs://bucket/key`,
 `hf://datasets/owner/name/file` or `file:///abs/path`. URIs go through fsspec (s3fs, gcsfs,
 huggingface_hub's HfFileSystem: optional extras, named in the error when one is missing);
-Parquet on s3:// goes through pyarrow's own S3 filesystem, which reads row groups without
-a Python hop. Credentials and endpoints come from the standard variables
+a remote Parquet file is read a row group per request (`SpanFile`). Credentials and endpoints come from the standard variables
 (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN / AWS_PROFILE,
 AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3, AWS_REGION; GOOGLE_APPLICATION_CREDENTIALS; HF_TOKEN)
 and are never logged: only URIs are.
@@ -18,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import glob as _glob
+import io
 import os
 import re
 from pathlib import Path
@@ -166,52 +166,138 @@ def _hidden(rel: Path) -> bool:
     return rel.name.startswith((".", "_"))
 
 
-def arrow_filesystem(path: str) -> tuple[Any, str]:
-    """(pyarrow filesystem or None, path) for pyarrow.parquet: None and the local path for
-    local files; pyarrow's S3FileSystem for s3:// (endpoint from AWS_ENDPOINT_URL); fsspec
-    wrapped for pyarrow otherwise."""
-    if not is_remote(path):
-        return None, local(path)
-    if scheme(path) == "s3":
-        return _arrow_s3(s3_endpoint(), os.environ.get("AWS_REGION")), path[len("s3://") :]
-    import pyarrow.fs as pafs
+class SpanFile(io.RawIOBase):
+    """A remote file for pyarrow that reads planned byte spans ahead of the reader.
 
-    fs, inner = filesystem(path)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
+    `plan(spans)` names the spans about to be read, in order (a Parquet reader: each row
+    group's needed column chunks); each is fetched in one request, the next one on a
+    background thread while the reader decodes the current one, so the network and the
+    decoding overlap and memory holds at most two spans. Reads outside the plan are one
+    ranged request each (the footer)."""
+
+    def __init__(self, path: str) -> None:
+        self._fs, self._path = filesystem(path)
+        self._size = int(self._fs.size(self._path))
+        self._pos = 0
+        self._spans: list[tuple[int, int]] = []
+        self._next = 0  # index of the next span to fetch
+        self._current: tuple[int, bytes] = (0, b"")
+        self._ahead: Any = None  # (start, future) of the span being fetched
+        self._pool: Any = None
+
+    def plan(self, spans: list[tuple[int, int]]) -> None:
+        self._spans = [(max(0, a), min(self._size, b)) for a, b in spans if b > a]
+        self._next = 0
+        self._current, self._ahead = (0, b""), None
+        self._fetch_next()
+
+    def _fetch_next(self) -> None:
+        if self._next >= len(self._spans):
+            self._ahead = None
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="primer-read-ahead")
+        a, b = self._spans[self._next]
+        self._next += 1
+        self._ahead = (a, b, self._pool.submit(self._fs.cat_file, self._path, start=a, end=b))
+
+    def _cached(self, pos: int, stop: int) -> bytes | None:
+        start, data = self._current
+        if start <= pos and stop <= start + len(data):
+            return data[pos - start : stop - start]
+        if self._ahead is not None and self._ahead[0] <= pos and stop <= self._ahead[1]:
+            a, _, future = self._ahead
+            self._current = (a, future.result())
+            self._fetch_next()
+            return self._cached(pos, stop)
+        return None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def size(self) -> int:
+        return self._size
+
+    def read(self, n: int = -1) -> bytes:
+        stop = self._size if n is None or n < 0 else min(self._size, self._pos + n)
+        if stop <= self._pos:
+            return b""
+        out = self._cached(self._pos, stop)
+        if out is None:
+            out = self._fs.cat_file(self._path, start=self._pos, end=stop)
+        self._pos += len(out)
+        return out
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._current, self._ahead = (0, b""), None
+        super().close()
 
 
-@functools.cache
-def _arrow_s3(endpoint: str | None, region: str | None) -> Any:
-    import pyarrow.fs as pafs
-
-    kwargs: dict[str, Any] = {}
-    if endpoint:
-        m = _URI.match(endpoint)
-        kwargs["endpoint_override"] = endpoint[m.end() :] if m else endpoint
-        kwargs["scheme"] = m.group(1) if m else "https"
-    kwargs["region"] = region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return pafs.S3FileSystem(**kwargs)
+def parquet_source(path: str) -> Any:
+    """What pyarrow.parquet opens: the local path, or a `SpanFile` for a remote file."""
+    return SpanFile(path) if is_remote(path) else local(path)
 
 
 def parquet_file(path: str, **kwargs: Any) -> Any:
     """pyarrow.parquet.ParquetFile of a local or remote file (kwargs passed on)."""
     import pyarrow.parquet as pq
 
-    fs, inner = arrow_filesystem(path)
-    if fs is None:
-        return pq.ParquetFile(inner, **kwargs)
-    return pq.ParquetFile(fs.open_input_file(inner), **kwargs)
+    return pq.ParquetFile(parquet_source(path), **kwargs)
+
+
+def plan_row_groups(pf: Any, groups: Any, source: Any, columns: Any = None) -> None:
+    """Tell a remote `source` (a SpanFile) which row groups of `pf` will be read, in order,
+    and which `columns`: each group's bytes are then fetched in one request, read ahead. A
+    no-op for a local file."""
+    if not isinstance(source, SpanFile):
+        return
+    wanted = set(columns) if columns is not None else None
+    spans = []
+    for g in groups:
+        rg = pf.metadata.row_group(g)
+        start, stop = None, 0
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            if wanted is not None and col.path_in_schema.split(".")[0] not in wanted:
+                continue
+            first = col.data_page_offset
+            if col.has_dictionary_page and col.dictionary_page_offset:
+                first = min(first, col.dictionary_page_offset)
+            start = first if start is None else min(start, first)
+            stop = max(stop, first + col.total_compressed_size)
+        if start is not None:
+            spans.append((start, stop))
+    source.plan(spans)
 
 
 def parquet_metadata(path: str) -> Any:
     import pyarrow.parquet as pq
 
-    fs, inner = arrow_filesystem(path)
-    return pq.read_metadata(inner, filesystem=fs)
+    return pq.read_metadata(parquet_source(path))
 
 
 def parquet_schema(path: str) -> Any:
     import pyarrow.parquet as pq
 
-    fs, inner = arrow_filesystem(path)
-    return pq.read_schema(inner, filesystem=fs)
+    return pq.read_schema(parquet_source(path))

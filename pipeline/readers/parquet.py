@@ -64,10 +64,13 @@ def _parquet_tables(
     id_column: str,
     row_groups: tuple[int, int] | None = None,
 ) -> Iterator[pa.Table]:
+    import pyarrow.parquet as pq
+
     name = os.path.basename(path)
     try:
         # Page checksums, where the writer stored them, turn silent bit rot into an error.
-        pf = storage.parquet_file(path, page_checksum_verification=True)
+        source = storage.parquet_source(path)
+        pf = pq.ParquetFile(source, page_checksum_verification=True)
     except FileNotFoundError:
         raise
     except PARQUET_ERRORS:
@@ -88,6 +91,7 @@ def _parquet_tables(
     try:
         columns = input_columns(names, path, text_column, id_column)
         first, stop = row_groups if row_groups is not None else (0, len(groups))
+        storage.plan_row_groups(pf, range(first, stop), source, columns)  # remote: read ahead
         offset = sum(groups[:first])
         for group, n in enumerate(groups[first:stop], start=first):
             done = 0
@@ -111,6 +115,8 @@ def _parquet_tables(
             offset += max(n, done)
     finally:
         pf.close()
+        if not isinstance(source, str):
+            source.close()  # a remote file's read-ahead thread
 
 
 def _check_decoded(batch: pa.RecordBatch) -> None:
