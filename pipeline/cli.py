@@ -5,6 +5,8 @@
     primer stages
     primer plan RECIPE [--from RUN] [--nodes N --cpus C --memory-gb M --gpus G] [--json]
     primer why RUN_DIR ID
+    primer export RUN_DIR STAGE --to PATH_OR_URI [--format parquet|jsonl|hf] [--columns a,b]
+        [--where SQL] [--shard-rows N] [--shard-bytes 256MiB] [--overwrite] [--push-to-hub OWNER/NAME]
     primer train-smoke RUN_DIR [--steps 40] [--model phi3_tiny] [--seq-len 256] [--batch-size 4]
     primer --version
 
@@ -12,7 +14,9 @@
 the teacher again for the rows it failed on). `stage` runs one stage on given files into
 DIR/<stage>/ (what DAG tasks and debugging use); Parquet inputs written by an earlier Primer
 stage are read as such (kept rows only, all columns). `stages` lists every stage with its
-config keys and defaults. `why` says which stage dropped a document and why. `train-smoke`
+config keys and defaults. `why` says which stage dropped a document and why. `export` writes
+a stage's kept rows (column parts joined with their base) as Parquet, JSON Lines or a
+`datasets` folder with a dataset card, optionally to the Hub. `train-smoke`
 trains a tiny Phi-3-architecture model on a run's mixture shards and fails if the loss does
 not fall.
 
@@ -159,6 +163,42 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("run", help="a run folder (runs/quickstart)")
     w.add_argument("id", help="the document id")
 
+    x = sub.add_parser(
+        "export",
+        help="write a stage's kept rows as Parquet, JSON Lines or a datasets folder, with a card",
+        description="Write a stage's kept rows (column parts joined with their base, text "
+        "included) to a folder or URI, in shards, with a dataset card (README.md).",
+    )
+    x.add_argument("run", help="a run folder (runs/quickstart)")
+    x.add_argument("stage", help="the stage whose kept rows to export (edu_score, dedup, ...)")
+    x.add_argument(
+        "--to", required=True, metavar="PATH_OR_URI",
+        help="the export folder: a path, or s3://, gs:// (it must be empty; see --overwrite)",
+    )  # fmt: skip
+    x.add_argument(
+        "--format", choices=["parquet", "jsonl", "hf"], default="parquet",
+        help="parquet (default), jsonl (gzipped JSON Lines) or hf (datasets' save_to_disk)",
+    )  # fmt: skip
+    x.add_argument(
+        "--columns", help="comma-separated columns (default: all but drop_reason, error, html)"
+    )
+    x.add_argument(
+        "--where", metavar="SQL",
+        help="keep only rows where this SQL expression is true, e.g. \"edu_score >= 2.5\"",
+    )  # fmt: skip
+    x.add_argument("--shard-rows", type=int, metavar="N", help="at most N rows per file")
+    x.add_argument(
+        "--shard-bytes", default="256MiB", metavar="SIZE",
+        help="at most SIZE of data per file (default 256MiB; 500MB, 1GiB, bytes)",
+    )  # fmt: skip
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export at --to")
+    x.add_argument(
+        "--push-to-hub", metavar="OWNER/NAME",
+        help="then upload the export to this Hub dataset repo (HF_TOKEN; parquet or jsonl, "
+        "local --to)",
+    )  # fmt: skip
+    x.add_argument("--private", action="store_true", help="create the Hub repo as private")
+
     t = sub.add_parser(
         "train-smoke",
         help="train a tiny Phi-3 on a run's mixture shards; fail if loss does not fall",
@@ -209,6 +249,43 @@ def _train_smoke_command(args: argparse.Namespace) -> int:
         f"train-smoke: {m['steps']} steps, loss {m['first_loss']:.3f} -> {m['last_loss']:.3f}, "
         f"{m['tokens_per_s']:,.0f} tokens/s, {m['parameters']:,} parameters; {out / 'metrics.json'}"
     )
+    return 0
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    """`primer export`: 2 for a mistake in the command (found before any write), 1 when the
+    Hub push failed after a complete export."""
+    from pipeline.views.export import (
+        ExportError,
+        HubPushError,
+        check_hub,
+        export_stage,
+        push_to_hub,
+    )
+
+    try:
+        if args.push_to_hub:
+            check_hub(args.push_to_hub, args.to, args.format)
+        done = export_stage(
+            args.run, args.stage, args.to, fmt=args.format,
+            columns=args.columns.split(",") if args.columns else None, where=args.where,
+            shard_rows=args.shard_rows, shard_bytes=args.shard_bytes, overwrite=args.overwrite,
+        )  # fmt: skip
+    except ExportError as e:
+        print(f"primer: error: {scrub(str(e))}", file=sys.stderr)
+        return 2
+    of = f" of {done['stage_kept']:,} kept" if done.get("stage_kept") is not None else ""
+    print(
+        f"exported {done['rows']:,} rows{of} of stage {args.stage!r} to {args.to} "
+        f"({args.format}, {len(done['files'])} file(s)); the card: README.md there"
+    )
+    if args.push_to_hub:
+        try:
+            url = push_to_hub(args.to, args.push_to_hub, private=args.private)
+        except HubPushError as e:
+            print(f"primer: {scrub(str(e))}", file=sys.stderr)
+            return 1
+        print(f"pushed to {url}")
     return 0
 
 
@@ -334,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.views.why import why_command
 
             return why_command(args.run, args.id)
+        if args.command == "export":
+            return _export_command(args)
         from pipeline.run import run_recipe
         from pipeline.stage import DryRun
         from pipeline.summary import format_summary
