@@ -141,9 +141,11 @@ def test_a_run_reads_its_inputs_from_the_bucket_like_local_files(s3, tmp_path):
     remote = run(f"{prefix}/*.jsonl*", tmp_path / "remote")
     here = run(f"{local}/*.jsonl*", tmp_path / "local")
     assert remote.num_rows == here.num_rows > 50
-    assert sorted(zip(remote["id"].to_pylist(), remote["text"].to_pylist())) == sorted(
-        zip(here["id"].to_pylist(), here["text"].to_pylist())
-    )
+
+    def docs(t: pa.Table) -> list[tuple]:
+        return sorted(zip(t["id"].to_pylist(), t["text"].to_pylist(), strict=True))
+
+    assert docs(remote) == docs(here)
     # lineage names the object, as a URI
     assert set(remote["source_path"].to_pylist()) == {f"{prefix}/fineweb-1.jsonl.gz"}
     manifest = json.loads((tmp_path / "remote/quality/_manifest.json").read_text())
@@ -161,4 +163,3 @@ def test_a_missing_filesystem_package_names_the_extra(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install gcsfs"):
         storage.filesystem("gs://bucket/x.jsonl")
     storage._filesystem.cache_clear()
-

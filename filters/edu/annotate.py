@@ -4,7 +4,7 @@ A GlobalStage. `prepare` draws a stratified sample of the kept documents (equal 
 length stratum, `length_bins`; within a stratum the documents with the smallest hash of
 `seed:id`, so the sample is deterministic and independent of input order; the per-file
 candidates fan out through the runner's executor) and has the teacher rate each 0-5 with
-the additive rubric of configs/prompts/edu_annotate_v1.j2. The document is untrusted text:
+FineWeb-Edu's additive rubric (configs/prompts/edu_annotate_v2.j2). The document is untrusted text:
 it sits between tags named by a hash of itself (which it therefore cannot contain) and the
 score is read only from a JSON answer validated against `{"score": 0..5}`, so nothing in a
 document can change how its score is parsed.
@@ -112,8 +112,10 @@ class EduAnnotateConfig(StageConfig):
     seed: int = 0
     """Which documents are sampled (and the teacher's per-request seeds)."""
 
-    template: str = "edu_annotate_v1"
-    """Prompt template `<id>_v<version>` in configs/prompts/."""
+    template: str = "edu_annotate_v2"
+    """Prompt template `<id>_v<version>` in configs/prompts/: v2 is FineWeb-Edu's additive
+    0-5 prompt (ratings comparable with its published annotations); v1 the rubric the
+    bundled data/annotations/ were rated with."""
 
     max_doc_chars: int = Field(3_000, ge=100)
     """Characters of each document shown to the teacher (its beginning)."""

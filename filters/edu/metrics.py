@@ -67,11 +67,32 @@ def _f1(tp: int, fp: int, fn: int) -> float:
     return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
+def best_f1_threshold(values: np.ndarray, positive: np.ndarray) -> float | None:
+    """The cut `values >= cut` with the best binary F1 against `positive` (None without
+    positives): how length would be used as a classifier, fitted on training data."""
+    values, positive = np.asarray(values, np.float64), np.asarray(positive, bool)
+    n_pos = int(positive.sum())
+    if not n_pos or len(values) == 0:
+        return None
+    order = np.argsort(-values, kind="mergesort")
+    v, tp = values[order], np.cumsum(positive[order])
+    last = np.r_[v[1:] != v[:-1], True]  # cut after each distinct value
+    k = np.arange(1, len(v) + 1)
+    f1 = 2 * tp / (k + n_pos)
+    f1[~last] = -1
+    return float(v[int(np.argmax(f1))])
+
+
 def evaluate(
-    labels: np.ndarray, scores: np.ndarray, lengths: np.ndarray, binary_threshold: int
+    labels: np.ndarray,
+    scores: np.ndarray,
+    lengths: np.ndarray,
+    binary_threshold: int,
+    length_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Held-out metrics of `scores` (expected ratings) against teacher `labels`, with
-    document length as the baseline a useful model must beat."""
+    document length as the baseline a useful model must beat (its binary F1 at
+    `length_threshold`, a cut chosen on training data, when given)."""
     labels = np.asarray(labels, int)
     pred = np.clip(np.rint(scores), 0, 5).astype(int)
     confusion = np.zeros((6, 6), int)
@@ -94,6 +115,18 @@ def evaluate(
     def r(x: float | None) -> float | None:
         return None if x is None else round(x, 4)
 
+    baseline: dict[str, Any] = {
+        "roc_auc": r(roc_auc(lengths, pos)),
+        "roc_auc_ge2": r(roc_auc(lengths, labels >= 2)),
+        "spearman": r(spearman(lengths, labels)),
+    }
+    if length_threshold is not None:
+        long = np.asarray(lengths) >= length_threshold
+        baseline["binary_f1"] = round(
+            _f1(int((pos & long).sum()), int((~pos & long).sum()), int((pos & ~long).sum())), 4
+        )
+        baseline["binary_min_chars"] = int(length_threshold)
+
     return {
         "n": len(labels),
         "label_counts": {str(k): int((labels == k).sum()) for k in range(6)},
@@ -112,11 +145,7 @@ def evaluate(
         "roc_auc": r(roc_auc(scores, pos)),
         "roc_auc_ge2": r(roc_auc(scores, labels >= 2)),
         "spearman": r(spearman(scores, labels)),
-        "baseline_length": {
-            "roc_auc": r(roc_auc(lengths, pos)),
-            "roc_auc_ge2": r(roc_auc(lengths, labels >= 2)),
-            "spearman": r(spearman(lengths, labels)),
-        },
+        "baseline_length": baseline,
     }
 
 

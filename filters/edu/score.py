@@ -1,7 +1,11 @@
 """The `edu_score` stage: every document's expected educational-value rating, and phases.
 
 `edu_score` (the expected rating over the classifier's class probabilities, 0-5), `edu_int`
-(rounded), and the `edu_phase1` / `edu_phase2` flags from config thresholds; rows under the
+(rounded), and the `edu_phase1` / `edu_phase2` flags from config thresholds. When edu_train
+wrote a calibrated combiner beside the model (`combiner.json`, filters/edu/combiner.py),
+`edu_score` is 5 x the combiner's P(rating >= its binary threshold), from the fastText
+score, the document's length and any quality signals it was fitted on, so 2.5 is the
+even-odds line (`use_combiner: false` keeps fastText's expected rating); rows under the
 phase-1 threshold are dropped (`edu_score:below_phase1`) unless `drop_below_phase1` is off.
 The model loads once per worker (`setup`) and scores a whole batch in one call, through
 filters/fasttext_scorer.py (a fused numba kernel equal to fastText's predict to about 1e-5;
@@ -26,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
+from filters.edu.combiner import COMBINER_FILE, Combiner, combiner_features
 from filters.edu.metrics import expected_scores, label_values
 from filters.fasttext_scorer import Engine, load_fasttext, make_scorer
 from pipeline.stage import Stage, StageConfig, is_ref, mark_dropped, require_path, set_column
@@ -77,6 +82,10 @@ class EduScoreConfig(StageConfig):
     label_values: dict[str, float] | None = None
     """For a model whose labels are not ratings (`__label__hq`): label name -> rating."""
 
+    use_combiner: bool = True
+    """Apply the calibrated combiner edu_train wrote beside the model (combiner.json), when
+    there is one."""
+
     engine: Engine = "auto"
     """How the model is run (filters/fasttext_scorer.py): "fused" (Primer's numba kernel,
     faster than fastText's predict, equal to about 1e-5), "fasttext" (its own predict), or
@@ -115,16 +124,17 @@ class EduScoreStage(Stage):
         require_path("model", self.config.model, "file")
 
     def content_fingerprint(self) -> dict[str, str]:
-        """Size and sha256 of `model` given as a file path, and of the metrics.json beside
-        it (it sets the preprocessing); none for an "@edu_train/..." model."""
+        """Size and sha256 of `model` given as a file path, and of the metrics.json (the
+        preprocessing) and combiner.json beside it; none for an "@edu_train/..." model."""
         model = self.config.model
         if model is None or is_ref(model):
             return {}
         path = Path(model).expanduser()
         out = {"model": _file_digest(path)}
-        sidecar = path.parent / "metrics.json"
-        if sidecar.is_file():
-            out["metrics.json"] = _file_digest(sidecar)
+        for name in ("metrics.json", COMBINER_FILE):
+            sidecar = path.parent / name
+            if sidecar.is_file():
+                out[name] = _file_digest(sidecar)
         return out
 
     def setup(self) -> None:
@@ -141,13 +151,21 @@ class EduScoreStage(Stage):
             prep["max_chars"] = cfg.max_chars
         self._prep = prep
         label_values(self._scorer.labels, cfg.label_values)  # fail now, not mid-run
+        combiner = path.parent / COMBINER_FILE
+        self._combiner = (
+            Combiner.load(combiner) if cfg.use_combiner and combiner.is_file() else None
+        )
 
     def score(self, table: pa.Table) -> pa.Table:
         cfg = self.config
         score = expected_scores(
             self._scorer, table["text"], self._prep["lowercase"], self._prep["max_chars"],
             cfg.label_values,
-        ).astype(np.float32)  # fmt: skip
+        )  # fmt: skip
+        if self._combiner is not None:
+            x = combiner_features(self._combiner.features, score, table["text"], table)
+            score = 5.0 * self._combiner.predict(x)
+        score = score.astype(np.float32)
         table = set_column(table, "edu_score", pa.array(score, pa.float32()))
         return set_column(table, "edu_int", pa.array(np.clip(np.rint(score), 0, 5).astype(np.int8)))
 

@@ -1,21 +1,43 @@
 """The `edu_train` stage: fastText learns educational-value ratings -> model.bin + metrics.
 
-An ArtifactStage. It trains on ratings from any mix of sources: `annotations` (an
-`edu_annotate` output), `label_files` (JSONL/Parquet/HF datasets with a score and either the
-text or an id joined against this stage's input documents, e.g. FineWeb-Edu's Llama-3
-annotations or data/annotations/), and DCLM-style proxy labels (`proxy_positive` reference
-text as high, a hash sample of the input as low). It writes `model.bin` and
-`metrics.json`: held-out binary F1 at `binary_threshold`, macro F1, the confusion matrix,
-ROC AUC, Spearman against the ratings, the same for document length as a baseline, a k-fold
-cross-validation of both, the training-data hash and every hyperparameter.
+An ArtifactStage. It trains on labels from any mix of sources, combined by config:
+- `annotations`: an `edu_annotate` output (a teacher's 0-5 ratings);
+- `label_files`: JSONL/Parquet/HF datasets with a score and either the text or an id joined
+  against this stage's input documents (e.g. FineWeb-Edu's Llama-3 annotations);
+- `format_labels`: weak labels from document-type annotations, each format mapped to a
+  rating by `format_scores` (WebOrganizer's formats by default: Academic Writing, Tutorial...
+  high; Spam / Ads, Product Page, Content Listing... low; filters/edu/labels.py);
+- DCLM-style proxy labels: `proxy_positive` reference text (textbooks, instruction data) as
+  high against web text as low: `proxy_negative` files, else a hash sample of the input.
+Every labelled text is checked against benchmark test sets first (`decontam_benchmarks`,
+the `decontaminate` stage's n-gram rule) and dropped when it overlaps one.
 
-Defaults were chosen by 5-fold cross-validation on the rated FineWeb documents of
-data/annotations/ (softmax, 60 epochs, lr 0.5, dim 32, word bigrams, lower-cased first
-3,000 characters; README.md has the resulting metrics); fewer epochs underfit badly on a
-few hundred documents.
+Evaluation is honest about generalisation: the held-out split keeps whole groups (a web
+domain, an OpenStax book, a source file; `group_columns`), so no test document shares a
+source or a domain with a training document. `metrics.json` has, on that split, ROC AUC,
+Spearman and binary F1 beside document length's, per label source too, and a k-fold
+cross-validation by group. A small calibrated combiner (filters/edu/combiner.py: logistic
+regression on the fastText score and log length, `combiner`) is fitted on out-of-fold
+fastText scores of the training split and written beside the model as `combiner.json`;
+`edu_score` applies it. The stage fails like a guardrail (exit 1, no manifest, so nothing
+downstream reads the model) when the deployed score does not beat document length on the
+held-out split (`min_margin_over_length`, `on_weak_model`).
+
+Defaults for ratings were chosen by 5-fold cross-validation on the rated FineWeb documents
+of data/annotations/ (softmax, 60 epochs, lr 0.5, dim 32, word bigrams, lower-cased first
+3,000 characters); fewer epochs underfit badly on a few hundred documents. Recipes with
+thousands of proxy or format labels use far fewer (configs/edu_classifier.yaml).
 
     stages:
       edu_train: {annotations: "@edu_annotate", label_files: [data/annotations/fineweb_edu.jsonl]}
+      edu_train: {proxy_positive: ["${PRIMER_EDU_DATA:-data/edu}/openstax*.jsonl.gz"],
+                  format_labels: [weborganizer.jsonl.gz], decontam_benchmarks: [data/benchmarks]}
+
+Path values expand `$VAR`, `${VAR}` and `${VAR:-default}` when the config is loaded.
+
+The module is over 500 lines: one stage whose steps (assembling labels, the group split,
+training, evaluation, the guardrail) all read its config; reading label files lives in
+filters/edu/labels.py, the combiner in combiner.py, the metrics in metrics.py.
 """
 
 from __future__ import annotations
@@ -34,9 +56,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from filters.edu.metrics import evaluate, expected_scores, sample_key
+from filters.edu.combiner import COMBINER_FILE, combiner_features, describe, fit_combiner
+from filters.edu.labels import (
+    WEBORGANIZER_FORMATS,
+    decontaminate_rows,
+    format_rows,
+    group_of,
+    read_text_rows,
+    text_id,
+)
+from filters.edu.metrics import best_f1_threshold, evaluate, expected_scores, sample_key
 from filters.fasttext_scorer import Scorer, fasttext_lines, load_fasttext, make_scorer
 from pipeline.executor import LOCAL, Executor
 from pipeline.io import expand_inputs, iter_documents, write_json_atomic
@@ -45,7 +76,22 @@ from pipeline.stage import ArtifactStage, PreflightError, StageConfig, is_ref, r
 
 log = logging.getLogger("primer.edu")
 
-LabelSource = Literal["files", "annotations", "proxy"]
+LabelSource = Literal["files", "annotations", "formats", "proxy"]
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}")
+
+
+def expand_path(value: str) -> str:
+    """`${VAR:-default}` (the default when VAR is unset or empty), then `$VAR` / `${VAR}`;
+    a variable left unset is an error naming it."""
+    value = _VAR.sub(lambda m: os.environ.get(m.group(1)) or m.group(2), value)
+    expanded = os.path.expandvars(value)
+    left = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+    if left:
+        raise ValueError(
+            f"{value!r} uses ${left[0]}, which is not set in the environment; export it or "
+            f"give a default as ${{{left[0]}:-path}}"
+        )
+    return expanded
 
 
 class EduTrainConfig(StageConfig):
@@ -64,24 +110,83 @@ class EduTrainConfig(StageConfig):
     text_column: str = "text"
     id_column: str = "id"
 
+    format_labels: list[str] = []
+    """Weak labels from document-type annotations: JSONL(.gz)/Parquet files (or folders,
+    globs) with a text column and `format_column`; each row is rated `format_scores[format]`
+    and rows whose format is not in `format_scores` are left out."""
+    format_column: str = "format"
+    format_scores: dict[str, int] = dict(WEBORGANIZER_FORMATS)
+    """Format -> rating 0-5. The default rates WebOrganizer's 24 formats (Academic Writing,
+    Knowledge Article, Tutorial 5 ... Spam / Ads, Product Page, Content Listing 0); see
+    filters/edu/labels.py."""
+
     proxy_positive: list[str] = []
     """DCLM-style proxy labels: reference text (any reader format) labelled
-    `proxy_positive_label`; as many input documents (a hash sample) labelled
-    `proxy_negative_label` x `proxy_negative_ratio`."""
+    `proxy_positive_label`, against `proxy_negative_ratio` x as many web documents
+    labelled `proxy_negative_label`."""
+    proxy_negative: list[str] = []
+    """The web text proxy negatives are drawn from (a hash sample; any reader format);
+    empty: this stage's input documents."""
     proxy_positive_label: int = Field(5, ge=0, le=5)
     proxy_negative_label: int = Field(0, ge=0, le=5)
     proxy_negative_ratio: float = Field(1.0, gt=0)
 
-    prefer: list[LabelSource] = ["files", "annotations", "proxy"]
+    allow_missing: bool = False
+    """Entries of label_files, format_labels, proxy_positive and proxy_negative that match no
+    file are skipped (logged, and listed in metrics.json under data.sources.missing) instead
+    of failing preflight: for a recipe whose data folder ($PRIMER_EDU_DATA) holds only some
+    of them."""
+
+    decontam_benchmarks: list[str] = []
+    """Benchmark test sets (as the `decontaminate` stage's `benchmarks`: a folder like
+    data/benchmarks, files, "hf:NAME[:CONFIG]:SPLIT"); a labelled text sharing a word
+    `decontam_ngram`-gram with a test item is dropped before training. Empty: off."""
+    decontam_ngram: int = Field(13, ge=4, le=64)
+
+    prefer: list[LabelSource] = ["files", "annotations", "formats", "proxy"]
     """When a document has labels from several sources, the first source here wins."""
+
+    group_columns: list[str] = ["url", "book", "source"]
+    """What the held-out split and the cross-validation folds keep whole: the web domain
+    of `url` (host without `www.`), else the first of the other columns a row has (an
+    OpenStax `book`, a Dolly `source` file), else the file (or, for input documents, the
+    document) it came from. No group is both in training and in the held-out split."""
 
     binary_threshold: int = Field(3, ge=1, le=5)
     """"Educational" for binary F1 and ROC AUC: rating >= this (FineWeb-Edu uses 3)."""
 
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    """Share of groups (not of documents) held out."""
     cv_folds: int = Field(5, ge=0)
-    """k-fold cross-validation of model and length baseline over all labels (0: off)."""
+    """k-fold cross-validation of model and length baseline over all labels, folds by
+    group (0: off)."""
     seed: int = 0
+
+    combiner: list[str] = ["fasttext", "log_length"]
+    """Features of the calibrated combiner written beside the model (combiner.json):
+    "fasttext" (the model's expected rating), "log_length", any `q_*` quality signal
+    (from the input's columns when present, else computed from the text). Empty: no
+    combiner, edu_score is fastText's expected rating."""
+    combiner_folds: int = Field(3, ge=2)
+    """Folds (by group) of the training split whose out-of-fold fastText scores the
+    combiner is fitted on."""
+    combiner_l2: float = Field(1.0, ge=0)
+    combiner_sources: list[LabelSource] = ["files", "annotations", "formats"]
+    """Label sources the combiner is fitted on: labels of natural web documents, whose
+    length means something (a proxy positive is as long as the reference text happens to
+    be, so proxy labels would teach the length feature an accident). With no such labels of
+    both classes in the training split, no combiner is written."""
+
+    min_margin_over_length: float | None = 0.0
+    """Guardrail: the deployed score (the combiner's, else fastText's) must beat document
+    length on the held-out split by more than this in `guardrail_metric`; None: off."""
+    guardrail_metric: Literal["roc_auc", "spearman", "binary_f1"] = "roc_auc"
+    guardrail_source: LabelSource | None = None
+    """Judge only the held-out documents of this label source (e.g. "formats": web pages
+    only); None: the whole held-out split."""
+    on_weak_model: Literal["fail", "warn"] = "fail"
+    """fail: the stage stops (exit 1, no manifest, model.bin and metrics.json left for
+    inspection); warn: a loud warning and the run goes on."""
 
     lowercase: bool = True
     max_chars: int | None = Field(3_000, ge=100)
@@ -97,10 +202,47 @@ class EduTrainConfig(StageConfig):
     thread: int = Field(1, ge=1)
     """fastText is deterministic with one thread only."""
 
+    @field_validator(
+        "annotations", "label_files", "format_labels", "proxy_positive", "proxy_negative",
+        "decontam_benchmarks", mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _expand_vars(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return expand_path(v)
+        if isinstance(v, list):
+            return [expand_path(x) if isinstance(x, str) else x for x in v]
+        return v
+
+    @field_validator("format_scores")
+    @classmethod
+    def _ratings(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: r for k, r in v.items() if not 0 <= r <= 5}
+        if bad:
+            raise ValueError(f"ratings must be 0-5; got {bad}")
+        return v
+
+    @field_validator("combiner")
+    @classmethod
+    def _features(cls, v: list[str]) -> list[str]:
+        from filters.edu.combiner import BASE_FEATURES, quality_feature_names
+
+        known = {*BASE_FEATURES, *quality_feature_names()}
+        bad = [f for f in v if f not in known]
+        if bad:
+            raise ValueError(
+                f"unknown feature {bad[0]!r}; use fasttext, log_length or a q_* column"
+            )
+        if v and "fasttext" not in v:
+            raise ValueError("the combiner needs the 'fasttext' feature")
+        return v
+
     @model_validator(mode="after")
     def _some_labels(self) -> EduTrainConfig:
-        if not (self.annotations or self.label_files or self.proxy_positive):
-            raise ValueError("edu_train needs annotations, label_files or proxy_positive")
+        if not (self.annotations or self.label_files or self.proxy_positive or self.format_labels):
+            raise ValueError(
+                "edu_train needs annotations, label_files, format_labels or proxy_positive"
+            )
         return self
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -114,7 +256,9 @@ class EduTrainConfig(StageConfig):
 _LABEL_FORMAT = re.compile(r"\.(?:parquet|jsonl?(?:\.gz)?)$")
 
 
-def _require_sources(key: str, values: Sequence[str], label_files: bool) -> None:
+def _require_sources(
+    key: str, values: Sequence[str], label_files: bool, allow_missing: bool
+) -> None:
     """Preflight: each entry (a file, folder or glob; "@stage" and "hf:" are checked when
     read) names at least one file, and a label file is one `_read_label_table` reads."""
     for i, value in enumerate(values):
@@ -127,6 +271,8 @@ def _require_sources(key: str, values: Sequence[str], label_files: bool) -> None
         try:
             files = expand_inputs([path])
         except FileNotFoundError:
+            if allow_missing:
+                continue
             hint = "" if Path(path).is_absolute() else f" (relative to {os.getcwd()})"
             raise PreflightError(where, f"{value!r} matches no file{hint}") from None
         unreadable = [f for f in files if label_files and not _LABEL_FORMAT.search(f)]
@@ -139,8 +285,9 @@ def _require_sources(key: str, values: Sequence[str], label_files: bool) -> None
 
 
 def _read_label_table(source: str, cfg: EduTrainConfig) -> pa.Table:
-    """A label file as (id, text, score) with nulls where the file has no such column."""
-    cols = [cfg.score_column, cfg.text_column, cfg.id_column]
+    """A label file as (id, text, score, group) with nulls where the file has no such
+    column (group: see `EduTrainConfig.group_columns`)."""
+    cols = [cfg.score_column, cfg.text_column, cfg.id_column, *cfg.group_columns]
     if source.startswith("hf:"):
         import datasets
 
@@ -176,6 +323,7 @@ def _read_label_table(source: str, cfg: EduTrainConfig) -> pa.Table:
             "id": col(cfg.id_column, pa.string()),
             "text": col(cfg.text_column, pa.large_string()),
             "score": col(cfg.score_column, pa.float64()),
+            "group": pc.cast(group_of(table, cfg.group_columns, ""), pa.string()),
         }
     )
 
@@ -208,13 +356,22 @@ def fit_fasttext(train_path: str, params: dict[str, Any], model_path: str) -> fl
     )
 
 
+def _group_keys(groups: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
+    """The 64-bit sampling key of each row's group (computed once per distinct group)."""
+    if isinstance(groups, pa.ChunkedArray):
+        groups = groups.combine_chunks()
+    enc = pc.dictionary_encode(groups)
+    keys = sample_key(enc.dictionary.to_pylist(), seed)
+    return keys[enc.indices.to_numpy(zero_copy_only=False)]
+
+
 class EduTrainStage(ArtifactStage):
     """fastText on educational-value labels -> model.bin + metrics.json; see the module."""
 
     name: ClassVar[str] = "edu_train"
-    # 2: fasttext-community 0.11.9, which initialises the whole input matrix; the same data
-    # and seed give another (still reproducible) model than fastText 0.9.x did.
-    version: ClassVar[int] = 2
+    # 3: held-out split and folds by group (domain / book / file), format labels, proxy
+    # negatives from files, decontamination, the combiner and the length guardrail.
+    version: ClassVar[int] = 3
     Config: ClassVar[type[StageConfig]] = EduTrainConfig
     needs: ClassVar[tuple[str, ...]] = ("id", "text")
 
@@ -224,43 +381,65 @@ class EduTrainStage(ArtifactStage):
         cfg = self.config
         if cfg.annotations and not is_ref(cfg.annotations):
             require_path("annotations", cfg.annotations, "any")
-        _require_sources("label_files", cfg.label_files, label_files=True)
-        _require_sources("proxy_positive", cfg.proxy_positive, label_files=False)
+        _require_sources("label_files", cfg.label_files, True, cfg.allow_missing)
+        _require_sources("format_labels", cfg.format_labels, True, cfg.allow_missing)
+        _require_sources("proxy_positive", cfg.proxy_positive, False, cfg.allow_missing)
+        _require_sources("proxy_negative", cfg.proxy_negative, False, cfg.allow_missing)
+        for i, b in enumerate(cfg.decontam_benchmarks):
+            if not (b.startswith("hf:") or is_ref(b)):
+                require_path(f"decontam_benchmarks.{i}", b, "any")
+
+    def _files(self, patterns: Sequence[str], missing: list[str]) -> list[str]:
+        """`patterns` expanded; with `allow_missing`, those that match nothing are noted."""
+        files: list[str] = []
+        for p in patterns:
+            try:
+                files += expand_inputs([p])
+            except FileNotFoundError:
+                if not self.config.allow_missing:
+                    raise
+                log.warning("edu_train: %r matches no file; skipped (allow_missing)", p)
+                missing.append(p)
+        return sorted(dict.fromkeys(files))
 
     def collect(self, inputs: Sequence[str | pa.Table]) -> tuple[pa.Table, dict[str, Any]]:
-        """All labelled examples (id, text, label, source), one per document."""
+        """All labelled examples (id, text, label, source, group), one per document."""
         cfg = self.config
-        found: dict[str, list[tuple[str, str, int]]] = {}  # source -> (id, text, label)
+        found: dict[str, list[tuple[str, str, int, str]]] = {}  # source -> (id, text, label, group)
         report: dict[str, Any] = {}
+        missing: list[str] = []
 
         if cfg.label_files:
             rows, by_id, rejected = [], {}, 0
             sources = [
                 f for src in cfg.label_files
-                for f in ([src] if src.startswith("hf:") or is_saved_dataset(src) else expand_inputs([src]))
+                for f in ([src] if src.startswith("hf:") or is_saved_dataset(src) else self._files([src], missing))
             ]  # fmt: skip
             for f in sources:
                 t = _read_label_table(f, cfg)
                 score = t["score"].to_numpy(zero_copy_only=False)
-                for i, text, s in zip(
-                    t["id"].to_pylist(), t["text"].to_pylist(), score, strict=True
-                ):
+                for i, text, s, g in zip(
+                    t["id"].to_pylist(), t["text"].to_pylist(), score, t["group"].to_pylist(),
+                    strict=True,
+                ):  # fmt: skip
                     if s is None or not np.isfinite(s) or not -0.5 < s < 5.5:
                         rejected += 1
                         continue
                     label = int(np.clip(np.rint(s), 0, 5))
                     if text:
-                        rows.append((i or _text_id(text), text, label))
+                        i = i or text_id(text)
+                        rows.append((i, text, label, g or f"id:{i}"))
                     elif i:
                         by_id[i] = label
                     else:
                         rejected += 1
             if by_id:
-                for t in iter_documents(inputs, cfg.batch_rows, columns=("id", "text")):
+                for t in iter_documents(inputs, cfg.batch_rows, columns=("id", "text", "url")):
                     hit = t.filter(pc.is_in(t["id"], value_set=pa.array(list(by_id), pa.string())))
-                    for i, text in zip(hit["id"].to_pylist(), hit["text"].to_pylist(), strict=True):
+                    groups = group_of(hit, cfg.group_columns, "").to_pylist()
+                    for i, text, g in zip(hit["id"].to_pylist(), hit["text"].to_pylist(), groups, strict=True):  # fmt: skip
                         if text:
-                            rows.append((i, text, by_id.pop(i)))
+                            rows.append((i, text, by_id.pop(i), g or f"id:{i}"))
             found["files"] = rows
             report["files"] = {
                 "labels": len(rows),
@@ -271,42 +450,73 @@ class EduTrainStage(ArtifactStage):
         if cfg.annotations:
             rows = []
             for t in iter_documents(_stage_files(cfg.annotations), cfg.batch_rows,
-                                    columns=("id", "text", "edu_label")):  # fmt: skip
+                                    columns=("id", "text", "edu_label", "url")):  # fmt: skip
                 if "edu_label" not in t.column_names:
                     raise ValueError(
                         f"edu_train.annotations: {cfg.annotations} has no edu_label column"
                     )
                 t = t.filter(pc.is_valid(t["edu_label"]))
-                rows += zip(
-                    t["id"].to_pylist(),
-                    t["text"].to_pylist(),
-                    t["edu_label"].to_pylist(),
-                    strict=True,
-                )
+                groups = group_of(t, cfg.group_columns, "").to_pylist()
+                rows += [
+                    (i, text, label, g or f"id:{i}")
+                    for i, text, label, g in zip(
+                        t["id"].to_pylist(), t["text"].to_pylist(), t["edu_label"].to_pylist(),
+                        groups, strict=True,
+                    )
+                ]  # fmt: skip
             found["annotations"] = rows
             report["annotations"] = {"labels": len(rows)}
 
+        if cfg.format_labels:
+            rows, unmapped, per_label = [], 0, np.zeros(6, int)
+            for f in self._files(cfg.format_labels, missing):
+                t = read_text_rows(f, cfg.text_column, cfg.id_column, cfg.group_columns,
+                                   extra=(cfg.format_column,))  # fmt: skip
+                t, left_out = format_rows(t, cfg.format_scores, cfg.format_column)
+                unmapped += left_out
+                labels = t["label"].to_numpy()
+                np.add.at(per_label, labels, 1)
+                rows += zip(t["id"].to_pylist(), t["text"].to_pylist(), labels.tolist(),
+                            t["group"].to_pylist(), strict=True)  # fmt: skip
+            found["formats"] = rows
+            report["formats"] = {
+                "labels": len(rows),
+                "unmapped_formats": unmapped,
+                "label_counts": {str(k): int(c) for k, c in enumerate(per_label) if c},
+            }
+
         if cfg.proxy_positive:
-            pos = [
-                (i, text, cfg.proxy_positive_label)
-                for t in iter_documents(expand_inputs(cfg.proxy_positive), cfg.batch_rows)
-                for i, text in zip(t["id"].to_pylist(), t["text"].to_pylist(), strict=True)
-                if text
-            ]
+            pos: list[tuple[str, str, int, str]] = []
+            for f in self._files(cfg.proxy_positive, missing):
+                t = read_text_rows(f, cfg.text_column, cfg.id_column, cfg.group_columns)
+                pos += [(i, text, cfg.proxy_positive_label, g) for i, text, g in zip(
+                    t["id"].to_pylist(), t["text"].to_pylist(), t["group"].to_pylist(), strict=True)]  # fmt: skip
             want = int(round(len(pos) * cfg.proxy_negative_ratio))
-            cand: list[tuple[int, str, str]] = []
-            for t in iter_documents(inputs, cfg.batch_rows, columns=("id", "text")):
+            if cfg.proxy_negative:
+                neg_files = self._files(cfg.proxy_negative, missing)
+                tables = (read_text_rows(f, cfg.text_column, cfg.id_column, cfg.group_columns)
+                          for f in neg_files)  # fmt: skip
+            else:
+                tables = (
+                    t.append_column("group", group_of(t, cfg.group_columns, ""))
+                    for t in iter_documents(inputs, cfg.batch_rows, columns=("id", "text", "url"))
+                )
+            cand: list[tuple[int, str, str, str]] = []
+            for t in tables:
                 keys = sample_key(t["id"].to_pylist(), cfg.seed + 1)
-                cand += zip(keys.tolist(), t["id"].to_pylist(), t["text"].to_pylist(), strict=True)
+                cand += zip(keys.tolist(), t["id"].to_pylist(), t["text"].to_pylist(),
+                            t["group"].to_pylist(), strict=True)  # fmt: skip
                 cand = sorted(c for c in cand if c[2])[:want]
-            neg = [(i, text, cfg.proxy_negative_label) for _, i, text in cand]
+            neg = [(i, text, cfg.proxy_negative_label, g or f"id:{i}") for _, i, text, g in cand]
             found["proxy"] = pos + neg
             report["proxy"] = {"positives": len(pos), "negatives": len(neg)}
+        if missing:
+            report["missing"] = missing
 
-        seen: dict[str, tuple[str, int, str]] = {}
+        seen: dict[str, tuple[str, int, str, str]] = {}
         for source in cfg.prefer:
-            for i, text, label in found.get(source, []):
-                seen.setdefault(i, (text, int(label), source))
+            for i, text, label, group in found.get(source, []):
+                seen.setdefault(i, (text, int(label), source, group))
         ids = sorted(seen)
         table = pa.table(
             {
@@ -314,8 +524,18 @@ class EduTrainStage(ArtifactStage):
                 "text": pa.array([seen[i][0] for i in ids], pa.large_string()),
                 "label": pa.array([seen[i][1] for i in ids], pa.int8()),
                 "source": pa.array([seen[i][2] for i in ids], pa.string()),
+                "group": pa.array([seen[i][3] for i in ids], pa.string()),
             }
         )
+        if cfg.decontam_benchmarks and len(table):
+            hit, contam = decontaminate_rows(table, cfg.decontam_benchmarks, cfg.decontam_ngram)
+            contam["by_source"] = {
+                s: int(c) for s, c in zip(*np.unique(
+                    table["source"].filter(pa.array(hit)).to_numpy(zero_copy_only=False),
+                    return_counts=True), strict=True)
+            }  # fmt: skip
+            report["decontamination"] = contam
+            table = table.filter(pa.array(~hit))
         return table, report
 
     def _train(self, table: pa.Table, work: Path) -> Any:
@@ -352,6 +572,16 @@ class EduTrainStage(ArtifactStage):
         cfg = self.config
         return expected_scores(scorer, table["text"], cfg.lowercase, cfg.max_chars)
 
+    def _out_of_fold(self, table: pa.Table, fold: np.ndarray, k: int, work: Path) -> np.ndarray:
+        """fastText scores of each row from a model trained on the other folds."""
+        pred = np.zeros(len(table))
+        for f in range(k):
+            m = fold == f
+            if m.any() and (~m).any():
+                scorer = make_scorer(self._train(table.filter(pa.array(~m)), work))
+                pred[m] = self._predict(scorer, table.filter(pa.array(m)))
+        return pred
+
     def build(
         self, inputs: Sequence[str], out_dir: str, executor: Executor = LOCAL
     ) -> dict[str, Any]:
@@ -365,34 +595,77 @@ class EduTrainStage(ArtifactStage):
                 f"edu_train: {len(data)} labelled documents with labels "
                 f"{sorted(set(data['label'].to_pylist()))}: too few to train on; sources: {report}"
             )
-        key = sample_key(data["id"].to_pylist(), cfg.seed)
+        key = _group_keys(data["group"], cfg.seed)
         is_test = (key / 2.0**64) < cfg.test_fraction
         train, test = data.filter(pa.array(~is_test)), data.filter(pa.array(is_test))
         lengths = pc.utf8_length(data["text"]).to_numpy(zero_copy_only=False)
         labels = data["label"].to_numpy()
+        positive = labels >= cfg.binary_threshold
+        # Length's binary F1 at the length threshold best on the training split.
+        len_cut = best_f1_threshold(lengths[~is_test], positive[~is_test])
 
         model = self._train(train, out)
         scorer = make_scorer(model)
         lr_used = self.lr_used
-        held_out = evaluate(
-            labels[is_test], self._predict(scorer, test), lengths[is_test], cfg.binary_threshold
-        )
+        ft_test = self._predict(scorer, test)
+
+        deployed = ft_test
+        comb = combiner_info = None
+        if cfg.combiner:
+            usable = np.isin(train["source"].to_numpy(zero_copy_only=False), cfg.combiner_sources)
+            pos_train = positive[~is_test]
+            if usable.any() and 0 < pos_train[usable].sum() < usable.sum():
+                fold = (
+                    _group_keys(train["group"], cfg.seed + 3) % np.uint64(cfg.combiner_folds)
+                ).astype(int)
+                oof = self._out_of_fold(train, fold, cfg.combiner_folds, out)
+                fit_rows = train.filter(pa.array(usable))
+                x_train = combiner_features(cfg.combiner, oof[usable], fit_rows["text"])
+                comb = fit_combiner(x_train, pos_train[usable], cfg.combiner,
+                                    cfg.binary_threshold, cfg.combiner_l2)  # fmt: skip
+                deployed = 5.0 * comb.predict(
+                    combiner_features(cfg.combiner, ft_test, test["text"])
+                )
+                combiner_info = {"file": COMBINER_FILE, "features": cfg.combiner,
+                                 "standardised_weights": describe(comb), "bias": round(comb.bias, 4),
+                                 "fitted_on": "out-of-fold fastText scores of the training split",
+                                 "sources": cfg.combiner_sources, "rows": int(usable.sum()),
+                                 "folds": cfg.combiner_folds}  # fmt: skip
+            else:
+                combiner_info = {"skipped": "no labels of both classes from "
+                                 f"{cfg.combiner_sources} in the training split"}  # fmt: skip
+                log.warning("edu_train: no combiner: %s", combiner_info["skipped"])
+
+        def held(scores: np.ndarray, mask: np.ndarray | None = None) -> dict[str, Any]:
+            m = np.ones(int(is_test.sum()), bool) if mask is None else mask
+            return evaluate(labels[is_test][m], scores[m], lengths[is_test][m],
+                            cfg.binary_threshold, length_threshold=len_cut)  # fmt: skip
+
+        sources_test = test["source"].to_numpy(zero_copy_only=False)
+        held_out = held(ft_test)
         per_source = {
-            s: evaluate(labels[is_test & m], self._predict(scorer, test.filter(pa.array(m[is_test]))),
-                        lengths[is_test & m], cfg.binary_threshold)
-            for s in sorted(set(data["source"].to_pylist()))
-            if (m := np.asarray(pc.equal(data["source"], s))).any() and (is_test & m).sum() >= 2
+            s: held(ft_test, sources_test == s)
+            for s in sorted(set(sources_test.tolist())) if (sources_test == s).sum() >= 2
         }  # fmt: skip
+        combined = combined_by_source = None
+        if comb is not None:
+            combined = held(deployed)
+            combined_by_source = {
+                s: held(deployed, sources_test == s)
+                for s in sorted(set(sources_test.tolist())) if (sources_test == s).sum() >= 2
+            }  # fmt: skip
+
         cv = None
         if cfg.cv_folds >= 2:
-            fold = (key % np.uint64(cfg.cv_folds)).astype(int)
-            pred = np.zeros(len(data))
-            for k in range(cfg.cv_folds):
-                m = fold == k
-                if m.any() and (~m).any():
-                    fm = make_scorer(self._train(data.filter(pa.array(~m)), out))
-                    pred[m] = self._predict(fm, data.filter(pa.array(m)))
-            cv = {"folds": cfg.cv_folds, **evaluate(labels, pred, lengths, cfg.binary_threshold)}
+            fold = (_group_keys(data["group"], cfg.seed + 2) % np.uint64(cfg.cv_folds)).astype(int)
+            pred = self._out_of_fold(data, fold, cfg.cv_folds, out)
+            cv = {"folds": cfg.cv_folds, "by": "group",
+                  **evaluate(labels, pred, lengths, cfg.binary_threshold)}  # fmt: skip
+
+        guard = self._guardrail(
+            combined if comb is not None else held_out,
+            combined_by_source if comb is not None else per_source,
+        )
 
         digest = hashlib.sha256()
         for i, text, label in zip(
@@ -402,6 +675,11 @@ class EduTrainStage(ArtifactStage):
         tmp = out / f".model.bin.tmp-{os.getpid()}"
         model.save_model(str(tmp))
         os.replace(tmp, out / "model.bin")
+        if comb is not None:
+            comb.save(out / COMBINER_FILE)
+        else:
+            (out / COMBINER_FILE).unlink(missing_ok=True)  # a stale one would be applied
+        test_groups = set(test["group"].to_pylist())
         metrics = {
             "model": "model.bin",
             "labels": sorted(int(lbl[len("__label__") :]) for lbl in model.get_labels()),
@@ -413,6 +691,12 @@ class EduTrainStage(ArtifactStage):
                 "train": len(train),
                 "test": len(test),
                 "test_fraction": cfg.test_fraction,
+                "split": {
+                    "by": "group (" + ", ".join(cfg.group_columns) + ", else file or document)",
+                    "train_groups": len(set(train["group"].to_pylist())),
+                    "test_groups": len(test_groups),
+                    "shared_groups": len(test_groups & set(train["group"].to_pylist())),
+                },
                 "sources": report,
                 "label_source_counts": {
                     s: int(c)
@@ -424,21 +708,68 @@ class EduTrainStage(ArtifactStage):
                     )
                 },
             },  # fmt: skip
+            "score": "combiner" if comb is not None else "fasttext",
             "held_out": held_out,
             "held_out_by_source": per_source,
+            "held_out_combined": combined,
+            "held_out_combined_by_source": combined_by_source,
+            "combiner": combiner_info,
             "cross_validation": cv,
+            "guardrail": guard,
             "seconds": round(time.monotonic() - t0, 2),
         }
         write_json_atomic(out / "metrics.json", metrics)
         log.info(
-            "edu_train: %d labelled docs; held-out spearman %s (length %s), ROC AUC %s (length %s)%s",
-            len(data), held_out["spearman"], held_out["baseline_length"]["spearman"],
-            held_out["roc_auc"], held_out["baseline_length"]["roc_auc"],
+            "edu_train: %d labelled docs; held-out (unseen groups) ROC AUC %s, combined %s "
+            "(length %s); spearman %s (length %s)%s",
+            len(data), held_out["roc_auc"], combined and combined["roc_auc"],
+            held_out["baseline_length"]["roc_auc"], held_out["spearman"],
+            held_out["baseline_length"]["spearman"],
             f"; {cfg.cv_folds}-fold CV spearman {cv['spearman']} vs length {cv['baseline_length']['spearman']}" if cv else "",
         )  # fmt: skip
+        if guard["passed"] is False:
+            if cfg.on_weak_model == "fail":
+                from pipeline.stage_runner import GuardrailError
+
+                raise GuardrailError(guard["message"])
+            log.warning("%s", guard["message"])
         return {"rows_in": len(data), "rows_out": len(data), "documents": len(data),
-                "train": len(train), "test": len(test), "held_out_spearman": held_out["spearman"]}  # fmt: skip
+                "train": len(train), "test": len(test), "held_out_spearman": held_out["spearman"],
+                "held_out_roc_auc": (combined or held_out)["roc_auc"]}  # fmt: skip
 
-
-def _text_id(text: str) -> str:
-    return "text:" + xxhash.xxh64_hexdigest(text.encode())
+    def _guardrail(
+        self, held_out: dict[str, Any], by_source: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Does the deployed score beat document length on the held-out split?"""
+        cfg = self.config
+        metric, margin = cfg.guardrail_metric, cfg.min_margin_over_length
+        judged = held_out if cfg.guardrail_source is None else by_source.get(cfg.guardrail_source)
+        where = "the held-out split" if cfg.guardrail_source is None else (
+            f"the held-out {cfg.guardrail_source!r} labels")  # fmt: skip
+        out: dict[str, Any] = {"metric": metric, "min_margin_over_length": margin,
+                               "judged_on": cfg.guardrail_source or "all", "passed": None}  # fmt: skip
+        if margin is None:
+            out["message"] = "off"
+            return out
+        model = judged and judged.get(metric)
+        length = judged and judged["baseline_length"].get(metric)
+        if model is None or length is None:
+            out["message"] = (
+                f"edu_train: cannot judge the model against length on {where} (it needs both "
+                "classes there); add labels or raise test_fraction"
+            )
+            log.warning("%s", out["message"])
+            return out
+        out.update(model=model, length=length, passed=bool(model > length + margin))
+        if out["passed"]:
+            out["message"] = f"the model's {metric} {model} beats length's {length} on {where}"
+            return out
+        out["message"] = (
+            f"GUARDRAIL: stage 'edu_train': the model's {metric} on {where} (documents from "
+            f"sources and web domains it never saw) is {model}, document length alone gets "
+            f"{length}: it does not beat length by more than {margin}. The model and "
+            f"metrics.json are left in the stage folder; add diverse labels (format_labels, "
+            f"proxy_positive/proxy_negative), or set stages.edu_train.on_weak_model: warn "
+            f"(or min_margin_over_length: null) to accept it, then run again."
+        )
+        return out

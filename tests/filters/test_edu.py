@@ -80,6 +80,10 @@ def test_the_document_sits_between_tags_it_cannot_contain():
     system, user = req.messages
     assert system["role"] == "system" and "additive" in system["content"]
     tag = user["content"].split("\n")[0].split("<")[1].split(">")[0]
+    # v2, the default: FineWeb-Edu's prompt as one user message, the extract between tags
+    [v2] = stage._request(load_template(stage.config.template), "d1", text).messages
+    assert v2["role"] == "user" and "additive 5-point scoring system" in v2["content"]
+    assert f"<{tag}>\n{text}\n</{tag}>" in v2["content"]
     assert tag.startswith("document-") and tag not in text
     body = user["content"].split(f"<{tag}>\n")[1].split(f"\n</{tag}>")[0]
     assert body.strip() == text
@@ -133,7 +137,7 @@ def test_annotate_with_the_real_local_teacher(tmp_path):
         assert json.loads(r["teacher_answer"]) == {"score": r["edu_label"]}
         assert r["teacher_model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
         assert r["teacher_backend"] == "local"
-        assert (r["template_id"], r["template_version"]) == ("edu_annotate", 1)
+        assert (r["template_id"], r["template_version"]) == ("edu_annotate", 2)
         assert r["prompt_tokens"] > 100 and r["completion_tokens"] >= 4
     done = json.loads((tmp_path / "run" / "edu_annotate" / "_state" / "_DONE").read_text())
     assert (
@@ -322,8 +326,8 @@ def test_transport_settings_keep_the_ratings_and_what_decides_them_does_not(tmp_
         assert len(seen) == 8
     # The runner alone decides when the ratings are stale: the template's hash is part of
     # the stage's fingerprint, and the stage keeps no stamp of its own.
-    template = load_template("edu_annotate_v1")
-    assert first.content_fingerprint() == {"template.edu_annotate_v1": template.sha256}
+    template = load_template("edu_annotate_v2")
+    assert first.content_fingerprint() == {"template.edu_annotate_v2": template.sha256}
     assert sorted(p.name for p in (folder / "_state").iterdir()) == [
         "_DONE", "ratings", "sample", "sample.parquet",
     ]  # fmt: skip
@@ -436,9 +440,10 @@ def test_preflight_of_edu_train_and_edu_score_finds_missing_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """The classifier trained on the 500 rated FineWeb documents, ids joined to the sample."""
+    """The classifier trained on the 500 rated FineWeb documents, ids joined to the sample
+    (fastText alone: tests/filters/test_edu_train.py covers the combiner)."""
     out = tmp_path_factory.mktemp("edu_train")
-    EduTrainStage(label_files=[str(ANNOTATIONS)]).build(FINEWEB, str(out))
+    EduTrainStage(label_files=[str(ANNOTATIONS)], combiner=[]).build(FINEWEB, str(out))
     return out
 
 
@@ -462,7 +467,9 @@ def test_training_is_reproducible(trained, tmp_path):
     # Training runs in a fresh process: the same data and seed give the same model bytes,
     # whatever else ran in this process before (the local teacher did, above).
     for d in ("a", "b"):
-        EduTrainStage(label_files=[str(ANNOTATIONS)], cv_folds=0).build(FINEWEB, str(tmp_path / d))
+        EduTrainStage(label_files=[str(ANNOTATIONS)], cv_folds=0, combiner=[]).build(
+            FINEWEB, str(tmp_path / d)
+        )
     assert (tmp_path / "a/model.bin").read_bytes() == (tmp_path / "b/model.bin").read_bytes()
     m = json.loads((tmp_path / "a/metrics.json").read_text())
     assert m["held_out"] == json.loads((trained / "metrics.json").read_text())["held_out"]
@@ -498,7 +505,9 @@ def test_labels_from_an_hf_dataset_with_text_and_from_proxy_reference_text(tmp_p
 
 
 def test_edu_train_config_errors_name_the_problem():
-    with pytest.raises(ValidationError, match="needs annotations, label_files or proxy_positive"):
+    with pytest.raises(
+        ValidationError, match="needs annotations, label_files, format_labels or proxy_positive"
+    ):
         EduTrainStage()
     with pytest.raises(ValidationError, match="phase2_min_score must be >= phase1_min_score"):
         EduScoreStage(model="m.bin", phase1_min_score=3, phase2_min_score=2)

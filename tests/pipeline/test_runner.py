@@ -67,9 +67,7 @@ def test_rerun_skips_finished_parts_and_change_recomputes(tmp_path, docs):
     assert again["attempts"][-1]["parts_run"] == 0
     assert again["rows_in"] == first["rows_in"] and len(again["attempts"]) == 2
 
-    changed = run_stage(
-        LengthStage(min_chars=4000), files, tmp_path / "out"
-    )
+    changed = run_stage(LengthStage(min_chars=4000), files, tmp_path / "out")
     assert changed["attempts"][-1]["parts_run"] == 3 and len(changed["attempts"]) == 1
     expect = sum(len(d["text"]) < 4000 for d in docs)
     assert expect != first["rows_in"] - first["rows_out"]
@@ -91,9 +89,7 @@ def test_partial_part_is_redone_not_doubled(tmp_path, docs):
 def test_guardrail_warns_or_stops(tmp_path, docs, caplog):
     files = [str(p) for p in write_jsonl_parts(tmp_path / "in", docs, 2)]
     with caplog.at_level(logging.WARNING, logger="primer"):
-        m = run_stage(
-            LengthStage(min_chars=10**9, max_drop_fraction=0.5), files, tmp_path / "w"
-        )
+        m = run_stage(LengthStage(min_chars=10**9, max_drop_fraction=0.5), files, tmp_path / "w")
     assert m["guardrail"]["exceeded"] and "GUARDRAIL" in caplog.text
     with pytest.raises(GuardrailError, match="dropped 100.0%"):
         run_stage(
