@@ -279,8 +279,9 @@ def iter_parquet(
 
 
 def expand_inputs(patterns: Iterable[str]) -> list[str]:
-    """Expand globs and folders (local, or URIs: s3://, gs://, hf://, file://; see
-    pipeline/storage.py) into a sorted, de-duplicated list of files.
+    """Expand globs and folders (local, or URIs: s3://, gs://, hf://, https://, file://; see
+    pipeline/storage.py), dataset specs (hf:NAME:SPLIT) and crawl paths listings
+    (warc.paths.gz[#FIRST-LAST]) into a sorted, de-duplicated list of files.
 
     Raises a clear error for a pattern that matches nothing, before any work starts.
     """
@@ -291,6 +292,9 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
     for pattern in patterns:
         if is_hf_spec(pattern):  # a dataset, not files: checked when the run is planned
             files.append(pattern)
+            continue
+        if storage.is_paths_file(pattern):  # a crawl's listing: the files it names
+            files.extend(storage.paths_listing(pattern))
             continue
         if not storage.is_remote(pattern) and is_saved_dataset(Path(pattern).expanduser()):
             files.extend(saved_dataset_inputs(str(Path(pattern).expanduser())))

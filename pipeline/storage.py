@@ -162,6 +162,43 @@ def expand(pattern: str) -> list[str]:
     return [pattern] if fs.isfile(inner) else []
 
 
+_PATHS_FILE = re.compile(r"^(?P<file>.+\.paths(?:\.gz)?)(?:#(?P<first>\d+)-(?P<last>\d+))?$")
+
+
+def is_paths_file(pattern: str) -> bool:
+    """A crawl's paths listing named as an input: `warc.paths.gz` (or `.paths`), optionally
+    with `#FIRST-LAST` to take lines FIRST..LAST (0-based, inclusive)."""
+    return _PATHS_FILE.match(pattern) is not None
+
+
+def paths_listing(pattern: str) -> list[str]:
+    """The files a paths listing names, as Common Crawl publishes them
+    (`s3://commoncrawl/crawl-data/CC-MAIN-2024-10/warc.paths.gz`: one path per line, relative
+    to the bucket). A line that is a URI or an absolute path is taken as it is; a relative
+    one is joined to the listing's bucket or host root (s3://commoncrawl/,
+    https://data.commoncrawl.org/) when the listing is remote, else to its folder."""
+    import gzip
+
+    m = _PATHS_FILE.match(pattern)
+    if m is None:
+        raise ValueError(f"{pattern}: not a paths listing (*.paths or *.paths.gz)")
+    listing = m.group("file")
+    with open_input(listing) as f:
+        raw = f.read()
+    text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if m.group("first") is not None:
+        lines = lines[int(m.group("first")) : int(m.group("last")) + 1]
+    if is_remote(listing):
+        root = _URI.match(listing).group(0) + listing[_URI.match(listing).end() :].split("/")[0]
+    else:
+        root = str(Path(local(listing)).parent)
+    return [
+        line if scheme(line) is not None or line.startswith("/") else f"{root}/{line}"
+        for line in lines
+    ]
+
+
 def _hidden(rel: Path) -> bool:
     return rel.name.startswith((".", "_"))
 

@@ -163,3 +163,26 @@ def test_a_missing_filesystem_package_names_the_extra(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install gcsfs"):
         storage.filesystem("gs://bucket/x.jsonl")
     storage._filesystem.cache_clear()
+
+
+def test_a_crawl_paths_listing_names_its_files_relative_to_the_bucket(s3, tmp_path):
+    """Common Crawl publishes warc.paths.gz: one path per line, relative to the bucket."""
+    import gzip
+
+    local, prefix = s3
+    fs, _ = storage.filesystem(prefix)
+    names = [
+        "inputs/dolma-sample-0000.warc.gz",
+        "inputs/whirlwind.warc.wet.gz",
+        "inputs/plain.jsonl",
+    ]
+    fs.pipe(f"{BUCKET}/crawl/warc.paths.gz", gzip.compress("\n".join(names).encode() + b"\n"))
+    listing = f"s3://{BUCKET}/crawl/warc.paths.gz"
+    assert expand_inputs([listing]) == sorted(f"s3://{BUCKET}/{n}" for n in names)
+    assert expand_inputs([listing + "#1-1"]) == [f"s3://{BUCKET}/inputs/whirlwind.warc.wet.gz"]
+    # a local listing: relative lines are relative to its folder, URIs stay as they are
+    (tmp_path / "mine.paths").write_text(f"fineweb-1.jsonl.gz\n{prefix}/docs.parquet\n")
+    shutil.copy(local / "fineweb-1.jsonl.gz", tmp_path / "fineweb-1.jsonl.gz")
+    assert expand_inputs([str(tmp_path / "mine.paths")]) == sorted(
+        [str(tmp_path / "fineweb-1.jsonl.gz"), f"{prefix}/docs.parquet"]
+    )

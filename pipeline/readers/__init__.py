@@ -124,7 +124,7 @@ SUPPORTED_EXTENSIONS: tuple[str, ...] = tuple(sorted(READERS, key=len, reverse=T
 _NOT_INPUTS: tuple[tuple[str, str], ...] = (
     (".wat.gz", "a WAT file: crawl metadata (links, headers), not documents"),
     (".wat", "a WAT file: crawl metadata (links, headers), not documents"),
-    (".paths.gz", "a list of crawl file paths, not documents"),
+    (".paths.gz", "a list of crawl file paths, not documents (name it as an input to read them)"),
     (".cdx.gz", "a CDX index of a crawl, not documents"),
     (".cdx", "a CDX index of a crawl, not documents"),
     (".json", "a .json file (one JSON value, most often a manifest); JSON Lines are .jsonl"),
