@@ -12,12 +12,14 @@ How:
   in 3-9 lines, so that most pass the quality filters; 10% are near-duplicates of an
   earlier document (a few words changed) and 3% exact copies, so dedup has clusters to
   build. Written once per scale as Parquet files of `--part-rows` rows under
-  `.bench/scale/<n>/input/` (ids "g<n>", text).
+  `.bench/scale/<n>/input/` (ids "g<n>", text), by a child process, so the driver's
+  baseline memory is the same at every scale.
 - One recipe per scale: quality (raw Parquet in), dedup, mixture (phi3 tokenizer, one phase
   taking half the tokens that dedup keeps). Each stage runs as its own `run_recipe` call on
   the same local Ray (`--ray-cpus`), so a thread in this process samples this process's
   RSS (the driver alone, every 50 ms) for that stage: the peak minus the RSS before the
-  stage started is the stage's driver growth.
+  stage started is the stage's driver growth. Each scale runs in a fresh driver process,
+  so the scales' peaks compare.
 - docs/s per core = rows in / wall / CPUs, Ray's start-up excluded (Ray starts once, before
   the first stage).
 
@@ -33,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -145,10 +148,16 @@ def recipe(files: list[str], out: Path, tokens: int) -> dict[str, Any]:
 
 
 def run_scale(n: int, cpus: int, part_rows: int) -> list[dict[str, Any]]:
+    # generated in a child process, so the documents' Python objects never inflate the
+    # driver's RSS that the stages are measured against
+    import multiprocessing
+
     from pipeline.recipe import load_recipe
     from pipeline.run import run_recipe
 
-    files = generate(n, WORK / str(n) / "input", part_rows)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        files = pool.apply(generate, (n, WORK / str(n) / "input", part_rows))
     out = WORK / str(n) / "run"
     shutil.rmtree(out, ignore_errors=True)
     # A generous budget: the mixture scales it down to what dedup kept (on_short: scale).
@@ -213,17 +222,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scales", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--part-rows", type=int, default=50_000)
+    p.add_argument("--rows-out", help=argparse.SUPPRESS)  # one scale, rows as JSON (a child)
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from pipeline.executor import init_ray
+    if args.rows_out:
+        from pipeline.executor import init_ray
 
-    init_ray(num_cpus=args.ray_cpus)
+        init_ray(num_cpus=args.ray_cpus)
+        rows = [r for n in args.scales for r in run_scale(n, args.ray_cpus, args.part_rows)]
+        Path(args.rows_out).write_text(json.dumps(rows))
+        return 0
+    # Each scale in a fresh driver process: what one stage leaves in the driver's heap (and
+    # the allocator keeps) must not count against the next scale's stages.
     rows = []
+    BENCH.mkdir(exist_ok=True)
     for n in args.scales:
-        rows += run_scale(n, args.ray_cpus, args.part_rows)
+        out = BENCH / f"scale-{n}.json"
+        cmd = [sys.executable, "-m", "benchmarks.scale", "--scales", str(n), "--rows-out",
+               str(out), "--ray-cpus", str(args.ray_cpus), "--part-rows", str(args.part_rows)]  # fmt: skip
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        rows += json.loads(out.read_text())
     text = report(rows)
     print("\n" + text)
-    BENCH.mkdir(exist_ok=True)
     (BENCH / "scale.json").write_text(json.dumps({"rows": rows, "report": text}, indent=1))
     return 0
 
