@@ -63,6 +63,13 @@ def test_quickstart_on_ray(quickstart_run):
         + stages["edu_annotate"]["dropped"].get("edu_annotate:teacher_error", 0)
         == 6
     )
+    rated = pa.concat_tables(pq.read_table(f) for f in (run / "edu_annotate").glob("*.parquet"))
+    rated = rated.filter(pa.compute.is_valid(rated["edu_label"])).to_pylist()
+    assert len(rated) >= 3
+    for r in rated:
+        assert json.loads(r["teacher_answer"]) == {"score": r["edu_label"]}  # the real teacher
+        assert (r["template_id"], r["template_version"]) == ("edu_annotate", 2)
+        assert r["teacher_backend"] == "local" and r["prompt_tokens"] > 100
     metrics = json.loads((run / "edu_train/metrics.json").read_text())
     held = metrics["held_out"]  # documents of sources and domains it never saw
     assert held["roc_auc"] > held["baseline_length"]["roc_auc"] and metrics["guardrail"]["passed"]

@@ -115,6 +115,7 @@ def test_the_sample_is_stratified_and_independent_of_partitioning(tmp_path):
 # --- annotation with teachers -------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~30 s; the quickstart test checks the same rows of its own run by default
 def test_annotate_with_the_real_local_teacher(tmp_path):
     docs = fineweb_docs(60)
     files = [
