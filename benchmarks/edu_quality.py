@@ -138,12 +138,10 @@ def main() -> None:
     ap.add_argument("--test-fraction", type=float, default=None)
     ap.add_argument("--all-domains", action="store_true", help="the model never saw WebOrganizer")
     ap.add_argument("--no-speed", action="store_true")
-    ap.add_argument(
-        "--data", type=Path, default=DATA, help="the evaluation files' folder ($PRIMER_EDU_DATA)"
-    )
+    ap.add_argument("--data", type=Path, help="the evaluation files' folder ($PRIMER_EDU_DATA)")
     args = ap.parse_args()
-    global DATA
-    DATA = args.data
+    if args.data is not None:
+        globals()["DATA"] = args.data  # _rows reads the module's DATA
     if not (DATA / "weborganizer.jsonl.gz").is_file():
         ap.error(f"{DATA}: no weborganizer.jsonl.gz; pass --data FOLDER or set PRIMER_EDU_DATA")
     m = json.loads((args.model_dir / "metrics.json").read_text())
