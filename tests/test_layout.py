@@ -199,3 +199,16 @@ def test_no_module_is_over_the_size_limit_without_a_reason():
     assert not too_long, (
         f"modules over {MAX_LINES} lines whose docstring does not say why: {too_long}"
     )
+
+
+def test_every_python_file_compiles():
+    """Scripts no test imports (benchmarks, data builders) still compile: a symbol-table
+    error such as a `global` after use is caught here, not when a user runs them."""
+    bad = []
+    for folder in ("pipeline", "filters", "generators", "benchmarks", "dags", "scripts", "data"):
+        for p in sorted((REPO / folder).rglob("*.py")):
+            try:
+                compile(p.read_text(), str(p), "exec")
+            except SyntaxError as e:
+                bad.append(f"{p.relative_to(REPO)}: {e}")
+    assert not bad, bad
