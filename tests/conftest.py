@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,24 @@ def write_jsonl_parts(folder: Path, docs: list[dict], n_parts: int) -> list[Path
                 fh.write(json.dumps(d) + "\n")
         paths.append(p)
     return paths
+
+
+@contextlib.contextmanager
+def moto_s3(mp: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1, an ephemeral port; the
+    standard AWS variables point at it through `mp`. Yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        mp.delenv(key, raising=False)
+    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    mp.setenv("AWS_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    mp.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()

@@ -21,7 +21,7 @@ from pipeline.cli import main
 from pipeline.io import read_stage_part
 from pipeline.stage import Stage, StageConfig, mark_dropped, set_column
 from pipeline.stage_runner import GuardrailError, output_files, run_stage
-from tests.conftest import fineweb_docs, write_jsonl_parts
+from tests.conftest import fineweb_docs, moto_s3, write_jsonl_parts
 
 SECRET = "sk-live-0123456789abcdefABCDEF"
 
@@ -295,25 +295,12 @@ def test_push_to_hub_fails_in_one_line_when_the_hub_cannot_be_reached(
 @pytest.fixture
 def bucket(monkeypatch):
     """A moto S3 server on 127.0.0.1 with an empty bucket; the AWS variables point at it."""
-    from moto.server import ThreadedMotoServer
-
     from pipeline import storage
 
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-    fs, _ = storage.filesystem("s3://exports")
-    fs.mkdir("exports")
-    try:
+    with moto_s3(monkeypatch):
+        fs, _ = storage.filesystem("s3://exports")
+        fs.mkdir("exports")
         yield fs
-    finally:
-        server.stop()
 
 
 def test_an_export_to_a_bucket_equals_the_local_export(run_dir, tmp_path, bucket, capsys):

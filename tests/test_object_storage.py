@@ -18,7 +18,7 @@ from pipeline.io import expand_inputs
 from pipeline.parts import ReadOptions, plan_parts
 from pipeline.readers import iter_batches
 from pipeline.stage_runner import output_files
-from tests.conftest import fineweb_docs
+from tests.conftest import fineweb_docs, moto_s3
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -29,37 +29,29 @@ BUCKET = "primer-test"
 def s3(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 (an ephemeral port) holding a copy of a local folder
     of inputs; the standard AWS variables point at it. Yields (local folder, s3 prefix)."""
-    from moto.server import ThreadedMotoServer
-
     mp = pytest.MonkeyPatch()
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        mp.delenv(key, raising=False)
-    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    mp.setenv("AWS_REGION", "us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    mp.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-
-    local = tmp_path_factory.mktemp("inputs")
-    for name in ("fineweb-1.jsonl.gz", "dolma-sample-0000.warc.gz", "whirlwind.warc.wet.gz"):
-        shutil.copy(SAMPLE / name, local / name)
-    docs = fineweb_docs(120)
-    table = pa.table({"id": [d["id"] for d in docs], "text": [d["text"] for d in docs]})
-    pq.write_table(table, local / "docs.parquet", row_group_size=25)
-    with open(local / "plain.jsonl", "w") as f:
-        for d in docs[:80]:
-            f.write(json.dumps(d) + "\n")
-    (local / "LICENSE").write_text("a licence, not documents\n")
-
-    fs, _ = storage.filesystem(f"s3://{BUCKET}")
-    fs.mkdir(BUCKET)
-    fs.put(f"{local}/", f"{BUCKET}/inputs/", recursive=True)
     try:
-        yield local, f"s3://{BUCKET}/inputs"
+        with moto_s3(mp):
+            local = tmp_path_factory.mktemp("inputs")
+            for name in (
+                "fineweb-1.jsonl.gz",
+                "dolma-sample-0000.warc.gz",
+                "whirlwind.warc.wet.gz",
+            ):
+                shutil.copy(SAMPLE / name, local / name)
+            docs = fineweb_docs(120)
+            table = pa.table({"id": [d["id"] for d in docs], "text": [d["text"] for d in docs]})
+            pq.write_table(table, local / "docs.parquet", row_group_size=25)
+            with open(local / "plain.jsonl", "w") as f:
+                for d in docs[:80]:
+                    f.write(json.dumps(d) + "\n")
+            (local / "LICENSE").write_text("a licence, not documents\n")
+
+            fs, _ = storage.filesystem(f"s3://{BUCKET}")
+            fs.mkdir(BUCKET)
+            fs.put(f"{local}/", f"{BUCKET}/inputs/", recursive=True)
+            yield local, f"s3://{BUCKET}/inputs"
     finally:
-        server.stop()
         mp.undo()
 
 
