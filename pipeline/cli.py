@@ -44,6 +44,7 @@ from pipeline.recipe import (
     build_stage_config,
     load_recipe,
 )
+from pipeline.remote import local_run
 from pipeline.secrets import scrub
 
 
@@ -78,6 +79,15 @@ def _overrides(p: argparse.ArgumentParser, example: str) -> None:
     )
 
 
+def _staging(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--staging",
+        metavar="DIR",
+        help="with an object-storage --output: the local working copy of the run (default "
+        "$PRIMER_STAGING or ~/.cache/primer/staging/<run>)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="primer",
@@ -90,7 +100,12 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a recipe's stages in order, resuming finished work")
     r.add_argument("recipe", help="recipe YAML (configs/quickstart.yaml, configs/phi3_mini.yaml)")
-    r.add_argument("--output", help="run folder (default: the recipe's output, runs/<name>)")
+    r.add_argument(
+        "--output",
+        help="run folder, or a URI on object storage (s3://bucket/runs/x); default: the "
+        "recipe's output, runs/<name>",
+    )
+    _staging(r)
     r.add_argument(
         "--stages", help="comma-separated subset of the recipe's stages (their inputs must exist)"
     )
@@ -125,7 +140,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH_OR_GLOB",
         help="input files, folders or globs (WARC/WET, JSONL, Parquet, HTML, stage outputs)",
     )
-    s.add_argument("--output", required=True, help="run folder; the stage writes OUTPUT/NAME/")
+    s.add_argument(
+        "--output",
+        required=True,
+        help="run folder or object-storage URI; the stage writes OUTPUT/NAME/",
+    )
+    _staging(s)
     _overrides(s, "min_score=0.8")
     s.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     s.add_argument(
@@ -160,8 +180,18 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     w = sub.add_parser("why", help="which stage dropped a document, and why")
-    w.add_argument("run", help="a run folder (runs/quickstart)")
+    w.add_argument("run", help="a run folder (runs/quickstart) or its object-storage URI")
     w.add_argument("id", help="the document id")
+    _staging(w)
+
+    u = sub.add_parser(
+        "pull",
+        help="bring a run on object storage into its staging folder and print where it is",
+        description="Download the committed state of a run on object storage (s3://, gs://) "
+        "into its local staging folder, for notebooks, the report and the loader.",
+    )
+    u.add_argument("uri", help="the run's URI (s3://bucket/runs/x)")
+    _staging(u)
 
     x = sub.add_parser(
         "export",
@@ -169,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Write a stage's kept rows (column parts joined with their base, text "
         "included) to a folder or URI, in shards, with a dataset card (README.md).",
     )
-    x.add_argument("run", help="a run folder (runs/quickstart)")
+    x.add_argument("run", help="a run folder (runs/quickstart) or its object-storage URI")
     x.add_argument("stage", help="the stage whose kept rows to export (edu_score, dedup, ...)")
     x.add_argument(
         "--to", required=True, metavar="PATH_OR_URI",
@@ -198,6 +228,7 @@ def _parser() -> argparse.ArgumentParser:
         "local --to)",
     )  # fmt: skip
     x.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    _staging(x)
 
     t = sub.add_parser(
         "train-smoke",
@@ -267,7 +298,7 @@ def _export_command(args: argparse.Namespace) -> int:
         if args.push_to_hub:
             check_hub(args.push_to_hub, args.to, args.format)
         done = export_stage(
-            args.run, args.stage, args.to, fmt=args.format,
+            local_run(args.run, args.staging), args.stage, args.to, fmt=args.format,
             columns=args.columns.split(",") if args.columns else None, where=args.where,
             shard_rows=args.shard_rows, shard_bytes=args.shard_bytes, overwrite=args.overwrite,
         )  # fmt: skip
@@ -410,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "why":
             from pipeline.views.why import why_command
 
-            return why_command(args.run, args.id)
+            return why_command(local_run(args.run, args.staging), args.id)
+        if args.command == "pull":
+            print(local_run(args.uri, args.staging))
+            return 0
         if args.command == "export":
             return _export_command(args)
         from pipeline.run import run_recipe
@@ -423,13 +457,14 @@ def main(argv: list[str] | None = None) -> int:
                 only = [s.strip() for s in args.stages.split(",")] if args.stages else None
                 summary = run_recipe(
                     loaded, args.output, only, args.ray_address, args.executor,
-                    retry_failed=args.retry_failed, command=command,
+                    retry_failed=args.retry_failed, command=command, staging=args.staging,
                 )  # fmt: skip
             else:
                 loaded = _stage_command(args)
                 summary = run_recipe(
-                    loaded, args.output, None, args.ray_address, args.executor, command=command
-                )
+                    loaded, args.output, None, args.ray_address, args.executor,
+                    command=command, staging=args.staging,
+                )  # fmt: skip
         except DryRun as e:
             print(str(e))
             return 0

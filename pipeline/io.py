@@ -130,12 +130,12 @@ class StaleColumnPart(RuntimeError):
 
 def column_part_metadata(path: str | Path, base: str | Path) -> dict[bytes, bytes]:
     """The `primer.base` metadata of a column part at `path` over the part `base`: where
-    the base is (relative to the column part's folder, so a run folder can move as a whole,
-    and absolute) and its size in bytes (a rewritten base is caught before any row)."""
+    the base is, relative to the column part's folder, and its size in bytes (a rewritten
+    base is caught before any row). Nothing absolute: the part's bytes are the same wherever
+    the run folder is (the mixture keys its draws on them), and the folder can move whole."""
     base = Path(base).resolve()
     info = {
         "path": os.path.relpath(base, Path(path).resolve().parent),
-        "abs": str(base),
         "bytes": base.stat().st_size,
     }
     return {BASE_KEY: json.dumps(info).encode()}
@@ -149,10 +149,11 @@ def column_base(path: str | Path, schema: pa.Schema | None = None) -> tuple[Path
         return None
     info = json.loads(raw)
     rel = Path(path).resolve().parent / info["path"]
-    base = rel if rel.is_file() else Path(info["abs"])
+    # "abs": where the base was when written, kept by column parts of earlier versions
+    base = rel if rel.is_file() or not info.get("abs") else Path(info["abs"])
     if not base.is_file():
         raise StaleColumnPart(
-            f"{path} holds columns for {rel} (or {info['abs']}), which is missing; a column "
+            f"{path} holds columns for {rel}, which is missing; a column "
             f"part is read with the part it annotates: keep the run folder together, or re-run "
             f"the stage that wrote {Path(path).parent.name}"
         )

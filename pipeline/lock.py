@@ -14,7 +14,8 @@ How a lock is judged, in order:
    lock per host). A holder on this host whose process is gone, or any holder whose
    heartbeat is older than `STALE_S`, left a stale lock: it is taken over, with a warning.
 An empty file is a free lock: a finished run empties it rather than deleting it, so nobody
-can be waiting on a name that is about to disappear.
+can be waiting on a name that is about to disappear. A run folder on object storage holds
+`URI/_lock` the same way, judged by its contents alone (`RemoteLock`).
 
     with RunLock("runs/quickstart", "primer run configs/quickstart.yaml"):
         ...
@@ -50,7 +51,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -60,11 +61,42 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _describe(holder: dict[str, Any]) -> str:
+def describe_holder(holder: dict[str, Any]) -> str:
     return (
         f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, since "
         f"{holder.get('started', '?')}: {holder.get('command', '?')}"
     )
+
+
+def holder_is_live(holder: dict[str, Any], os_lock_granted: bool | None) -> tuple[bool, float]:
+    """(is the run that wrote `holder` alive, seconds since its heartbeat). A holder on this
+    host is judged by its process (unless the OS lock was granted, which says it is gone),
+    one on another host by its heartbeat."""
+    age = time.time() - float(holder.get("heartbeat") or 0.0)
+    if holder.get("host") == socket.gethostname():
+        pid = int(holder.get("pid") or 0)
+        return pid not in (0, os.getpid()) and pid_alive(pid) and os_lock_granted is None, age
+    return age < STALE_S, age
+
+
+class Heartbeat:
+    """Calls `write` every `HEARTBEAT_S` seconds on a daemon thread until `stop()`; a
+    failed write is retried at the next beat."""
+
+    def __init__(self, write: Any) -> None:
+        self._write = write
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="primer-lock", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(Exception):
+                self._write()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 class RunLock:
@@ -74,8 +106,7 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self.command = command or " ".join(sys.argv)
         self._fd: int | None = None
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
+        self._beat: Heartbeat | None = None
         self.info: dict[str, Any] = {}
 
     def _read(self) -> dict[str, Any] | None:
@@ -123,25 +154,19 @@ class RunLock:
         host = socket.gethostname()
         if granted is False:
             self._close()
-            what = _describe(holder) if holder else "a process that has not written its name yet"
+            what = (
+                describe_holder(holder) if holder else "a process that has not written its name yet"
+            )
             raise RunLocked(
                 f"{self.path.parent} is in use by another primer run ({what}); wait for it to "
                 f"finish or stop it, or use another --output"
             )
         if holder is not None:
-            age = time.time() - float(holder.get("heartbeat") or 0.0)
-            same_host = holder.get("host") == host
-            if same_host:
-                live = int(holder.get("pid") or 0) not in (0, os.getpid()) and _pid_alive(
-                    int(holder.get("pid") or 0)
-                )
-                live = live and granted is None  # granted: the kernel says its holder is gone
-            else:
-                live = age < STALE_S
+            live, age = holder_is_live(holder, granted)
             if live:
                 self._close()
                 raise RunLocked(
-                    f"{self.path.parent} is in use by another primer run ({_describe(holder)}, "
+                    f"{self.path.parent} is in use by another primer run ({describe_holder(holder)}, "
                     f"heartbeat {age:.0f} s ago); wait for it to finish or stop it, or use "
                     f"another --output. A lock whose holder died is taken over after "
                     f"{STALE_S:.0f} s without a heartbeat."
@@ -149,7 +174,7 @@ class RunLock:
             log.warning(
                 "run lock: taking over %s, left by a run that stopped without releasing it (%s)",
                 self.path,
-                _describe(holder),
+                describe_holder(holder),
             )
         self.info = {
             "host": host,
@@ -158,14 +183,8 @@ class RunLock:
             "command": self.command,
         }
         self._write()
-        self._beat = threading.Thread(target=self._heartbeat, name="primer-lock", daemon=True)
-        self._beat.start()
+        self._beat = Heartbeat(self._write)
         return self
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            with contextlib.suppress(OSError):
-                self._write()
 
     def _close(self) -> None:
         if self._fd is not None:
@@ -173,9 +192,8 @@ class RunLock:
             self._fd = None
 
     def release(self) -> None:
-        self._stop.set()
         if self._beat is not None:
-            self._beat.join(timeout=5)
+            self._beat.stop()
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)
@@ -187,3 +205,46 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class RemoteLock:
+    """`URI/_lock` of a run on object storage (pipeline/remote.py), judged like the local
+    file by its contents: a holder whose heartbeat is fresh refuses a second run; one on
+    this host whose process is gone, or any holder silent for `STALE_S`, is taken over with
+    a warning. Object stores have no exclusive create, so two runs started within the same
+    second could both pass."""
+
+    def __init__(self, fs: Any, path: str, uri: str, command: str) -> None:
+        self.fs, self.path, self.uri = fs, path, uri
+        self.info: dict[str, Any] = {
+            "host": socket.gethostname(), "pid": os.getpid(), "command": command,
+        }  # fmt: skip
+        self._beat: Heartbeat | None = None
+
+    def _write(self) -> None:
+        self.fs.pipe_file(self.path, json.dumps(self.info | {"heartbeat": time.time()}).encode())
+
+    def __enter__(self) -> RemoteLock:
+        try:
+            holder = json.loads(self.fs.cat_file(self.path))
+        except (FileNotFoundError, ValueError):
+            holder = None
+        if isinstance(holder, dict):
+            live, age = holder_is_live(holder, None)
+            if live:
+                raise RunLocked(
+                    f"{self.uri} is in use by another primer run ({describe_holder(holder)}, "
+                    f"heartbeat {age:.0f} s ago); wait for it to finish or stop it. A lock "
+                    f"whose holder died is taken over after {STALE_S:.0f} s without a heartbeat."
+                )
+            log.warning("run lock: taking over %s/_lock (%s)", self.uri, describe_holder(holder))
+        self.info["started"] = _now()
+        self._write()
+        self._beat = Heartbeat(self._write)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._beat is not None:
+            self._beat.stop()
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path)

@@ -51,6 +51,7 @@ from pipeline.io import (
     write_json_atomic,
 )
 from pipeline.readers.splits import byte_spans, row_group_spans
+from pipeline.remote import push_part
 from pipeline.schema import READ_COLUMNS, schema_for
 from pipeline.stage import MissingColumns, Stage, StageFatal
 
@@ -149,15 +150,26 @@ def _sub_name(name: str, part: Part) -> str:
 
 
 def plan_parts(
-    files: Sequence[str], anchor: str | Path | None = None, read: ReadOptions | None = None
+    files: Sequence[str],
+    anchor: str | Path | None = None,
+    read: ReadOptions | None = None,
+    run_root: str | Path | None = None,
 ) -> list[Part]:
     """One part per file, except a raw Parquet file with more than `read.max_rows_per_part`
     rows (one sub-part per range of row groups) and a gzip WARC or plain JSONL file over
-    `read.max_bytes_per_part` (one per byte range), so no file is a single-task bottleneck."""
+    `read.max_bytes_per_part` (one per byte range), so no file is a single-task bottleneck.
+    Files inside `run_root` (an earlier stage's output) are named by their path in it
+    ("RUN/seeds/seeds-00000.parquet"), so the run folder can move, or resume from object
+    storage into another staging folder, with the same part names and fingerprints."""
     read = read or ReadOptions()
+    root = os.path.abspath(run_root) if run_root is not None else None
     parts = []
     for f in files:
         stable = stable_path(f, anchor)
+        if root is not None and not storage.is_remote(f):
+            inside = os.path.relpath(os.path.abspath(storage.local(f)), root)
+            if not inside.startswith(".."):
+                stable = "RUN/" + Path(inside).as_posix()
         if is_stage_output(f) and storage.is_dir(storage.join(storage.parent(f), "_parts")):
             parts.append(Part(Path(f).stem, f, True, stable))
             continue
@@ -403,9 +415,13 @@ class PartTask:
     out_dir: str
     fingerprint: str
     read: ReadOptions | None = None
+    remote: str | None = None  # the stage's URI on object storage (pipeline/remote.py)
 
     def __call__(self, part: Part) -> dict[str, Any]:
-        return process_part(self.stage, part, Path(self.out_dir), self.fingerprint, self.read)
+        stats = process_part(self.stage, part, Path(self.out_dir), self.fingerprint, self.read)
+        if self.remote:
+            push_part(self.remote, self.out_dir, part.name)
+        return stats
 
 
 def remark_part(stage: Stage, name: str, out_dir: Path, fingerprint: str) -> dict[str, Any]:
@@ -464,6 +480,10 @@ class RemarkTask:
     stage: Stage
     out_dir: str
     fingerprint: str
+    remote: str | None = None
 
     def __call__(self, name: str) -> dict[str, Any]:
-        return remark_part(self.stage, name, Path(self.out_dir), self.fingerprint)
+        stats = remark_part(self.stage, name, Path(self.out_dir), self.fingerprint)
+        if self.remote:
+            push_part(self.remote, self.out_dir, name)
+        return stats

@@ -4,15 +4,16 @@
 everything that can be checked without running anything: inputs that match nothing, files
 no reader handles, Parquet inputs without the text column, each stage's `preflight()`
 (model, tokenizer and benchmark paths, language codes), and the outputs of earlier stages
-that this run reads but does not compute. All problems are raised together as one
-`ConfigError` (the CLI prints one line each and exits 2).
+that this run reads but does not compute. Config values that are object-storage URIs (a
+model, benchmarks) are fetched into the run folder first (pipeline/remote_assets.py). All
+problems are raised together as one `ConfigError` (the CLI prints one line each and exits 2).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.io import expand_inputs
@@ -63,6 +64,10 @@ def plan_run(
     for spec in selected:
         i = by_name[spec.name]
         where = f"stages.{spec.name}"
+        try:
+            spec = _with_assets_fetched(spec, out_root)
+        except (OSError, ValueError, ImportError) as e:
+            problems.append(f"{where}: {e}")
         refs = [r[1:] for r in spec.inputs or [] if r.startswith("@")]
         files = None
         skipped: list[tuple[str, str]] = []
@@ -110,3 +115,15 @@ def plan_run(
     if problems:
         raise ConfigError("\n".join(problems))
     return plans
+
+
+def _with_assets_fetched(spec: StageSpec, out_root: Path) -> StageSpec:
+    """`spec` with its config's object-storage URIs (a model, benchmarks) fetched into the
+    run folder and named as "@_assets/..." references (pipeline/remote_assets.py)."""
+    from pipeline.remote_assets import fetch_config_assets
+
+    raw = spec.config.model_dump()
+    fetched = fetch_config_assets(raw, out_root)
+    if fetched == raw:
+        return spec
+    return replace(spec, config=type(spec.config).model_validate(fetched))

@@ -129,8 +129,13 @@ class LoadedRecipe:
     path: Path | None
 
     @property
+    def output_location(self) -> str:
+        """The run folder as written: a path, or a URI on object storage (s3://...)."""
+        return expand_vars(self.recipe.output or f"runs/{self.recipe.name}", "output", False)
+
+    @property
     def output(self) -> Path:
-        return Path(expand_vars(self.recipe.output or f"runs/{self.recipe.name}", "output", False))
+        return Path(self.output_location)
 
 
 def expand_vars(value: str, key: str, strict: bool = True) -> str:

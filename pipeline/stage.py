@@ -242,11 +242,14 @@ class Stage:
     def config_refs(self) -> list[str]:
         """The earlier stages named by "@stage/file" values in this stage's config."""
         refs = stage_refs(self.config.model_dump())
-        return list(dict.fromkeys(r[1:].partition("/")[0] for r in refs))
+        names = (r[1:].partition("/")[0] for r in refs)
+        # "@_assets/..." names a file fetched into the run folder (pipeline/remote_assets.py)
+        return list(dict.fromkeys(n for n in names if not n.startswith("_")))
 
     def with_refs_resolved(self, run_dir: str | os.PathLike[str]) -> Stage:
-        """This stage with "@stage/file" config values turned into paths in `run_dir`."""
-        if not self.config_refs():
+        """This stage with "@stage/file" (and "@_assets/...") config values turned into
+        paths in `run_dir`."""
+        if not stage_refs(self.config.model_dump()):
             return self
 
         def path_of(ref: str) -> str:

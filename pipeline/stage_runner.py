@@ -42,6 +42,7 @@ from pipeline.parts import (
     utc_now,
 )
 from pipeline.progress import Progress
+from pipeline.remote import RemoteRun
 from pipeline.secrets import mask
 from pipeline.stage import ArtifactStage, GlobalStage, Stage
 
@@ -254,19 +255,21 @@ def run_stage(
     skipped_inputs: Sequence[tuple[str, str]] = (),
     retry_failed: bool = False,
     anchor: str | Path | None = None,
+    remote: RemoteRun | None = None,
 ) -> dict[str, Any]:
     """Run one stage over `files` into `out_root/<name or stage.name>/`, skipping committed
     parts. `name` is the recipe's name for this use of the stage (a recipe may run `dedup`
     twice, as `dedup` and `synth_dedup`); drop reasons keep the stage's own name. "@stage/
     file" values in the stage's config name files in `out_root`. `skipped_inputs` ((file,
     why) the planner left out) are recorded in the manifest; `retry_failed` asks a
-    `retryable` stage's failed rows again (`reopen_failed`)."""
+    `retryable` stage's failed rows again (`reopen_failed`). With `remote`, `out_root` is
+    the staging folder of a run on object storage, kept in step with it (pipeline/remote.py)."""
     if not isinstance(executor, Executor):
         raise TypeError(f"run_stage: executor must be an Executor, not {executor!r}")
     name = name or stage.name
     out_dir = out_root / name
     read = read or ReadOptions()
-    parts = plan_parts(files, anchor, read)
+    parts = plan_parts(files, anchor, read, run_root=out_root)
     # The fingerprint is taken before "@stage" values become paths, so a run folder that
     # moves keeps its fingerprints; the stages they name chain in through their outputs.
     upstream = "+".join(
@@ -292,6 +295,8 @@ def run_stage(
         tmp = out_dir / "._fingerprint.tmp"
         tmp.write_text(scores_fp + "\n")
         os.replace(tmp, fp_file)
+    if remote is not None:
+        remote.open_stage(name)
 
     manifest_path = out_dir / "_manifest.json"
     previous = read_json(manifest_path) if manifest_path.is_file() else {}
@@ -299,7 +304,10 @@ def run_stage(
     retries = previous.get("retries", [])
     started, t0 = utc_now(), time.monotonic()
     if isinstance(stage, ArtifactStage):
-        return _run_artifact(stage, name, parts, out_dir, executor, fp, previous, started, t0)
+        manifest = _run_artifact(stage, name, parts, out_dir, executor, fp, previous, started, t0)
+        if remote is not None:
+            remote.push_stage(name)
+        return manifest
 
     retry: dict[str, Any] | None = None
     if retry_failed and isinstance(stage, GlobalStage) and stage.retryable:
@@ -308,6 +316,8 @@ def run_stage(
         if failed:
             log.info("%s: --retry-failed: asking %d failed rows again", name, failed)
             _reset_parts(out_dir)
+            if remote is not None:
+                remote.reset_parts(name)
             previous = {}
             retry = {"started": started, "failed_before": failed}
         else:
@@ -328,14 +338,17 @@ def run_stage(
         stage.state_dir = str(out_dir / "_state")
         if pending and not (out_dir / "_state" / "_DONE").is_file():
             stage.prepare([p.source for p in parts], stage.state_dir, executor)
+            if remote is not None:
+                remote.push_stage(name, final=False)  # the state, before any part uses it
 
     # Parts finished by earlier attempts are counted as done, not as this attempt's speed.
     progress = Progress(stage.name, len(parts), done=len(parts) - len(pending) - len(remark))
+    remote_stage = remote.stage_uri(name) if remote is not None else None
     if remark:
-        for s in executor.map(RemarkTask(stage, str(out_dir), fp), remark):
+        for s in executor.map(RemarkTask(stage, str(out_dir), fp, remote_stage), remark):
             progress.update(parts=1, rows=s["rows_in"])
     if pending:
-        task = PartTask(stage, str(out_dir), fp, read)
+        task = PartTask(stage, str(out_dir), fp, read, remote_stage)
         for s in executor.map(
             task, pending, uses_model=stage.uses_model, num_cpus=stage.num_cpus,
             num_gpus=stage.num_gpus,
@@ -391,6 +404,8 @@ def run_stage(
         "guardrail": guard,
     }
     write_json_atomic(manifest_path, manifest)
+    if remote is not None:
+        remote.push_stage(name)
     if message:
         if stop:
             raise GuardrailError(message)
