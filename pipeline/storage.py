@@ -3,10 +3,11 @@
 A path is either a plain local path or a URI: `s3://bucket/key`, `gs://bucket/key`,
 `hf://datasets/owner/name/file` or `file:///abs/path`. URIs go through fsspec (s3fs, gcsfs,
 huggingface_hub's HfFileSystem: optional extras, named in the error when one is missing);
-a remote Parquet file is read a row group per request (`SpanFile`). Credentials and endpoints come from the standard variables
-(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN / AWS_PROFILE,
-AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3, AWS_REGION; GOOGLE_APPLICATION_CREDENTIALS; HF_TOKEN)
-and are never logged: only URIs are.
+a remote Parquet file is read in a few large ranged requests ahead of the decoder
+(`SpanFile`; on s3:// with botocore's blocking client). Credentials and endpoints come from
+the standard variables (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN /
+AWS_PROFILE, AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3, AWS_REGION;
+GOOGLE_APPLICATION_CREDENTIALS; HF_TOKEN) and are never logged: only URIs are.
 
     from pipeline import storage
     with storage.open_input("s3://commoncrawl/crawl-data/.../x.warc.gz") as f:
@@ -15,11 +16,13 @@ and are never logged: only URIs are.
 
 from __future__ import annotations
 
+import collections
 import functools
 import glob as _glob
 import io
 import os
 import re
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,6 +32,15 @@ EXTRAS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "huggingface_hub"}
 """URI scheme -> the package fsspec needs for it (Primer's extras: s3, gcs)."""
 
 _BLOCK = 8 << 20  # object-store reads: 8 MiB blocks, read ahead
+
+# Remote Parquet (SpanFile): planned spans less than 1 MiB apart (the columns a reader skips
+# between row groups) joined up to 24 MiB a request (glibc maps buffers over 32 MiB fresh,
+# page-faulting and zeroing them on every request), at most 64 MiB fetched ahead of the
+# reader, on 4 connections.
+_GAP = 1 << 20
+_COALESCE = 24 << 20
+_AHEAD = 64 << 20
+_THREADS = 4
 
 
 def scheme(path: str | os.PathLike[str]) -> str | None:
@@ -82,6 +94,40 @@ def filesystem(uri: str) -> tuple[Any, str]:
     protocol = "gs" if protocol == "gcs" else protocol
     fs = _filesystem(protocol, s3_endpoint() if protocol == "s3" else None)
     return fs, fs._strip_protocol(uri)
+
+
+@functools.cache
+def _s3_client(endpoint: str | None) -> Any:
+    """botocore's blocking S3 client (s3fs runs botocore under asyncio; it comes with it).
+
+    SpanFile fetches s3:// ranges with it: the body read straight into one bytes object costs
+    the reader far less CPU than s3fs's aiohttp chunks (benchmarks/object_storage.py).
+    Credentials, region and retries come from the standard configuration, as for s3fs."""
+    import botocore.session
+
+    return botocore.session.get_session().create_client("s3", endpoint_url=endpoint)
+
+
+def _s3_range(client: Any, path: str, start: int, stop: int) -> bytes:
+    """Bytes start..stop-1 of s3 `path` ("bucket/key"), errors as s3fs gives them: a client
+    error as an OSError (FileNotFoundError, PermissionError, ...), a body cut short retried."""
+    from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
+    from s3fs.errors import translate_boto_error
+
+    bucket, key = path.split("/", 1)
+    attempt = 0
+    while True:
+        try:
+            resp = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}")
+            with resp["Body"] as body:
+                return body.read()
+        except ClientError as e:
+            raise translate_boto_error(e) from e
+        except (HTTPClientError, IncompleteReadError):
+            attempt += 1
+            if attempt == 5:
+                raise
+            time.sleep(0.1 * 2**attempt)
 
 
 def open_input(path: str | os.PathLike[str]) -> IO[bytes]:
@@ -204,51 +250,68 @@ def _hidden(rel: Path) -> bool:
 
 
 class SpanFile(io.RawIOBase):
-    """A remote file for pyarrow that reads planned byte spans ahead of the reader.
+    """A remote file for pyarrow that fetches planned byte spans ahead of the reader.
 
     `plan(spans)` names the spans about to be read, in order (a Parquet reader: each row
-    group's needed column chunks); each is fetched in one request, the next one on a
-    background thread while the reader decodes the current one, so the network and the
-    decoding overlap and memory holds at most two spans. Reads outside the plan are one
-    ranged request each (the footer)."""
+    group's needed column chunks). Nearby spans are fetched together, up to `_COALESCE`
+    bytes a request, on background threads: the range being read, the next one, and more
+    while less than `_AHEAD` bytes are held, so the network and the decoding overlap.
+    pyarrow reads through `read_buffer`: zero-copy slices of the fetched bytes. Reads
+    outside the plan (the footer) are one ranged request each."""
 
     def __init__(self, path: str) -> None:
         self._fs, self._path = filesystem(path)
         self._size = int(self._fs.size(self._path))
+        self._s3 = _s3_client(s3_endpoint()) if scheme(path) == "s3" else None
         self._pos = 0
-        self._spans: list[tuple[int, int]] = []
-        self._next = 0  # index of the next span to fetch
-        self._current: tuple[int, bytes] = (0, b"")
-        self._ahead: Any = None  # (start, future) of the span being fetched
+        self._todo: collections.deque[tuple[int, int]] = collections.deque()
+        self._fetched: collections.deque[tuple[int, int, Any]] = collections.deque()
         self._pool: Any = None
 
     def plan(self, spans: list[tuple[int, int]]) -> None:
-        self._spans = [(max(0, a), min(self._size, b)) for a, b in spans if b > a]
-        self._next = 0
-        self._current, self._ahead = (0, b""), None
-        self._fetch_next()
+        """Fetch `spans` ((start, stop) in reading order) ahead of the reads, nearby ones in
+        one request."""
+        self._todo.clear()
+        self._fetched.clear()
+        for a, b in spans:
+            a, b = max(0, a), min(self._size, b)
+            last = self._todo[-1] if self._todo else None
+            if b <= a:
+                continue
+            if last and 0 <= a - last[1] < _GAP and b - last[0] <= _COALESCE:
+                self._todo[-1] = (last[0], b)
+            else:
+                self._todo.append((a, b))
+        self._fetch_ahead()
 
-    def _fetch_next(self) -> None:
-        if self._next >= len(self._spans):
-            self._ahead = None
-            return
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+    def _fetch_ahead(self) -> None:
+        held = sum(b - a for a, b, _ in self._fetched)
+        while self._todo and (len(self._fetched) < 2 or held < _AHEAD):
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="primer-read-ahead")
-        a, b = self._spans[self._next]
-        self._next += 1
-        self._ahead = (a, b, self._pool.submit(self._fs.cat_file, self._path, start=a, end=b))
+                self._pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="primer-read-ahead")
+            a, b = self._todo.popleft()
+            self._fetched.append((a, b, self._pool.submit(self._fetch, a, b)))
+            held += b - a
 
-    def _cached(self, pos: int, stop: int) -> bytes | None:
-        start, data = self._current
-        if start <= pos and stop <= start + len(data):
-            return data[pos - start : stop - start]
-        if self._ahead is not None and self._ahead[0] <= pos and stop <= self._ahead[1]:
-            a, _, future = self._ahead
-            self._current = (a, future.result())
-            self._fetch_next()
-            return self._cached(pos, stop)
+    def _fetch(self, start: int, stop: int) -> Any:
+        """Bytes start..stop-1 as a pyarrow Buffer, in one ranged request."""
+        import pyarrow as pa
+
+        if self._s3 is not None:
+            return pa.py_buffer(_s3_range(self._s3, self._path, start, stop))
+        return pa.py_buffer(self._fs.cat_file(self._path, start=start, end=stop))
+
+    def _planned(self, pos: int, stop: int) -> Any:
+        """pos..stop-1 from a fetched range, or None; the ranges before it are let go."""
+        for i, (a, b, future) in enumerate(self._fetched):
+            if a <= pos and stop <= b:
+                if i:
+                    for _ in range(i):
+                        self._fetched.popleft()
+                    self._fetch_ahead()
+                return future.result().slice(pos - a, stop - pos)
         return None
 
     def readable(self) -> bool:
@@ -268,15 +331,21 @@ class SpanFile(io.RawIOBase):
     def size(self) -> int:
         return self._size
 
-    def read(self, n: int = -1) -> bytes:
+    def read_buffer(self, n: int = -1) -> Any:
+        """The next `n` bytes (all that are left for n < 0) as a pyarrow Buffer."""
+        import pyarrow as pa
+
         stop = self._size if n is None or n < 0 else min(self._size, self._pos + n)
         if stop <= self._pos:
-            return b""
-        out = self._cached(self._pos, stop)
+            return pa.py_buffer(b"")
+        out = self._planned(self._pos, stop)
         if out is None:
-            out = self._fs.cat_file(self._path, start=self._pos, end=stop)
-        self._pos += len(out)
+            out = self._fetch(self._pos, stop)
+        self._pos += out.size
         return out
+
+    def read(self, n: int = -1) -> bytes:
+        return self.read_buffer(n).to_pybytes()
 
     def readinto(self, b: Any) -> int:
         data = self.read(len(b))
@@ -287,7 +356,8 @@ class SpanFile(io.RawIOBase):
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-        self._current, self._ahead = (0, b""), None
+        self._todo.clear()
+        self._fetched.clear()
         super().close()
 
 
@@ -305,8 +375,8 @@ def parquet_file(path: str, **kwargs: Any) -> Any:
 
 def plan_row_groups(pf: Any, groups: Any, source: Any, columns: Any = None) -> None:
     """Tell a remote `source` (a SpanFile) which row groups of `pf` will be read, in order,
-    and which `columns`: each group's bytes are then fetched in one request, read ahead. A
-    no-op for a local file."""
+    and which `columns`: their bytes are then fetched ahead, nearby groups in one
+    request. A no-op for a local file."""
     if not isinstance(source, SpanFile):
         return
     wanted = set(columns) if columns is not None else None

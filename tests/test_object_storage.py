@@ -178,3 +178,61 @@ def test_a_crawl_paths_listing_names_its_files_relative_to_the_bucket(s3, tmp_pa
     assert expand_inputs([str(tmp_path / "mine.paths")]) == sorted(
         [str(tmp_path / "fineweb-1.jsonl.gz"), f"{prefix}/docs.parquet"]
     )
+
+
+def test_parquet_row_groups_on_a_bucket_are_fetched_together_ahead_of_the_reader(
+    s3, monkeypatch, tmp_path
+):
+    """Row groups come in one ranged GET besides the footer's, the column the reader skips
+    between them included; with one group a request and a read-ahead budget of one byte,
+    the same rows come, a GET a group."""
+    local, prefix = s3
+    docs = pq.read_table(local / "docs.parquet")
+    docs = docs.append_column("unread", pa.array([f"x{i}" * 50 for i in range(len(docs))]))
+    pq.write_table(docs, tmp_path / "wide.parquet", row_group_size=25)
+    fs, _ = storage.filesystem(prefix)
+    fs.put(str(tmp_path / "wide.parquet"), f"{BUCKET}/wide/wide.parquet")
+    fetched = []
+    fetch = storage.SpanFile._fetch
+
+    def spy(self, start, stop):
+        fetched.append((start, stop))
+        return fetch(self, start, stop)
+
+    monkeypatch.setattr(storage.SpanFile, "_fetch", spy)
+    groups = pq.ParquetFile(tmp_path / "wide.parquet").metadata.num_row_groups
+    want = _rows(_read(str(tmp_path / "wide.parquet")))
+    assert _rows(_read(f"s3://{BUCKET}/wide/wide.parquet")) == want
+    assert len(fetched) == 2
+    fetched.clear()
+    monkeypatch.setattr(storage, "_COALESCE", 1)
+    monkeypatch.setattr(storage, "_AHEAD", 1)
+    assert _rows(_read(f"s3://{BUCKET}/wide/wide.parquet")) == want
+    assert len(fetched) == 1 + groups > 2
+
+
+def test_an_object_deleted_under_the_reader_raises_file_not_found(s3):
+    """A ranged GET's S3 error comes back as s3fs would raise it (the readers let a
+    FileNotFoundError through; other OSErrors become read:corrupt_parquet rows)."""
+    local, prefix = s3
+    fs, _ = storage.filesystem(prefix)
+    fs.put(str(local / "docs.parquet"), f"{BUCKET}/gone/docs.parquet")
+    f = storage.SpanFile(f"s3://{BUCKET}/gone/docs.parquet")
+    fs.rm(f"{BUCKET}/gone/docs.parquet")
+    with pytest.raises(FileNotFoundError):
+        f.read(100)
+    f.close()
+
+
+def test_parquet_on_other_remote_filesystems_is_read_through_fsspec(s3):
+    """Schemes other than s3:// (here fsspec's in-memory one) fetch their ranges with fsspec."""
+    import fsspec
+
+    local, _ = s3
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/primer/docs.parquet", (local / "docs.parquet").read_bytes())
+    try:
+        got = _read("memory://primer/docs.parquet")
+    finally:
+        memory.rm("/primer", recursive=True)
+    assert _rows(got) == _rows(_read(str(local / "docs.parquet")))
