@@ -249,6 +249,12 @@ def _hidden(rel: Path) -> bool:
     return rel.name.startswith((".", "_"))
 
 
+class RemoteReadError(RuntimeError):
+    """A ranged read from object storage that failed after its retries (a network or server
+    error, a permission): not an OSError, so a Parquet reader does not take it for a corrupt
+    file and record its rows as lost. The part fails instead, and a rerun reads it again."""
+
+
 class SpanFile(io.RawIOBase):
     """A remote file for pyarrow that fetches planned byte spans ahead of the reader.
 
@@ -261,6 +267,7 @@ class SpanFile(io.RawIOBase):
 
     def __init__(self, path: str) -> None:
         self._fs, self._path = filesystem(path)
+        self._uri = path
         self._size = int(self._fs.size(self._path))
         self._s3 = _s3_client(s3_endpoint()) if scheme(path) == "s3" else None
         self._pos = 0
@@ -296,12 +303,20 @@ class SpanFile(io.RawIOBase):
             held += b - a
 
     def _fetch(self, start: int, stop: int) -> Any:
-        """Bytes start..stop-1 as a pyarrow Buffer, in one ranged request."""
+        """Bytes start..stop-1 as a pyarrow Buffer, in one ranged request. A failure other
+        than a missing object is a `RemoteReadError`: the store's fault, not the file's."""
         import pyarrow as pa
 
-        if self._s3 is not None:
-            return pa.py_buffer(_s3_range(self._s3, self._path, start, stop))
-        return pa.py_buffer(self._fs.cat_file(self._path, start=start, end=stop))
+        try:
+            if self._s3 is not None:
+                return pa.py_buffer(_s3_range(self._s3, self._path, start, stop))
+            return pa.py_buffer(self._fs.cat_file(self._path, start=start, end=stop))
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise RemoteReadError(
+                f"reading bytes {start}-{stop - 1} of {self._uri} failed: {type(e).__name__}: {e}"
+            ) from e
 
     def _planned(self, pos: int, stop: int) -> Any:
         """pos..stop-1 from a fetched range, or None; the ranges before it are let go."""

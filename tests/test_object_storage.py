@@ -236,3 +236,28 @@ def test_parquet_on_other_remote_filesystems_is_read_through_fsspec(s3):
     finally:
         memory.rm("/primer", recursive=True)
     assert _rows(got) == _rows(_read(str(local / "docs.parquet")))
+
+
+def test_a_store_that_fails_mid_read_fails_the_part_instead_of_losing_rows(s3, monkeypatch):
+    """A network error that outlives the retries is the store's fault: reading stops with
+    RemoteReadError (the part fails; a rerun reads it again), no read:corrupt_parquet rows."""
+    import fsspec
+
+    local, _ = s3
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/primer/flaky.parquet", (local / "docs.parquet").read_bytes())
+    footer = memory.size("/primer/flaky.parquet") - 64 * 1024
+    real = type(memory).cat_file
+
+    def flaky(self, path, start=None, end=None, **kw):
+        if start is not None and start < footer:  # the footer reads; the data does not
+            raise ConnectionResetError("connection reset by peer")
+        return real(self, path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(type(memory), "cat_file", flaky)
+    try:
+        with pytest.raises(storage.RemoteReadError, match="connection reset"):
+            _read("memory://primer/flaky.parquet")
+    finally:
+        monkeypatch.undo()
+        memory.rm("/primer", recursive=True)
