@@ -136,7 +136,52 @@ def open_input(path: str | os.PathLike[str]) -> IO[bytes]:
     if not is_remote(p):
         return open(local(p), "rb")  # noqa: SIM115 - the caller closes it
     fs, inner = filesystem(p)
-    return fs.open(inner, "rb", block_size=_BLOCK, cache_type="readahead")
+    return _StoreFile(fs.open(inner, "rb", block_size=_BLOCK, cache_type="readahead"), p)
+
+
+class _StoreFile(io.RawIOBase):
+    """A remote file whose transport failures are `RemoteReadError`s: readers take an
+    OSError for a broken record and record the loss, which is right for the file's bytes
+    and wrong for the network's."""
+
+    def __init__(self, f: Any, uri: str) -> None:
+        self._f, self._uri = f, uri
+
+    def _guard(self, call: Any, *args: Any) -> Any:
+        try:
+            return call(*args)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise RemoteReadError(f"reading {self._uri} failed: {type(e).__name__}: {e}") from e
+
+    def read(self, n: int = -1) -> bytes:
+        return self._guard(self._f.read, n)
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._guard(self._f.seek, offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    @property
+    def size(self) -> int:
+        return self._f.size
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 def size(path: str | os.PathLike[str]) -> int:

@@ -3,6 +3,7 @@ read through the same readers and runner as local files, with the same rows."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -261,3 +262,31 @@ def test_a_store_that_fails_mid_read_fails_the_part_instead_of_losing_rows(s3, m
     finally:
         monkeypatch.undo()
         memory.rm("/primer", recursive=True)
+
+
+@pytest.mark.parametrize("name", ["dolma-sample-0000.warc.gz", "fineweb-1.jsonl.gz"])
+def test_a_stream_cut_by_the_network_fails_instead_of_recording_bad_records(s3, monkeypatch, name):
+    """WARC and JSONL readers record unreadable bytes as bad-record rows; bytes the network
+    did not deliver are not the file's fault: RemoteReadError, and no rows are committed."""
+    local, _ = s3
+    data = (local / name).read_bytes()
+
+    class CutFile(io.BytesIO):
+        def read(self, n=-1):
+            if self.tell() > len(data) // 3:
+                raise ConnectionResetError("connection reset by peer")
+            return super().read(n if n is None or n < 0 else min(n, 4096))
+
+    class Store:
+        def open(self, path, mode="rb", **kw):
+            return CutFile(data)
+
+        def size(self, path):
+            return len(data)
+
+        def exists(self, path):
+            return True
+
+    monkeypatch.setattr(storage, "filesystem", lambda uri: (Store(), uri.split("://", 1)[1]))
+    with pytest.raises(storage.RemoteReadError, match="connection reset"):
+        _read(f"s3://{BUCKET}/cut/{name}")
