@@ -50,6 +50,8 @@ from pipeline.io import (
     stage_schema,
     write_json_atomic,
 )
+from pipeline.readers import is_dataset_input
+from pipeline.readers.hf import dataset_spans
 from pipeline.readers.splits import byte_spans, row_group_spans
 from pipeline.remote import push_part
 from pipeline.schema import READ_COLUMNS, schema_for
@@ -73,6 +75,7 @@ class Part:
     stable: str = ""  # the path recorded in fingerprints and lineage (see stable_path)
     row_groups: tuple[int, int] | None = None  # a sub-part: row groups [a, b) of a Parquet
     byte_range: tuple[int, int] | None = None  # a sub-part: records starting in bytes [a, b)
+    shards: tuple[int, int] | None = None  # a sub-part: data files or rows [a, b) of a dataset
 
     @property
     def label(self) -> str:
@@ -83,6 +86,8 @@ class Part:
             return f"{path}#row_groups={self.row_groups[0]}-{self.row_groups[1] - 1}"
         if self.byte_range is not None:
             return f"{path}#bytes={self.byte_range[0]}-{self.byte_range[1] - 1}"
+        if self.shards is not None:
+            return f"{path}#shards={self.shards[0]}-{self.shards[1] - 1}"
         return path
 
 
@@ -146,6 +151,8 @@ def _sub_name(name: str, part: Part) -> str:
         return f"{name}.rg{part.row_groups[0]:05d}"
     if part.byte_range is not None:
         return f"{name}.b{part.byte_range[0]:013d}"
+    if part.shards is not None:
+        return f"{name}.s{part.shards[0]:09d}"
     return name
 
 
@@ -178,10 +185,14 @@ def plan_parts(
         if from_stage:
             parts.append(Part(name, f, from_stage, stable))
             continue
-        subs = [
-            Part(name, f, False, stable, span)
-            for span in row_group_spans(f, read.max_rows_per_part) or ()
-        ]
+        if is_dataset_input(f):
+            spans = dataset_spans(f, read.max_rows_per_part) or ()
+            subs = [Part(name, f, False, stable, shards=span) for span in spans]
+        else:
+            subs = [
+                Part(name, f, False, stable, span)
+                for span in row_group_spans(f, read.max_rows_per_part) or ()
+            ]
         if not subs:
             spans = byte_spans(f, read.max_bytes_per_part) or ()
             subs = [Part(name, f, False, stable, byte_range=span) for span in spans]
@@ -281,6 +292,7 @@ def iter_input(
         unique_ids=unique,
         row_groups=part.row_groups,
         byte_range=part.byte_range,
+        shards=part.shards,
     ):
         # Lineage names the stable path, not wherever this worker found the file.
         idx = table.column_names.index("source_path")

@@ -256,12 +256,14 @@ def iter_batches(
     unique_ids: UniqueIds | None = None,
     row_groups: tuple[int, int] | None = None,
     byte_range: tuple[int, int] | None = None,
+    shards: tuple[int, int] | None = None,
 ) -> Iterator[pa.Table]:
     """Stream `path` as READ_SCHEMA tables of at most `batch_rows` rows, with ids unique
     within the file (`UniqueIds`; pass one to read its count). `row_groups` (a, b) reads
     only those row groups of a Parquet file (a sub-part; row numbers stay the file's);
     `byte_range` (a, b) the records that start at offsets a..b-1 of a gzip WARC or a plain
-    JSONL file (`byte_splittable`).
+    JSONL file (`byte_splittable`); `shards` (a, b) the units a..b-1 of a dataset input
+    (pipeline/readers/hf.py `dataset_spans`).
 
     The reader is chosen by extension (see READERS). Unreadable records come back as rows
     with a `read:` drop reason, never as an exception; a missing file, a directory, an
@@ -286,5 +288,9 @@ def iter_batches(
         if reader not in (read_warc, read_jsonl):
             raise ValueError(f"byte_range is for WARC and JSONL files only, not {p}")
         kwargs["byte_range"] = byte_range
+    if shards is not None:
+        if fmt != HF_DATASET:
+            raise ValueError(f"shards is for dataset inputs only, not {p}")
+        kwargs["shards"] = shards
     for table in reader(p, batch_rows, **kwargs):
         yield unique(table)

@@ -79,13 +79,35 @@ def dataset_digest(path: str) -> str:
 
 
 def read_hf_input(
-    path: str, batch_rows: int = 1000, *, text_column: str = "text", id_column: str = "id"
+    path: str,
+    batch_rows: int = 1000,
+    *,
+    text_column: str = "text",
+    id_column: str = "id",
+    shards: tuple[int, int] | None = None,
 ) -> Iterator[pa.Table]:
-    """A dataset input (a spec or a saved folder) -> READ_SCHEMA batches."""
+    """A dataset input (a spec or a saved folder) -> READ_SCHEMA batches; `shards` (a, b)
+    reads only those units of it (`dataset_spans`)."""
     if is_hf_spec(path):
         name, config, split = parse_hf_spec(path)
-        return iter_hf_dataset(name, split, text_column, id_column, batch_rows, config=config)
-    return iter_hf_dataset(path, "train", text_column, id_column, batch_rows)
+        return iter_hf_dataset(
+            name, split, text_column, id_column, batch_rows, config=config, shards=shards
+        )
+    return iter_hf_dataset(path, "train", text_column, id_column, batch_rows, shards=shards)
+
+
+def dataset_spans(path: str, max_rows: int | None) -> list[tuple[int, int]] | None:
+    """How a dataset input splits into sub-parts, each its own task and commit: a streamed
+    dataset one per data file (its `n_shards`: a hub dataset's Parquet or JSONL files), a
+    `save_to_disk` dataset by row ranges of at most `max_rows`. None: one part (a single
+    file, or few rows)."""
+    ds = open_hf_dataset(path)
+    if getattr(ds, "num_rows", None) is None:  # streamed
+        n = _data_files(ds)
+        return [(i, i + 1) for i in range(n)] if n > 1 else None
+    if max_rows is None or ds.num_rows <= max_rows:
+        return None
+    return [(a, min(a + max_rows, ds.num_rows)) for a in range(0, ds.num_rows, max_rows)]
 
 
 def check_hf_input(path: str, text_column: str = "text") -> str | None:
@@ -156,6 +178,13 @@ def is_saved_dataset(path: str | os.PathLike[str]) -> bool:
     )
 
 
+def _data_files(ds: Any) -> int:
+    """How many data files (shards) a streamed dataset reads; 1 for a saved one."""
+    if getattr(ds, "num_rows", None) is not None:
+        return 1
+    return int(getattr(ds, "num_shards", None) or getattr(ds, "n_shards", None) or 1)
+
+
 def iter_hf_dataset(
     name_or_path: str,
     split: str = "train",
@@ -163,21 +192,34 @@ def iter_hf_dataset(
     id_column: str = "id",
     batch_rows: int = 1000,
     config: str | None = None,
+    shards: tuple[int, int] | None = None,
 ) -> Iterator[pa.Table]:
     """A Hugging Face dataset -> READ_SCHEMA batches.
 
     A directory written by `save_to_disk` is opened with `datasets.load_from_disk` (a
     DatasetDict is indexed by `split`); anything else (a hub name, NAME@REVISION, a local
     folder of data files) is streamed with `load_dataset(..., streaming=True)`, so nothing is
-    downloaded in full first (offline: from the local cache). Fallback ids are
-    "<name>:<split>:<row>"; ids and text follow the rules of pipeline/readers/rows.py and
-    arrow.py, as in Parquet.
+    downloaded in full first (offline: from the local cache). `shards` (a, b) reads rows
+    a..b-1 of a saved dataset, or data files a..b-1 of a streamed one (`dataset_spans`).
+    Fallback ids are "<name>:<split>:<row>", and "<name>:<split>:<file>:<row>" for a
+    streamed dataset of several data files (read file by file, so a row's id does not
+    depend on how the files are grouped into parts); ids and text follow the rules of
+    pipeline/readers/rows.py and arrow.py, as in Parquet.
     """
     ds = _load(name_or_path, split, config)
     if ds.column_names is not None:  # None for some streamed sources until read
         ds = ds.select_columns(input_columns(ds.column_names, name_or_path, text_column, id_column))
     name = f"{Path(name_or_path).name or name_or_path}:{split}"
-    offset = 0
-    for table in ds.with_format("arrow").iter(batch_size=batch_rows):
-        yield to_read_table(table, name_or_path, name, offset, text_column, id_column)
-        offset += table.num_rows
+    n_files = _data_files(ds)
+    if getattr(ds, "num_rows", None) is not None:  # saved: rows by index
+        first, stop = shards if shards is not None else (0, ds.num_rows)
+        pieces = [(name, first, ds.select(range(first, stop)) if shards is not None else ds)]
+    elif n_files > 1:  # streamed, several data files: one at a time
+        first, stop = shards if shards is not None else (0, n_files)
+        pieces = [(f"{name}:{i}", 0, ds.shard(n_files, i)) for i in range(first, stop)]
+    else:
+        pieces = [(name, 0, ds)]
+    for prefix, offset, piece in pieces:
+        for table in piece.with_format("arrow").iter(batch_size=batch_rows):
+            yield to_read_table(table, name_or_path, prefix, offset, text_column, id_column)
+            offset += table.num_rows

@@ -2,8 +2,9 @@
 
 Parquet by ranges of its row groups (read from the footer); a gzip WARC/WET or a plain JSONL
 file by byte ranges, inside which the readers find the record boundaries (see
-pipeline/readers/warc.py and jsonl.py: a range holds the records that start in it). Other
-files are read whole.
+pipeline/readers/warc.py and jsonl.py: a range holds the records that start in it); a
+Hugging Face dataset by data files or row ranges (pipeline/readers/hf.py `dataset_spans`).
+Other files are read whole.
 """
 
 from __future__ import annotations

@@ -133,3 +133,49 @@ def test_a_hub_dataset_offline_and_not_cached_says_what_to_set(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "HF_HOME" in done.stderr and "save_to_disk" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_dataset_of_several_files_or_many_rows_is_split_into_parts(tmp_path):
+    """A streamed dataset reads as one part per data file, a saved one by row ranges
+    (read.max_rows_per_part): the same rows as one part, ids unique and independent of the
+    grouping, each part its own commit."""
+    import datasets
+
+    from pipeline.parts import ReadOptions, plan_parts
+    from pipeline.readers.hf import dataset_spans
+
+    docs = _docs(90)
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for i in range(3):
+        chunk = docs[i * 30 : (i + 1) * 30]
+        (folder / f"train-{i}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in chunk))
+    spec = f"hf:{folder}:train"
+    assert dataset_spans(spec, None) == [(0, 1), (1, 2), (2, 3)]
+    whole = pa.concat_tables(iter_batches(spec, batch_rows=7))
+    parts = [pa.concat_tables(iter_batches(spec, shards=(i, i + 1))) for i in range(3)]
+    assert pa.concat_tables(parts)["text"].to_pylist() == whole["text"].to_pylist()
+    assert sorted(whole["text"].to_pylist()) == sorted(d["text"] for d in docs)
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([{"text": d["text"]} for d in docs]).save_to_disk(str(saved))
+    read = ReadOptions(max_rows_per_part=40)
+    planned = plan_parts([str(saved)], read=read)
+    assert [p.shards for p in planned] == [(0, 40), (40, 80), (80, 90)]
+    assert len({p.name for p in planned}) == 3 and planned[1].label.endswith("#shards=40-79")
+    split = pa.concat_tables(t for p in planned for t in iter_batches(str(saved), shards=p.shards))
+    one = pa.concat_tables(iter_batches(str(saved)))
+    assert split["id"].to_pylist() == one["id"].to_pylist()  # "<name>:train:<row>" either way
+    assert split["text"].to_pylist() == one["text"].to_pylist()
+
+    recipe = tmp_path / "split.yaml"
+    recipe.write_text(
+        "name: split\nexecutor: local\nread: {max_rows_per_part: 40}\nstages:\n"
+        f"  quality: {{input: [{json.dumps(str(saved))}, {json.dumps(spec)}]}}\n"
+    )
+    out = tmp_path / "run-split"
+    assert main(["run", str(recipe), "--output", str(out)]) == 0
+    manifest = json.loads((out / "quality/_manifest.json").read_text())
+    assert manifest["parts"] == 6 and manifest["rows_in"] == 180
+    ids = pa.concat_tables(pq.read_table(f) for f in output_files(out / "quality"))["id"]
+    assert len(set(ids.to_pylist())) == len(ids)
