@@ -147,12 +147,10 @@ def is_stage_output(path: str) -> bool:
 
 
 def _sub_name(name: str, part: Part) -> str:
-    if part.row_groups is not None:
-        return f"{name}.rg{part.row_groups[0]:05d}"
-    if part.byte_range is not None:
-        return f"{name}.b{part.byte_range[0]:013d}"
-    if part.shards is not None:
-        return f"{name}.s{part.shards[0]:09d}"
+    for suffix, span, width in (("rg", part.row_groups, 5), ("b", part.byte_range, 13),
+                                ("s", part.shards, 9)):  # fmt: skip
+        if span is not None:
+            return f"{name}.{suffix}{span[0]:0{width}d}"
     return name
 
 
