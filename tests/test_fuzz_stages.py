@@ -342,7 +342,7 @@ def test_decontaminate_every_document(benchmarks, mode):
         assert not any(QUESTION in t for t in kept_hits["text"].to_pylist())
 
 
-@pytest.mark.parametrize("backend", ["resiliparse", "trafilatura"])
+@pytest.mark.parametrize("backend", ["resiliparse", "trafilatura", "cascade"])
 def test_extract_every_page(backend):
     from filters.extract import ExtractStage
 

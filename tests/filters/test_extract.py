@@ -14,19 +14,20 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from filters.extract import ExtractConfig, ExtractStage, decode_html
+from filters.extract import ExtractConfig, ExtractStage, decode_html, needs_fallback
 from pipeline.schema import READ_SCHEMA
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 GOLD = DATA / "html_extraction" / "trafilatura-eval-en"
 WARC = DATA / "warc" / "dolma" / "sample-0000.warc.gz"
-# Gold pages both backends get fully right (all `with` snippets in, all `without` out).
+SAMPLE_WARC = Path(__file__).resolve().parents[2] / "data" / "sample" / "dolma-sample-0000.warc.gz"
+# Gold pages every backend gets fully right (all `with` snippets in, all `without` out).
 GOLD_FILES = (
     "flowfx.de.tmux.html",
     "strangemachines.io.performant.html",
     "fouryears.eu.interning.html",
 )
-BACKENDS = ("resiliparse", "trafilatura")
+BACKENDS = ("resiliparse", "trafilatura", "cascade")
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000010000000100806000000") * 40
 
 
@@ -61,12 +62,11 @@ def gold() -> list[tuple[dict, bytes]]:
     ]
 
 
-@pytest.fixture(scope="module")
-def warc_pages() -> list[dict]:
-    _need(WARC)
+def read_warc(path: Path) -> list[dict]:
+    """The WARC's HTTP responses as reader-shaped rows."""
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
-    with WARC.open("rb") as fh:
+    with path.open("rb") as fh:
         return [
             {
                 "id": rec.record_id,
@@ -76,6 +76,18 @@ def warc_pages() -> list[dict]:
             }
             for rec in ArchiveIterator(fh, record_types=WarcRecordType.response, parse_http=True)
         ]
+
+
+@pytest.fixture(scope="module")
+def warc_pages() -> list[dict]:
+    _need(WARC)
+    return read_warc(WARC)
+
+
+@pytest.fixture(scope="module")
+def sample_pages() -> dict[str, dict]:
+    """The bundled sample's pages by URL."""
+    return {page["url"]: page for page in read_warc(SAMPLE_WARC)}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -118,6 +130,58 @@ def test_text_rows_pass_through_untouched(backend):
     assert out["title"].to_pylist() == ["kept title", None]
     assert out["n_chars"].to_pylist() == [len(text), len("Another document.")]
     assert out["drop_reason"].null_count == 2
+
+
+def test_cascade_asks_trafilatura_only_where_the_fast_text_is_poor(sample_pages, monkeypatch):
+    import trafilatura
+
+    asked = []
+    real = trafilatura.extract
+    monkeypatch.setattr(
+        trafilatura, "extract", lambda html, **kw: asked.append(html) or real(html, **kw)
+    )
+    # resiliparse keeps only the heading and the intro of this page's list of facts
+    poor, good = (
+        sample_pages["<https://soldaini.net/facts/>"],
+        sample_pages["<https://kyleclo.com/>"],
+    )
+    fast = ExtractStage(backend="resiliparse")(rows(poor))["text"].to_pylist()[0]
+    assert needs_fallback(fast) and "pronounced" not in fast
+
+    out = ExtractStage(backend="cascade")(rows(poor, good))
+
+    assert len(asked) == 1 and "facts about me" in asked[0]  # the good page stays on the fast path
+    assert out["drop_reason"].null_count == 2
+    facts, home = out["text"].to_pylist()
+    assert "My last name is pronounced sol-dah-ee-nee" in facts
+    assert "Kyle Lo" in home
+    assert out["title"].null_count == 0
+
+
+def test_cascade_survives_empty_garbage_and_too_deep_html():
+    table = rows(
+        {"html": b""},
+        {"html": b"</p></div></body><p"},
+        {"html": b"<<<>>><html><</"},
+        {"html": b"<html><head><title>only a title</title></head></html>"},
+        {"html": "<p>A short page, ünïcode ☃.</p>".encode()},
+        {"html": b"<html><body>" + b"<div><p>nested paragraph text</p>" * 3000},
+        {"html": PNG},
+    )
+    out = ExtractStage(backend="cascade")(table)
+
+    assert out["drop_reason"].to_pylist() == [
+        "extract:empty",
+        "extract:empty",
+        None,  # text is text, even when it looks like markup
+        "extract:empty",
+        None,  # trafilatura finds nothing on a short page: the fast text stays
+        None,  # too deep for resiliparse: trafilatura's turn
+        "extract:decode_error",
+    ]
+    assert out["text"].to_pylist()[4] == "A short page, ünïcode ☃."
+    assert "nested paragraph text" in out["text"].to_pylist()[5]
+    assert out["title"].to_pylist()[3] == "only a title"
 
 
 def test_non_html_content_types_are_dropped_and_plain_text_is_decoded():
