@@ -1,14 +1,30 @@
-"""Each web stage of Primer against datatrove's equivalent block, one core each, same input.
+"""Each web stage of Primer against its peers, one core each, same input.
 
 What: documents/second per core for reader, extract, langid, quality and MinHash, Primer
-against datatrove 0.10.1 (pip-installed), measured in the same run on the same documents,
-with the ratio, peak memory, and the share of kept documents as a sanity check. A
-reference row times a single polars pass that only counts words and lines, so each stage
-can be read against the cheapest possible pass over the text. Targets from the issue:
-quality signals >= 500 docs/s per core, MinHash signatures >= 1,000 docs/s per core.
+against datatrove 0.10.1's equivalent blocks and, for extraction and MinHash, against the
+fastest libraries for the job (resiliparse; rensa, datasketch), all measured in the same
+run on the same documents, with the ratio, peak memory, and the share of kept documents as
+a sanity check. A reference row times a single polars pass that only counts words and
+lines, the floor for any pass over the text: every stage's cost is also given in such
+passes (reference docs/s over the stage's docs/s). Targets: quality signals >= 2,500 docs/s
+per core, MinHash signatures >= 4,000 docs/s per core and faster than rensa.
 
-Why: Primer's stages are vectorised over pyarrow batches where datatrove loops over one
-`Document` at a time; this says by how much that pays, stage by stage, on this machine.
+Peers, on the same documents:
+- extract: resiliparse's `extract_plain_text(main_content=True)` called directly on the
+  pages, decoded untimed by Primer's `decode_html`.
+- MinHash: rensa (Rust) and datasketch (numpy), given the text as Primer's dedup
+  normalises it (normalised untimed, as Python strings); they split it into words, join
+  word 5-grams as Primer shingles (one shingle of all the words of a shorter document)
+  and compute 112 permutations (14 bands x 8 rows, seed 1), each with its own hash
+  functions, so their signatures differ from Primer's. rensa: `RMinHash.
+  digest_matrix_from_token_sets` over the batch; datasketch: one `MinHash` (permutations
+  drawn once), cleared and fed each document's shingles by `update_batch`. Primer's row on
+  the same normalised text (`normalised=True`) is the like-for-like one; its main row also
+  normalises.
+
+Why: Primer's stages work on pyarrow batches (vectorised, or one compiled loop over a
+batch's buffers) where datatrove loops over one Python `Document` at a time; this says by
+how much that pays, stage by stage, on this machine.
 
 How: the FineWeb sample (`shared/data/web_text/fineweb_sample`, 500 docs of ~7 KB) is
 replicated to `--docs` rows (ids suffixed `/k`) and cached under `.bench/` as raw JSONL and
@@ -24,6 +40,9 @@ too, since this box is shared and wall time includes time stolen by other work.
 
 datatrove's slow blocks (extract, quality, MinHash) run on the first `--peer-docs` rows;
 a multiple of 500 covers the sample evenly, so both systems see the same mix of documents.
+
+rensa and datasketch come with the `bench` extra; a row whose library is missing fails
+with the install command and the others run.
 
 Offline adaptations for datatrove (nothing is downloaded at run time):
 - its English word tokenizer is spaCy's blank "en" (no model data), and its JSONL reader,
@@ -72,7 +91,8 @@ WARC = SHARED / "warc" / "dolma" / "sample-0000.warc.gz"
 BATCH_ROWS = 1000
 WARMUP_DOCS = 8
 STAGES = ("reader", "extract", "langid", "quality", "minhash", "reference")
-TARGETS = {"quality/primer": 500.0, "minhash/primer": 1000.0}
+TARGETS = {"quality/primer": 2500.0, "minhash/primer": 4000.0}
+FASTER_THAN = {"minhash/primer": "minhash/rensa", "minhash/primer-normalised": "minhash/rensa"}
 ONE_THREAD = {
     "POLARS_MAX_THREADS": "1",
     "OMP_NUM_THREADS": "1",
@@ -122,7 +142,7 @@ ROWS = (
         "extract",
         "primer ExtractStage (resiliparse)",
         "html",
-        "extract/dt",
+        "extract/resiliparse",
     ),
     Row(
         "extract/primer-precision",
@@ -130,6 +150,12 @@ ROWS = (
         "primer ExtractStage (trafilatura precision)",
         "html",
         "extract/dt",
+    ),
+    Row(
+        "extract/resiliparse",
+        "extract",
+        "resiliparse extract_plain_text(main_content)",
+        "html",
     ),
     Row(
         "extract/dt",
@@ -151,8 +177,23 @@ ROWS = (
     Row("quality/primer", "quality", "primer QualityStage", "read", "quality/dt"),
     Row("quality/dt", "quality", "datatrove 4 filters, every doc", "read", slow_peer=True),
     Row("quality/dt-chained", "quality", "datatrove 4 filters chained", "read", slow_peer=True),
-    Row("minhash/primer", "minhash", "primer dedup.minhash", "read", "minhash/dt"),
+    Row("minhash/primer", "minhash", "primer dedup.minhash", "read", "minhash/rensa"),
+    Row(
+        "minhash/primer-normalised",
+        "minhash",
+        "primer dedup.minhash (normalised text)",
+        "read",
+        "minhash/rensa",
+    ),
     Row("minhash/primer-keys", "minhash", "primer dedup.dedup_keys", "read", "minhash/dt"),
+    Row("minhash/rensa", "minhash", "rensa RMinHash (normalised text)", "read"),
+    Row(
+        "minhash/datasketch",
+        "minhash",
+        "datasketch MinHash (normalised text)",
+        "read",
+        slow_peer=True,
+    ),
     Row("minhash/dt", "minhash", "datatrove MinhashDedupSignature", "read", slow_peer=True),
     Row("reference/polars", "reference", "polars word+line count pass", "read"),
 )
@@ -164,6 +205,20 @@ STAGE_TITLES = {
     "quality": "quality: Gopher repetition + Gopher quality + C4 + FineWeb",
     "minhash": "minhash: signatures, word 5-grams, 14 x 8",
     "reference": "reference: one polars pass counting words and lines",
+}
+STAGE_NOTES = {  # what the peers compute, printed under the stage's title
+    "extract": [
+        "resiliparse: extract_plain_text(main_content=True) on the pages, decoded untimed by",
+        "decode_html; Primer's resiliparse backend also decodes, guards and builds its columns",
+        "(its vs peer is against this row)",
+    ],
+    "minhash": [
+        "rensa, datasketch: word 5-gram strings of Primer-normalised text (normalised untimed),",
+        "112 permutations with their own hash functions (rensa: digest_matrix_from_token_sets",
+        "per batch; datasketch: MinHash.update_batch per document, affine32 scheme).",
+        "primer (normalised text): the same input, Primer's shingle hash and permutations;",
+        "primer dedup.minhash also normalises (both vs peer against rensa)",
+    ],
 }
 
 
@@ -331,6 +386,10 @@ def _first_rows(table: Any) -> Any:
     return table.slice(0, WARMUP_DOCS)
 
 
+def _first_items(items: Any) -> Any:
+    return items[:WARMUP_DOCS]
+
+
 # --- Primer -----------------------------------------------------------------------------------
 
 
@@ -407,6 +466,31 @@ def primer_dedup_keys(path: str, n: int) -> dict:
     return measure(read_tables(path, n), work, _first_rows)
 
 
+def _normalised(path: str, n: int, as_strings: bool) -> Iterator[Any]:
+    """The text of `read_tables`' rows as Primer's dedup normalises it (done untimed): an
+    Arrow array, or Python strings for the peers."""
+    from filters.dedup.config import DedupConfig
+    from filters.text import normalise
+
+    flags = DedupConfig().norm_flags
+    for table in read_tables(path, n):
+        text = normalise(table["text"], **flags)
+        yield text.to_pylist() if as_strings else text
+
+
+def primer_minhash_normalised(path: str, n: int) -> dict:
+    from filters.dedup.config import DedupConfig
+    from filters.dedup.minhash import minhash
+
+    config = DedupConfig()
+
+    def work(text: Any) -> tuple[int, int]:
+        minhash(text, config, normalised=True)
+        return len(text), len(text)
+
+    return measure(_normalised(path, n, False), work, _first_items)
+
+
 def polars_reference(path: str, n: int) -> dict:
     import polars as pl
 
@@ -419,6 +503,78 @@ def polars_reference(path: str, n: int) -> dict:
         return len(table), len(table)
 
     return measure(read_tables(path, n), work, _first_rows)
+
+
+# --- extraction and MinHash libraries ------------------------------------------------------
+
+
+def _pages(path: str, n: int) -> Iterator[list[str]]:
+    """The HTML rows of `read_tables` as str, decoded (untimed) by Primer's `decode_html`."""
+    from filters.extract import decode_html
+
+    for table in read_tables(path, n):
+        yield [decode_html(b) for b in table["html"].to_pylist()]
+
+
+def resiliparse_extract(path: str, n: int) -> dict:
+    from resiliparse.extract.html2text import extract_plain_text
+
+    def work(pages: list[str]) -> tuple[int, int]:
+        kept = sum(bool(extract_plain_text(p, main_content=True).strip()) for p in pages)
+        return len(pages), kept
+
+    return measure(_pages(path, n), work, _first_items)
+
+
+def shingles(text: str, ngram: int) -> list[str]:
+    """Primer's shingles of normalised text, as strings: its word n-grams, all its words
+    when it has fewer, none when it is empty."""
+    if not text:
+        return []
+    words = text.split(" ")
+    if len(words) <= ngram:
+        return [text]
+    return [" ".join(words[i : i + ngram]) for i in range(len(words) - ngram + 1)]
+
+
+PEER_INSTALL = "install the bench extra, or: .venv/bin/python -m pip install rensa datasketch"
+
+
+def rensa_minhash(path: str, n: int) -> dict:
+    from filters.dedup.config import DedupConfig
+
+    try:
+        from rensa import RMinHash
+    except ImportError as e:
+        raise SystemExit(f"{e}; {PEER_INSTALL}") from None
+    config = DedupConfig()
+
+    def work(texts: list[str]) -> tuple[int, int]:
+        sets = [shingles(t, config.ngram) for t in texts]
+        RMinHash.digest_matrix_from_token_sets(sets, config.num_perm, config.seed)
+        return len(texts), len(texts)
+
+    return measure(_normalised(path, n, True), work, _first_items)
+
+
+def datasketch_minhash(path: str, n: int) -> dict:
+    from filters.dedup.config import DedupConfig
+
+    try:
+        from datasketch import MinHash
+    except ImportError as e:
+        raise SystemExit(f"{e}; {PEER_INSTALL}") from None
+    config = DedupConfig()
+    sketch = MinHash(num_perm=config.num_perm, seed=config.seed)  # permutations drawn once
+
+    def work(texts: list[str]) -> tuple[int, int]:
+        for t in texts:
+            sketch.clear()
+            sketch.update_batch([s.encode("utf-8") for s in shingles(t, config.ngram)])
+            sketch.digest()
+        return len(texts), len(texts)
+
+    return measure(_normalised(path, n, True), work, _first_items)
 
 
 # --- datatrove --------------------------------------------------------------------------------
@@ -622,6 +778,7 @@ RUNNERS: dict[str, Callable[[str, int], dict]] = {
     "extract/primer": primer_stage(_extract()),
     "extract/primer-resiliparse": primer_stage(_extract(backend="resiliparse")),
     "extract/primer-precision": primer_stage(_extract(trafilatura_mode="precision")),
+    "extract/resiliparse": resiliparse_extract,
     "extract/dt": dt_extract(deduplicate=False),
     "extract/dt-dedup": dt_extract(deduplicate=True),
     "langid/primer": primer_stage(_langid),
@@ -630,7 +787,10 @@ RUNNERS: dict[str, Callable[[str, int], dict]] = {
     "quality/dt": dt_quality_every_doc,
     "quality/dt-chained": dt_quality_chained,
     "minhash/primer": primer_minhash,
+    "minhash/primer-normalised": primer_minhash_normalised,
     "minhash/primer-keys": primer_dedup_keys,
+    "minhash/rensa": rensa_minhash,
+    "minhash/datasketch": datasketch_minhash,
     "minhash/dt": dt_minhash,
     "reference/polars": polars_reference,
 }
@@ -676,11 +836,13 @@ def rates(result: dict) -> tuple[float, float]:
 
 def print_stage(stage: str, rows: list[Row], results: dict[str, dict]) -> None:
     ref = results.get("reference/polars", {})
-    ref_rate = rates(ref)[0] if "docs" in ref else None
+    ref_rates = rates(ref) if "docs" in ref and stage != "reference" else None
     print(f"\n== {STAGE_TITLES[stage]}")
+    for line in STAGE_NOTES.get(stage, []):
+        print(f"  {line}")
     header = (
         f"  {'system':<44} {'docs':>7} {'docs/s/core':>12} {'docs/CPU-s':>11} "
-        f"{'peak RSS MB':>12} {'kept':>6} {'vs peer':>8} {'(CPU)':>7} {'x ref':>7}"
+        f"{'peak RSS MB':>12} {'kept':>6} {'vs peer':>8} {'(CPU)':>7} {'x ref':>7} {'(CPU)':>7}"
     )
     print(header)
     for row in rows:
@@ -695,11 +857,15 @@ def print_stage(stage: str, rows: list[Row], results: dict[str, dict]) -> None:
             ratio = f"{wall_rate / rates(peer)[0]:.1f}x"
             cpu_ratio = f"{cpu_rate / rates(peer)[1]:.1f}x"
         # Cost in single polars passes: how many word+line counts one document's stage costs.
-        vs_ref = f"{ref_rate / wall_rate:,.1f}" if ref_rate and stage != "reference" else ""
+        vs_ref = cpu_vs_ref = ""
+        if ref_rates:
+            vs_ref = f"{ref_rates[0] / wall_rate:,.1f}"
+            cpu_vs_ref = f"{ref_rates[1] / cpu_rate:,.1f}"
         kept = f"{100 * r['kept'] / max(r['docs'], 1):.0f}%"
         print(
             f"  {row.label:<44} {r['docs']:>7} {wall_rate:>12,.1f} {cpu_rate:>11,.1f} "
-            f"{r['peak_rss_mb']:>12,.0f} {kept:>6} {ratio:>8} {cpu_ratio:>7} {vs_ref:>7}"
+            f"{r['peak_rss_mb']:>12,.0f} {kept:>6} {ratio:>8} {cpu_ratio:>7} {vs_ref:>7} "
+            f"{cpu_vs_ref:>7}"
         )
         if r.get("notes"):
             print(f"    {row.label}: " + ", ".join(f"{k} {v}" for k, v in r["notes"].items()))
@@ -719,6 +885,17 @@ def print_targets(results: dict[str, dict]) -> dict[str, str]:
             f"  {key:<16} >= {target:>6,.0f}: {wall_rate:>8,.1f} docs/s "
             f"({cpu_rate:,.1f} per CPU-s)  {verdict}"
         )
+    for key, peer_key in FASTER_THAN.items():
+        r, peer = results.get(key, {}), results.get(peer_key, {})
+        if "docs" not in r or "docs" not in peer:
+            continue
+        (wall_rate, cpu_rate), (peer_wall, peer_cpu) = rates(r), rates(peer)
+        verdict = "PASS" if wall_rate > peer_wall and cpu_rate > peer_cpu else "FAIL"
+        verdicts[f"{key} > {peer_key}"] = verdict
+        print(
+            f"  {key} faster than {peer_key}: {wall_rate / peer_wall:.1f}x wall, "
+            f"{cpu_rate / peer_cpu:.1f}x per CPU-s  {verdict}"
+        )
     return verdicts
 
 
@@ -726,7 +903,8 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for name in ("datatrove", "polars", "pyarrow", "numpy", "trafilatura", "resiliparse"):
+    names = ("datatrove", "polars", "pyarrow", "numpy", "numba", "trafilatura", "resiliparse")
+    for name in (*names, "rensa", "datasketch"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -789,8 +967,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nweb_stages results ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)")
     print(
         "  docs/s/core = docs / wall s pinned to one core; docs/CPU-s = docs / (user + sys) s;"
-        "\n  vs peer = docs/s/core over the datatrove row of the stage, (CPU) the same per CPU-s;"
-        "\n  x ref = the stage's cost in polars word+line passes (reference docs/s over its docs/s)"
+        "\n  vs peer = docs/s/core over the peer row's (datatrove's block unless the stage says"
+        "\n  otherwise), (CPU) the same per CPU-s; x ref = the stage's cost in polars word+line"
+        "\n  passes (reference docs/s over its docs/s), wall and (CPU)"
     )
     for stage in stages:
         print_stage(stage, [r for r in rows if r.stage == stage], results)

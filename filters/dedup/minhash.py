@@ -1,5 +1,5 @@
 """Hashes of normalised text for dedup: the exact hash, word shingles, MinHash signatures
-and LSH band keys, vectorised over a batch with numpy.
+and LSH band keys.
 
 Hashing is defined here, not borrowed: the exact hash is xxh64 of the normalised text; the
 shingle hash is the polynomial hash of `filters.text` over the UTF-8 bytes of the
@@ -9,8 +9,17 @@ from numpy's PCG64 bit stream, whose output numpy guarantees across versions. Si
 a normalised text are therefore the same in every process, run and library version (the
 stage's `version` bumps if they ever change). Whitespace-free scripts (Chinese, Japanese,
 Thai) become one "word" per run of text, so their near-duplicate recall is poor: a known
-limitation, as for FineWeb. Speed against datatrove's signature step:
-`benchmarks/web_stages.py --stages minhash`.
+limitation, as for FineWeb.
+
+How: Arrow applies the Unicode steps of `filters.text.normalise` (NFKD or NFKC, lower
+case), NFKD only to the documents it can change (most have no character it decomposes or
+reorders); one compiled pass per document (numba, compiled once per machine and cached
+beside this file) then drops what `normalise`'s regex drops (punctuation, symbols, control
+characters: classes read from Arrow's regex engine), splits words on whitespace, hashes
+each shingle and keeps the minimum of every permutation, with no array per word or
+shingle. Signatures equal those of `normalise` + `filters.text.WordSpans`
+(tests/filters/test_kernels.py checks that on real and random text). Speed against rensa,
+datasketch and datatrove: `benchmarks/web_stages.py --stages minhash`.
 
     sig = minhash(table["text"])                      # (n_docs, 112) uint32, FineWeb's settings
     keys = band_keys(sig, bands=14, rows_per_band=8)  # (n_docs, 14) uint64
@@ -18,28 +27,24 @@ limitation, as for FineWeb. Speed against datatrove's signature step:
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
 from filters.dedup.config import DedupConfig
-from filters.text import (
-    LEN_MIX,
-    POLY,
-    as_large_string,
-    doc_groups,
-    fmix64,
-    normalise,
-    powers,
-    utf8_buffers,
-    word_bounds,
-)
+from filters.text import LEN_MIX, POLY, as_large_string, fmix64, normalise, utf8_buffers
 
-# MinHash holds permutations x shingles of at most this many bytes of scratch, reused.
-_SCRATCH_BYTES = 12 << 20
-
-_U64_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
+# What `normalise` deletes (its regex), and the whitespace it turns into word breaks.
+_DROP_CONTROL = r"\p{Cf}\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f"
+_SPACES = (9, 10, 11, 12, 13, 32, 0x85, 0x1680, 0x2028, 0x2029)
+# A code point's entry in a `_table`: its class (`_CLASS` bits), whether NFKD leaves it
+# alone, and whether it has been asked about yet.
+_KEEP, _DROP, _SPACE, _CLASS = 0, 1, 2, 3
+_NFKD_STABLE, _KNOWN = 4, 128
 
 
 def text_hash(
@@ -65,35 +70,6 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return raw[:num_perm].copy(), raw[num_perm:].copy()
 
 
-def shingle_hashes(buf: np.ndarray, off: np.ndarray, ngram: int) -> tuple[np.ndarray, np.ndarray]:
-    """32-bit hashes (held in uint64) of every word n-gram of normalised documents.
-
-    `buf`/`off` are the bytes and offsets of normalised text (single spaces, trimmed).
-    Returns the hashes and, per document, offsets into them (n+1). A document with fewer
-    than `ngram` words has one shingle of all its words; an empty one has none. A hash is
-    the top 32 bits of `filters.text.WordSpans.span_hashes` over the same words.
-    """
-    n_docs, size = len(off) - 1, len(buf)
-    word_start, word_end, first_word = word_bounds(buf, off)
-    n_words = np.diff(first_word)
-    n_sh = np.where(n_words > 0, np.maximum(n_words - ngram + 1, 1), 0)
-    sh_off = np.zeros(n_docs + 1, np.int64)
-    np.cumsum(n_sh, out=sh_off[1:])
-    first_w = np.repeat(first_word[:-1] - sh_off[:-1], n_sh) + np.arange(sh_off[-1])
-    last_w = np.minimum(first_w + (ngram - 1), np.repeat(first_word[1:] - 1, n_sh))
-    s, e = word_start[first_w], word_end[last_w]
-    # Polynomial hash of buf[s:e] from prefix sums: G[k] = sum_{j<k} c_j P^j (mod 2^64),
-    # so sum_{j=s}^{e-1} c_j P^(j-s) = (G[e] - G[s]) * P^(size-s) * P^-size.
-    pw = powers(size + 1)
-    g = np.zeros(size + 1, np.uint64)
-    np.cumsum(buf * pw[:size], out=g[1:])
-    h = g[e] - g[s]
-    h *= pw[size - s]
-    h *= np.uint64(pow(int(POLY), -size, 1 << 64))
-    h ^= (e - s).astype(np.uint64) * LEN_MIX
-    return fmix64(h) >> np.uint64(32), sh_off
-
-
 def minhash(
     texts: pa.Array | pa.ChunkedArray,
     config: DedupConfig | None = None,
@@ -102,44 +78,117 @@ def minhash(
 ) -> np.ndarray:
     """MinHash signatures, (n_docs, bands * rows_per_band) uint32.
 
-    The batch's shingles are hashed together; each permutation is applied to a slice of
-    them and `np.minimum.reduceat` takes the minimum per document, so scratch memory stays
-    under ~`_SCRATCH_BYTES` whatever the batch. Empty or null documents get all 0xFFFFFFFF
-    (no shingles); callers leave them out of LSH.
+    A document's shingles are its word n-grams; one with fewer than `ngram` words has one
+    shingle of all its words. Empty or null documents get all 0xFFFFFFFF (no shingles);
+    callers leave them out of LSH. `normalised=True` takes `normalise` output as it is.
     """
     config = config or DedupConfig()
-    arr = as_large_string(texts) if normalised else normalise(texts, **config.norm_flags)
-    buf, off = utf8_buffers(pc.fill_null(arr, ""))
+    arr = pc.fill_null(as_large_string(texts), "")
+    drop = None
+    if not normalised:
+        drop = _DROP_CONTROL
+        if config.strip_punct:
+            drop += r"\p{P}\p{S}"
+        if config.strip_accents:
+            drop += r"\p{Mn}"
+    table = _table(drop)
+    if normalised:
+        every = np.arange(len(arr))
+        parts = [(arr, every, every)]
+    else:
+        parts = _unicode_steps(arr, config, table, drop)
     a, b = permutations(config.num_perm, config.seed)
-    a, b = a[:, None], b[:, None]
-    n_docs = len(off) - 1
-    # (permutation, document): a permutation's values for a slice of shingles are one
-    # contiguous row, and reduceat along rows is several times faster than the transposed
-    # layout.
-    sig = np.full((config.num_perm, n_docs), _U64_MAX, np.uint64)
-    step = max(1, _SCRATCH_BYTES // (8 * config.num_perm))
-    scratch = np.empty((config.num_perm, step), np.uint64)
-    for d_lo, d_hi in doc_groups(off):
-        x, sh_off = shingle_hashes(
-            buf[off[d_lo] : off[d_hi]], off[d_lo : d_hi + 1] - off[d_lo], config.ngram
-        )
-        for lo in range(0, len(x), step):
-            hi = min(lo + step, len(x))
-            # Documents overlapping shingles [lo, hi): those at the edges get partial
-            # minima, merged by np.minimum. An empty document's column gets garbage (reduceat
-            # of an empty segment) and is reset after the loop.
-            first = int(np.searchsorted(sh_off, lo, side="right")) - 1
-            last = int(np.searchsorted(sh_off, hi - 1, side="right")) - 1
-            seg = np.maximum(sh_off[first : last + 1], lo) - lo
-            vals = scratch[:, : hi - lo]
-            np.multiply(x[None, lo:hi], a, out=vals)
-            vals += b
-            part = np.minimum.reduceat(vals, seg, axis=1)
-            cols = sig[:, d_lo + first : d_lo + last + 1]
-            np.minimum(cols, part, out=cols)
-        sig[:, np.flatnonzero(np.diff(sh_off) == 0) + d_lo] = _U64_MAX
-    sig = sig.T
-    return (sig >> np.uint64(32)).astype(np.uint32)
+    a_lo = (a & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    a_hi = (a >> np.uint64(32)).astype(np.uint32)
+    out = np.full((len(arr), config.num_perm), 0xFFFFFFFF, np.uint32)
+    signatures, _, _ = _kernels()
+    for text, docs, rows in parts:
+        buf, off = utf8_buffers(as_large_string(text))
+        _learn(table, drop, buf, off)
+        # Per-word scratch for the longest document: a word takes a byte and a break.
+        words = np.empty((3, int(np.diff(off).max(initial=0)) // 2 + 1), np.uint64)
+        signatures(buf, off, docs, rows, table, config.ngram, a_lo, a_hi, b, words, out)
+    return out
+
+
+def _unicode_steps(
+    arr: pa.LargeStringArray, config: DedupConfig, table: np.ndarray, drop: str | None
+) -> list[tuple[pa.Array, np.ndarray, np.ndarray]]:
+    """`normalise`'s Unicode steps (NFKD or NFKC, then lower case) as parts (text, documents
+    of it to read, their rows in the batch). NFKD changes no document made only of
+    characters it leaves alone (`_NFKD_STABLE`, most documents): only the others go
+    through it."""
+    form = "NFKD" if config.strip_accents else "NFKC"
+    lower = pc.utf8_lower if config.lowercase else (lambda text: text)
+    every = np.arange(len(arr))
+    if form == "NFKC":  # composition depends on the neighbours: every document
+        return [(lower(pc.utf8_normalize(arr, form)), every, every)]
+    buf, off = utf8_buffers(arr)
+    _learn(table, drop, buf, off)
+    _, changed_by_nfkd, _ = _kernels()
+    changes = changed_by_nfkd(buf, off, table).view(bool)
+    changed = np.flatnonzero(changes)
+    same = every[~changes]
+    parts = [(lower(arr), same, same)]
+    if len(changed):
+        nfkd = pc.utf8_normalize(arr.take(pa.array(changed)), form)
+        parts.append((lower(nfkd), np.arange(len(changed)), changed))
+    return parts
+
+
+@functools.cache
+def _table(drop: str | None) -> np.ndarray:
+    """Per code point (a uint8 each), what `normalise` with the regex `[drop]+` does with
+    it (None: the text is already normalised) and what NFKD does with it, filled in as the
+    process meets code points (`_learn`), from Arrow itself."""
+    table = np.zeros(0x110000, np.uint8)
+    _describe(table, drop, np.arange(128))
+    return table
+
+
+def _learn(table: np.ndarray, drop: str | None, buf: np.ndarray, off: np.ndarray) -> None:
+    """Describes the code points of the documents that `table` does not know yet."""
+    leads = np.flatnonzero(buf[off[0] : off[-1]] >= 0xC0) + off[0]  # non-ASCII characters
+    if len(leads):
+        _, _, unknown_code_points = _kernels()
+        new = unknown_code_points(buf, leads, table)
+        if len(new):
+            _describe(table, drop, new)
+
+
+def _describe(table: np.ndarray, drop: str | None, code_points: np.ndarray) -> None:
+    """table[code_points]: `_DROP` where Arrow's regex `[drop]` deletes the character, else
+    `_SPACE` for the whitespace that separates words, else `_KEEP`; `_NFKD_STABLE` where
+    NFKD leaves any text made only of such characters alone: the character has no
+    decomposition and is a starter (combining class 0, so never reordered), which Arrow's
+    NFKD shows on the character alone, followed by a mark of class 1 and after a mark of
+    class 240 (a character of any other class would move); `_KNOWN`."""
+    chars = _one_string_each(code_points)
+    classes = np.full(len(code_points), _KEEP, np.uint8)
+    if drop is not None:
+        left = pc.binary_length(pc.replace_substring_regex(chars, f"[{drop}]", ""))
+        gone = pc.equal(left, 0)
+        classes[gone.to_numpy(zero_copy_only=False)] = _DROP
+    classes[(classes == _KEEP) & np.isin(code_points, _SPACES)] = _SPACE
+    same = pc.equal(pc.utf8_normalize(chars, "NFKD"), chars)
+    for before, after in (("", "\u0334"), ("\u0345", "")):
+        pieces = (pa.scalar(before, chars.type), chars, pa.scalar(after, chars.type))
+        pair = pc.binary_join_element_wise(*pieces, pa.scalar("", chars.type))
+        same = pc.and_(same, pc.equal(pc.utf8_normalize(pair, "NFKD"), pair))
+    stable = np.where(same.to_numpy(zero_copy_only=False), _NFKD_STABLE, 0)
+    table[code_points] = classes | stable | _KNOWN
+
+
+def _one_string_each(code_points: np.ndarray) -> pa.LargeStringArray:
+    """An Arrow array of one single-character string per code point."""
+    code_points = code_points.astype(np.uint32)
+    utf8 = code_points.tobytes().decode("utf-32-le").encode("utf-8")
+    sizes = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
+    offsets = np.zeros(len(code_points) + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    return pa.LargeStringArray.from_buffers(
+        len(code_points), pa.py_buffer(offsets), pa.py_buffer(utf8)
+    )
 
 
 def jaccard_estimate(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
@@ -158,3 +207,143 @@ def band_keys(sig: np.ndarray, bands: int, rows_per_band: int, seed: int = 1) ->
     mult, salt = raw[:rows_per_band] | np.uint64(1), raw[rows_per_band:]
     keys = (vals * mult).sum(axis=2, dtype=np.uint64) + salt
     return fmix64(keys)
+
+
+# --- the numba kernel -----------------------------------------------------------------------
+# Written as plain Python over numpy arrays; `_kernels()` compiles them (numba is imported only
+# there). Every hash is uint64 arithmetic modulo 2^64, as the numpy definitions above.
+
+
+def _signatures(buf, off, docs, rows, table, ngram, a_lo, a_hi, b, words, out):  # pragma: no cover
+    """out[rows[r]] = the MinHash signature of document docs[r]; see `minhash`.
+
+    Per document: each word's polynomial hash, P^length and length in bytes (over the
+    bytes of kept characters, words split at `_SPACE`, `_DROP` characters skipped), then
+    each n-gram's hash from its words' (a space between words is the byte 32), then the
+    permutations. A permutation's value, the top 32 bits of (a*x + b) mod 2^64 for a 32-bit
+    x, is computed as ((a_lo*x + b) >> 32) + a_hi*x mod 2^32 (a = a_hi * 2^32 + a_lo):
+    AVX2 has no 64-bit multiply, and this needs only a 32x32-bit one per half. The top
+    32 bits of a minimum are the minimum of the top 32 bits."""
+    m = len(a_lo)
+    w_hash = words[0]
+    w_pow = words[1]
+    w_len = words[2]
+    mins = np.empty(m, np.uint32)
+    for r in range(len(docs)):
+        d = docs[r]
+        # 1. words
+        n_words = 0
+        h = np.uint64(0)
+        pw = np.uint64(1)
+        length = 0
+        i = off[d]
+        end = off[d + 1]
+        while i <= end:
+            size = 1
+            kind = _SPACE
+            if i < end:
+                c = buf[i]
+                if c < 0x80:
+                    kind = table[c] & _CLASS
+                else:
+                    if c >= 0xF0:
+                        size = 4
+                        cp = np.int64(c & 0x07)
+                    elif c >= 0xE0:
+                        size = 3
+                        cp = np.int64(c & 0x0F)
+                    else:
+                        size = 2
+                        cp = np.int64(c & 0x1F)
+                    size = min(size, end - i)
+                    for k in range(1, size):
+                        cp = (cp << 6) | np.int64(buf[i + k] & 0x3F)
+                    kind = table[min(cp, 0x10FFFF)] & _CLASS
+            if kind == _KEEP:
+                for k in range(size):
+                    h += np.uint64(buf[i + k]) * pw
+                    pw *= POLY
+                length += size
+            elif kind == _SPACE and length > 0:
+                w_hash[n_words] = h
+                w_pow[n_words] = pw
+                w_len[n_words] = length
+                n_words += 1
+                h = np.uint64(0)
+                pw = np.uint64(1)
+                length = 0
+            i += size
+        # 2. shingles and permutations
+        for j in range(m):
+            mins[j] = np.uint32(0xFFFFFFFF)
+        n_shingles = max(n_words - ngram + 1, 1) if n_words > 0 else 0
+        for s in range(n_shingles):
+            sh = w_hash[s]
+            spw = w_pow[s]
+            slen = w_len[s]
+            for k in range(s + 1, min(s + ngram, n_words)):
+                sh += np.uint64(32) * spw
+                spw *= POLY
+                sh += w_hash[k] * spw
+                spw *= w_pow[k]
+                slen += w_len[k] + np.uint64(1)
+            sh ^= slen * LEN_MIX
+            sh ^= sh >> np.uint64(33)
+            sh *= np.uint64(0xFF51AFD7ED558CCD)
+            sh ^= sh >> np.uint64(33)
+            sh *= np.uint64(0xC4CEB9FE1A85EC53)
+            sh ^= sh >> np.uint64(33)
+            x = np.uint32(sh >> np.uint64(32))
+            for j in range(m):
+                t = np.uint64(a_lo[j]) * np.uint64(x) + b[j]
+                v = np.uint32(t >> np.uint64(32)) + np.uint32(a_hi[j] * x)
+                mins[j] = min(mins[j], np.uint32(v))
+        for j in range(m):
+            out[rows[r], j] = mins[j]
+
+
+def _changed_by_nfkd(buf, off, table):  # pragma: no cover - compiled by numba
+    """Per document, 1 where a character is not `_NFKD_STABLE` (NFKD may change it)."""
+    out = np.zeros(len(off) - 1, np.uint8)
+    for d in range(len(off) - 1):
+        i = off[d]
+        end = off[d + 1]
+        while i < end:
+            c = buf[i]
+            if c < 0x80:
+                i += 1
+                continue
+            size = 4 if c >= 0xF0 else 3 if c >= 0xE0 else 2
+            cp = np.int64(c & (0x07 if size == 4 else 0x0F if size == 3 else 0x1F))
+            for k in range(1, min(size, end - i)):
+                cp = (cp << 6) | np.int64(buf[i + k] & 0x3F)
+            if not table[min(cp, 0x10FFFF)] & _NFKD_STABLE:
+                out[d] = 1
+                break
+            i += size
+    return out
+
+
+def _unknown_code_points(buf, leads, table):  # pragma: no cover - compiled by numba
+    """The distinct code points starting at buf[leads] that `table` does not know yet."""
+    seen = np.zeros(0x110000, np.bool_)
+    out = []
+    for i in leads:
+        c = np.int64(buf[i])
+        size = 4 if c >= 0xF0 else 3 if c >= 0xE0 else 2
+        cp = c & (0x07 if size == 4 else 0x0F if size == 3 else 0x1F)
+        for k in range(1, min(size, len(buf) - i)):
+            cp = (cp << 6) | np.int64(buf[i + k] & 0x3F)
+        cp = min(cp, 0x10FFFF)
+        if not table[cp] & _KNOWN and not seen[cp]:
+            seen[cp] = True
+            out.append(cp)
+    return np.array(out, np.int64)
+
+
+@functools.cache
+def _kernels() -> tuple[Any, Any, Any]:
+    from numba import njit  # lazy: only signatures need it
+
+    jit = njit(cache=True, nogil=True, boundscheck=False)
+    return jit(_signatures), jit(_changed_by_nfkd), jit(_unknown_code_points)

@@ -3,7 +3,7 @@ repetition's duplicate lines and paragraphs, C4's document rules and FineWeb's l
 
 Lines are split on "\\n" only (extracted web text has no other line breaks). C4's sentence
 count approximates spaCy's sentencizer with a regex (`SENT_BOUNDARY` less `SENT_NOT_END`).
-Called by `signals.compute_quality_signals`.
+The definition `signals.reference_quality_signals` runs and `kernels.py` transcribes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ SHORT_LINE_CHARS = 30
 # C4 line rules (the TF-Datasets reference `c4_utils`, as in datatrove's C4QualityFilter).
 _C4_CITATION = r"\[\d*\]|\[edit\]|\[citation needed\]"
 _C4_END_PUNCT = (".", "?", "!", '"', "'")
-_C4_POLICY = (
+C4_POLICY = (
     "terms of use",
     "privacy policy",
     "cookie policy",
@@ -28,7 +28,7 @@ _C4_POLICY = (
     "use of cookies",
     "use cookies",
 )
-_C4_MAX_WORD_CHARS = 1000
+C4_MAX_WORD_CHARS = 1000
 # Sentence boundary as spaCy's sentencizer sees it: a . ! or ? token, maybe more
 # punctuation, then a non-punctuation token; abbreviations and initials are not boundaries.
 _SENT_TAIL = r"\p{P}*\s[\s\p{P}]*[^\s\p{P}]"  # what follows the terminal, up to the next word
@@ -198,14 +198,14 @@ def _c4_signals(lines: pl.Series, doc: np.ndarray, n_docs: int) -> dict[str, np.
         pl.col("l").str.contains(r"\S\s+\S+\s+\S"),  # at least 3 words
     )
     # Only a line longer than the limit can hold a too-long word: check those few apart.
-    is_long = pl.col("l").str.len_chars() > _C4_MAX_WORD_CHARS
+    is_long = pl.col("l").str.len_chars() > C4_MAX_WORD_CHARS
     longest_word = (
         pl.col("l").str.extract_all(r"\S+").list.eval(pl.element().str.len_chars()).list.max()
     )
     frame = pl.concat(
         [
             frame.filter(~is_long),
-            frame.filter(is_long).filter(longest_word <= _C4_MAX_WORD_CHARS),
+            frame.filter(is_long).filter(longest_word <= C4_MAX_WORD_CHARS),
         ]
     )
     flags = frame.select(
@@ -213,7 +213,7 @@ def _c4_signals(lines: pl.Series, doc: np.ndarray, n_docs: int) -> dict[str, np.
         lorem=pl.col("c").str.contains("(?i)lorem ipsum"),
         js=pl.col("c").str.contains("(?i)javascript"),
         curly=pl.col("c").str.contains("{", literal=True),
-        policy=pl.col("c").str.contains("(?i)" + "|".join(_C4_POLICY)),
+        policy=pl.col("c").str.contains("(?i)" + "|".join(C4_POLICY)),
         # Signed counts: polars counts matches in UInt32, where a difference below zero
         # would wrap to 4294967295 instead of failing.
         sent=1

@@ -14,8 +14,8 @@ C4 (Raffel et al. 2020, Sec. 2.2) and FineWeb (Penedo et al. 2024). Scores are k
 columns so a threshold can change without re-scoring, and every cut can be counted.
 
 How: the definitions follow datatrove's `GopherQualityFilter`, `GopherRepetitionFilter`,
-`C4QualityFilter` and `FineWebQualityFilter`, computed for a whole batch at once (see
-`signals.py`); the keep/drop decisions agree with datatrove's on nearly every document
+`C4QualityFilter` and `FineWebQualityFilter`, computed by one compiled pass per document
+(see `signals.py`); the keep/drop decisions agree with datatrove's on nearly every document
 (benchmarks/README.md). Known differences:
 - Words come from `TOKEN_PATTERN` (words.py), a regex that approximates the spaCy English
   tokenizer datatrove uses, so a document's word count can differ slightly from spaCy's.

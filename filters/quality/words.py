@@ -3,8 +3,8 @@ repetition's top and duplicate n-gram fractions.
 
 Words come from `TOKEN_PATTERN`, a regex that approximates the spaCy English tokenizer
 datatrove uses (the alpha-word fraction is the one rule sensitive to the difference).
-n-grams are compared word by word; datatrove compares them joined without spaces. Called by
-`signals.compute_quality_signals`.
+n-grams are compared word by word; datatrove compares them joined without spaces. The
+definition `signals.reference_quality_signals` runs and `kernels.py` transcribes.
 """
 
 from __future__ import annotations
