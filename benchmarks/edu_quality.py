@@ -9,9 +9,13 @@ length:
   `--test-fraction` as in the model's training; every page when the model never saw
   WebOrganizer, `--all-domains`), positive = an educational format (rating >= 3 in
   WEBORGANIZER_FORMATS: Academic Writing, Knowledge Article, Tutorial, Documentation,
-  Nonfiction Writing);
+  Nonfiction Writing); beside it, `*_not_junk`: AUC for rating >= 1 (every format but
+  Spam / Ads, Product Page, Content Listing, ...: what edu_score's phase-1 threshold is
+  for) and `*_spearman`: rank correlation with the 0-5 format rating;
 - the 200 HPLT v2 English excerpts with human labels (hplt_en.jsonl.gz, batch 0), positive =
   natural, correct-language, non-adult text (`unnatural` 0, `porn` 0, `lang_correct` 1).
+  30 negatives only: `*_ci95` is a bootstrap 95% interval of the AUC (about +-0.07), so
+  differences of a few hundredths between models are within noise there.
 It also times `edu_score` (setup excluded) on the WebOrganizer pages, one thread, and
 prints docs/s per core beside fastText's raw `predict` on the same lines.
 
@@ -53,9 +57,23 @@ def _rank01(x: np.ndarray) -> np.ndarray:
     return _rank(x) / max(1, len(x) - 1)
 
 
+def _auc_ci95(score: np.ndarray, positive: np.ndarray, n: int = 1000) -> list[float]:
+    """Bootstrap 95% interval of the ROC AUC (documents resampled, fixed seed)."""
+    from filters.edu.metrics import roc_auc
+
+    rng = np.random.default_rng(0)
+    aucs = []
+    for _ in range(n):
+        i = rng.integers(0, len(score), len(score))
+        a = roc_auc(score[i], positive[i])
+        if a is not None:
+            aucs.append(a)
+    return [round(float(q), 4) for q in np.quantile(aucs, [0.025, 0.975])]
+
+
 def evaluate_sets(model_dir: Path, seed: int, test_fraction: float, all_domains: bool) -> dict:
     from filters.edu.labels import WEBORGANIZER_FORMATS, url_hosts
-    from filters.edu.metrics import roc_auc
+    from filters.edu.metrics import roc_auc, spearman
     from filters.edu.score import EduScoreStage
     from filters.edu.train import _group_keys
 
@@ -67,7 +85,8 @@ def evaluate_sets(model_dir: Path, seed: int, test_fraction: float, all_domains:
     if not all_domains:
         groups = pc.binary_join_element_wise("host:", url_hosts(table["url"]), "")
         keep &= (_group_keys(groups, seed) / 2.0**64) < test_fraction
-    wo_table, wo_pos = table.filter(pa.array(keep)), rating[keep] >= 3
+    wo_table, wo_rating = table.filter(pa.array(keep)), rating[keep]
+    wo_pos = wo_rating >= 3
 
     hplt = [r for r in _rows("hplt_en.jsonl.gz") if r.get("labels")]
     hp_table = pa.table({"id": [r["id"] for r in hplt],
@@ -79,14 +98,23 @@ def evaluate_sets(model_dir: Path, seed: int, test_fraction: float, all_domains:
     out: dict = {}
     for name, t, pos in (("weborganizer", wo_table, wo_pos), ("hplt_human", hp_table, hp_pos)):
         ft = EduScoreStage(model=model, use_combiner=False, drop_below_phase1=False)(t)
-        ft = ft["edu_score"].to_numpy().astype(np.float64)
         length = pc.utf8_length(t["text"]).to_numpy(zero_copy_only=False).astype(np.float64)
-        res = {"n": len(t), "positives": int(pos.sum()),
-               "fasttext": roc_auc(ft, pos), "length": roc_auc(length, pos),
-               "rank_average_fasttext_length": roc_auc(_rank01(ft) + _rank01(length), pos)}  # fmt: skip
+        scores = {"fasttext": ft["edu_score"].to_numpy().astype(np.float64), "length": length}
         if (model_dir / "combiner.json").is_file():
             comb = EduScoreStage(model=model, drop_below_phase1=False)(t)["edu_score"].to_numpy()
-            res["combiner"] = roc_auc(comb.astype(np.float64), pos)
+            scores["combiner"] = comb.astype(np.float64)
+        res: dict = {"n": len(t), "positives": int(pos.sum())}
+        for key, score in scores.items():
+            res[key] = roc_auc(score, pos)
+        res["rank_average_fasttext_length"] = roc_auc(
+            _rank01(scores["fasttext"]) + _rank01(length), pos
+        )
+        for key, score in scores.items():
+            if name == "weborganizer":
+                res[f"{key}_not_junk"] = roc_auc(score, wo_rating >= 1)
+                res[f"{key}_spearman"] = spearman(score, wo_rating)
+            else:
+                res[f"{key}_ci95"] = _auc_ci95(score, pos)
         out[name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}
     out["weborganizer"]["domains"] = (
         "all" if all_domains else f"held-out (seed {seed}, {test_fraction})"

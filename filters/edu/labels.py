@@ -9,6 +9,8 @@ What:
   OpenStax book, a Dolly source file), else the file it came from;
 - `format_rows(...)`: weak labels from document-type annotations, each format mapped to a
   0-5 rating (`WEBORGANIZER_FORMATS` by default); formats not in the mapping are left out;
+  `caps` lower the rating of rows by another column (`{"topic": {"Adult": 0}}`: adult
+  pages rate 0 whatever their format: the rubric rates teaching value for school);
 - `decontaminate_rows(...)`: rows that share a word n-gram with a benchmark test item,
   found with the `decontaminate` stage itself (filters/decontam), dropped before training.
 
@@ -116,10 +118,12 @@ def read_text_rows(
     group_columns: Sequence[str],
     extra: Sequence[str] = (),
     batch_rows: int = 10_000,
+    optional: Sequence[str] = (),
 ) -> pa.Table:
-    """(id, text, group, *extra) of a file's non-empty documents. JSONL/Parquet are read
-    whole, so any column is there; other formats go through pipeline.readers (no extra
-    columns: a missing `extra` column is an error naming the file)."""
+    """(id, text, group, *extra, *optional) of a file's non-empty documents. JSONL/Parquet
+    are read whole, so any column is there; other formats go through pipeline.readers (no
+    extra columns: a missing `extra` column is an error naming the file; a missing
+    `optional` column is left out)."""
     if _TABLE_FORMAT.search(path):
         if path.endswith(".parquet"):
             import pyarrow.parquet as pq
@@ -155,22 +159,39 @@ def read_text_rows(
         "text": text,
         "group": group_of(table, group_columns, f"file:{Path(path).name}"),
     }
-    for c in extra:
+    for c in [*extra, *(c for c in optional if c in table.column_names and c not in extra)]:
         out[c] = table[c]
     return pa.table(out)
 
 
-def format_rows(table: pa.Table, mapping: dict[str, int], column: str) -> tuple[pa.Table, int]:
-    """(id, text, group, label) of rows whose `column` value is in `mapping`, and how many
-    rows had a value the mapping leaves out."""
+def format_rows(
+    table: pa.Table,
+    mapping: dict[str, int],
+    column: str,
+    caps: dict[str, dict[str, int]] | None = None,
+) -> tuple[pa.Table, int]:
+    """(id, text, group, label, capped) of rows whose `column` value is in `mapping`, and
+    how many rows had a value the mapping leaves out. `caps` {other column: {value: max
+    rating}} lowers the rating of rows with that value (`capped` marks the rows whose
+    rating it lowered); a column the table lacks caps nothing."""
     fmt = pc.cast(table[column], pa.string())
     keys = pa.array(list(mapping), pa.string())
     known = pc.fill_null(pc.is_in(fmt, value_set=keys), False)
     kept = table.filter(known)
     idx = pc.index_in(kept[column], value_set=keys).to_numpy(zero_copy_only=False)
     labels = np.asarray(list(mapping.values()), np.int8)[idx]
+    capped = np.zeros(len(kept), bool)
+    for cap_column, limits in (caps or {}).items():
+        if cap_column not in kept.column_names or not limits:
+            continue
+        values = pc.cast(kept[cap_column], pa.string())
+        at = pc.index_in(values, value_set=pa.array(list(limits), pa.string()))
+        at = pc.fill_null(at, -1).to_numpy(zero_copy_only=False)
+        limit = np.where(at >= 0, np.asarray(list(limits.values()), np.int8)[at], 5)
+        capped |= labels > limit
+        labels = np.minimum(labels, limit).astype(np.int8)
     out = kept.select(["id", "text", "group"]).append_column("label", pa.array(labels, pa.int8()))
-    return out, len(table) - len(kept)
+    return out.append_column("capped", pa.array(capped)), len(table) - len(kept)
 
 
 def decontaminate_rows(

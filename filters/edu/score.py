@@ -4,8 +4,10 @@
 (rounded), and the `edu_phase1` / `edu_phase2` flags from config thresholds. When edu_train
 wrote a calibrated combiner beside the model (`combiner.json`, filters/edu/combiner.py),
 `edu_score` is 5 x the combiner's P(rating >= its binary threshold), from the fastText
-score, the document's length and any quality signals it was fitted on, so 2.5 is the
-even-odds line (`use_combiner: false` keeps fastText's expected rating); rows under the
+score (and class probabilities), the document's length and any quality signals it was
+fitted on, so 2.5 is the even-odds line; a graded combiner (one head per rating threshold,
+`combiner_thresholds`) gives an expected rating instead, 2 P(>= 1) + 3 P(>= 3) with
+thresholds 1 and 3 (`use_combiner: false` keeps fastText's expected rating); rows under the
 phase-1 threshold are dropped (`edu_score:below_phase1`) unless `drop_below_phase1` is off.
 The model loads once per worker (`setup`) and scores a whole batch in one call, through
 filters/fasttext_scorer.py (a fused numba kernel equal to fastText's predict to about 1e-5;
@@ -30,8 +32,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from filters.edu.combiner import COMBINER_FILE, Combiner, combiner_features
-from filters.edu.metrics import expected_scores, label_values
+from filters.edu.combiner import COMBINER_FILE, combiner_features, load_combiner
+from filters.edu.metrics import label_values
 from filters.fasttext_scorer import Engine, load_fasttext, make_scorer
 from pipeline.stage import Stage, StageConfig, is_ref, mark_dropped, require_path, set_column
 
@@ -150,20 +152,18 @@ class EduScoreStage(Stage):
         if cfg.max_chars is not None:
             prep["max_chars"] = cfg.max_chars
         self._prep = prep
-        label_values(self._scorer.labels, cfg.label_values)  # fail now, not mid-run
+        self._values = label_values(self._scorer.labels, cfg.label_values)  # fail now
         combiner = path.parent / COMBINER_FILE
         self._combiner = (
-            Combiner.load(combiner) if cfg.use_combiner and combiner.is_file() else None
+            load_combiner(combiner) if cfg.use_combiner and combiner.is_file() else None
         )
 
     def score(self, table: pa.Table) -> pa.Table:
-        cfg = self.config
-        score = expected_scores(
-            self._scorer, table["text"], self._prep["lowercase"], self._prep["max_chars"],
-            cfg.label_values,
-        )  # fmt: skip
+        probs = self._scorer.probs(table["text"], self._prep["lowercase"], self._prep["max_chars"])
+        score = probs @ self._values  # the expected rating
         if self._combiner is not None:
-            x = combiner_features(self._combiner.features, score, table["text"], table)
+            x = combiner_features(self._combiner.features, score, table["text"], table,
+                                  probs=probs, values=self._values)  # fmt: skip
             score = 5.0 * self._combiner.predict(x)
         score = score.astype(np.float32)
         table = set_column(table, "edu_score", pa.array(score, pa.float32()))

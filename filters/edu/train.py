@@ -8,20 +8,24 @@ An ArtifactStage. It trains on labels from any mix of sources, combined by confi
   rating by `format_scores` (WebOrganizer's formats by default: Academic Writing, Tutorial...
   high; Spam / Ads, Product Page, Content Listing... low; filters/edu/labels.py);
 - DCLM-style proxy labels: `proxy_positive` reference text (textbooks, instruction data) as
-  high against web text as low: `proxy_negative` files, else a hash sample of the input.
+  high against web text as low: `proxy_negative` files, else a hash sample of the input;
+  with `proxy_shuffled`, word-shuffled copies of those texts as lower still (synthetic
+  junk: the right words, no sentences; trained on, never evaluated).
 Every labelled text is checked against benchmark test sets first (`decontam_benchmarks`,
-the `decontaminate` stage's n-gram rule) and dropped when it overlaps one.
+the `decontaminate` stage's n-gram rule) and dropped when it overlaps one. `format_caps`
+caps format labels by another column (an adult-topic page rates 0 whatever its format).
 
 Evaluation is honest about generalisation: the held-out split keeps whole groups (a web
 domain, an OpenStax book, a source file; `group_columns`), so no test document shares a
 source or a domain with a training document. `metrics.json` has, on that split, ROC AUC,
 Spearman and binary F1 beside document length's, per label source too, and a k-fold
 cross-validation by group. A small calibrated combiner (filters/edu/combiner.py: logistic
-regression on the fastText score and log length, `combiner`) is fitted on out-of-fold
-fastText scores of the training split and written beside the model as `combiner.json`;
-`edu_score` applies it. The stage fails like a guardrail (exit 1, no manifest, so nothing
-downstream reads the model) when the deployed score does not beat document length on the
-held-out split (`min_margin_over_length`, `on_weak_model`).
+regression on the fastText score and log length, `combiner`; with `combiner_thresholds`
+one head per rating threshold, e.g. "not junk" and "educational") is fitted on
+out-of-fold fastText scores of the training split and written beside the model as
+`combiner.json`; `edu_score` applies it. The stage fails like a guardrail (exit 1, no
+manifest, so nothing downstream reads the model) when the deployed score does not beat
+document length on the held-out split (`min_margin_over_length`, `on_weak_model`).
 
 Defaults for ratings were chosen by 5-fold cross-validation on the rated FineWeb documents
 of data/annotations/ (softmax, 60 epochs, lr 0.5, dim 32, word bigrams, lower-cased first
@@ -58,7 +62,13 @@ import pyarrow.parquet as pq
 import xxhash
 from pydantic import Field, field_validator, model_validator
 
-from filters.edu.combiner import COMBINER_FILE, combiner_features, describe, fit_combiner
+from filters.edu.combiner import (
+    COMBINER_FILE,
+    combiner_features,
+    describe,
+    fit_combiner,
+    fit_graded,
+)
 from filters.edu.labels import (
     WEBORGANIZER_FORMATS,
     decontaminate_rows,
@@ -67,7 +77,12 @@ from filters.edu.labels import (
     read_text_rows,
     text_id,
 )
-from filters.edu.metrics import best_f1_threshold, evaluate, expected_scores, sample_key
+from filters.edu.metrics import (
+    best_f1_threshold,
+    evaluate,
+    label_values,
+    sample_key,
+)
 from filters.fasttext_scorer import Scorer, fasttext_lines, load_fasttext, make_scorer
 from pipeline.executor import LOCAL, Executor
 from pipeline.io import expand_inputs, iter_documents, write_json_atomic
@@ -77,6 +92,7 @@ from pipeline.stage import ArtifactStage, PreflightError, StageConfig, is_ref, r
 log = logging.getLogger("primer.edu")
 
 LabelSource = Literal["files", "annotations", "formats", "proxy"]
+RATINGS = np.arange(6, dtype=np.float64)  # the classes edu_train trains: ratings 0-5
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}")
 
 
@@ -92,6 +108,13 @@ def expand_path(value: str) -> str:
             f"give a default as ${{{left[0]}:-path}}"
         )
     return expanded
+
+
+def _check_ratings(v: dict[str, int]) -> dict[str, int]:
+    bad = {k: r for k, r in v.items() if not 0 <= r <= 5}
+    if bad:
+        raise ValueError(f"ratings must be 0-5; got {bad}")
+    return v
 
 
 class EduTrainConfig(StageConfig):
@@ -119,6 +142,11 @@ class EduTrainConfig(StageConfig):
     """Format -> rating 0-5. The default rates WebOrganizer's 24 formats (Academic Writing,
     Knowledge Article, Tutorial 5 ... Spam / Ads, Product Page, Content Listing 0); see
     filters/edu/labels.py."""
+    format_caps: dict[str, dict[str, int]] = {}
+    """Caps on format labels by another column of the same files: {column: {value: max
+    rating}}, e.g. {topic: {Adult: 0}} (WebOrganizer's topic labels): an adult page is
+    rated 0 whatever its format, as the rubric (teaching value for school) rates it. Files
+    without the column are not capped."""
 
     proxy_positive: list[str] = []
     """DCLM-style proxy labels: reference text (any reader format) labelled
@@ -130,6 +158,14 @@ class EduTrainConfig(StageConfig):
     proxy_positive_label: int = Field(5, ge=0, le=5)
     proxy_negative_label: int = Field(0, ge=0, le=5)
     proxy_negative_ratio: float = Field(1.0, gt=0)
+    proxy_shuffled: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of the proxy texts (positives and negatives, a hash sample) that also go in
+    with their words shuffled, labelled `proxy_shuffled_label`: the same vocabulary with no
+    sentences, so the model cannot rate a text by its topic words alone and has to learn
+    what running text looks like (word n-grams). Synthetic: trained on, never evaluated
+    (each copy stays in its source's group, so a held-out book's copies are held out too).
+    0: off."""
+    proxy_shuffled_label: int = Field(0, ge=0, le=5)
 
     allow_missing: bool = False
     """Entries of label_files, format_labels, proxy_positive and proxy_negative that match no
@@ -164,9 +200,17 @@ class EduTrainConfig(StageConfig):
 
     combiner: list[str] = ["fasttext", "log_length"]
     """Features of the calibrated combiner written beside the model (combiner.json):
-    "fasttext" (the model's expected rating), "log_length", any `q_*` quality signal
-    (from the input's columns when present, else computed from the text). Empty: no
-    combiner, edu_score is fastText's expected rating."""
+    "fasttext" (the model's expected rating), "fasttext_logit" (the same as log-odds),
+    "fasttext_ge1".."fasttext_ge5" (log-odds of the model's P(rating >= k)), "log_length",
+    any `q_*` quality signal (from the input's columns when present, else computed from the
+    text). Empty: no combiner, edu_score is fastText's expected rating."""
+    combiner_thresholds: list[int] = []
+    """The ratings k whose P(rating >= k) the combiner predicts, one logistic head each;
+    edu_score is then an expected rating (filters/edu/combiner.py GradedCombiner). [1, 3]:
+    2 P(rating >= 1) + 3 P(rating >= 3): junk 0, plain text 2, educational text 5, so
+    edu_score's phase thresholds fall between them (1.5 drops likely junk, 2.5 keeps text
+    with a real chance of being educational). Empty: one head, edu_score = 5 P(rating >=
+    binary_threshold)."""
     combiner_folds: int = Field(3, ge=2)
     """Folds (by group) of the training split whose out-of-fold fastText scores the
     combiner is fitted on."""
@@ -217,25 +261,39 @@ class EduTrainConfig(StageConfig):
     @field_validator("format_scores")
     @classmethod
     def _ratings(cls, v: dict[str, int]) -> dict[str, int]:
-        bad = {k: r for k, r in v.items() if not 0 <= r <= 5}
-        if bad:
-            raise ValueError(f"ratings must be 0-5; got {bad}")
+        return _check_ratings(v)
+
+    @field_validator("format_caps")
+    @classmethod
+    def _caps(cls, v: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        for column, limits in v.items():
+            _check_ratings(limits)
+            if column in {"text", "id"}:
+                raise ValueError(f"format_caps: {column!r} is not a label column")
         return v
 
     @field_validator("combiner")
     @classmethod
     def _features(cls, v: list[str]) -> list[str]:
-        from filters.edu.combiner import BASE_FEATURES, quality_feature_names
+        from filters.edu.combiner import BASE_FEATURES, RATING_FEATURES, quality_feature_names
 
-        known = {*BASE_FEATURES, *quality_feature_names()}
+        known = {*BASE_FEATURES, *RATING_FEATURES, *quality_feature_names()}
         bad = [f for f in v if f not in known]
         if bad:
             raise ValueError(
-                f"unknown feature {bad[0]!r}; use fasttext, log_length or a q_* column"
+                f"unknown feature {bad[0]!r}; use fasttext, fasttext_logit, fasttext_ge1..5, "
+                "log_length or a q_* column"
             )
-        if v and "fasttext" not in v:
-            raise ValueError("the combiner needs the 'fasttext' feature")
+        if v and not any(f.startswith("fasttext") for f in v):
+            raise ValueError("the combiner needs a fastText feature ('fasttext', ...)")
         return v
+
+    @field_validator("combiner_thresholds")
+    @classmethod
+    def _thresholds(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= k <= 5 for k in v):
+            raise ValueError(f"combiner_thresholds are ratings 1-5; got {v}")
+        return sorted(set(v))
 
     @model_validator(mode="after")
     def _some_labels(self) -> EduTrainConfig:
@@ -371,7 +429,9 @@ class EduTrainStage(ArtifactStage):
     name: ClassVar[str] = "edu_train"
     # 3: held-out split and folds by group (domain / book / file), format labels, proxy
     # negatives from files, decontamination, the combiner and the length guardrail.
-    version: ClassVar[int] = 3
+    # 4: the combiner can read the model's class probabilities and fit one head per
+    # rating threshold (combiner_thresholds).
+    version: ClassVar[int] = 4
     Config: ClassVar[type[StageConfig]] = EduTrainConfig
     needs: ClassVar[tuple[str, ...]] = ("id", "text")
 
@@ -468,12 +528,13 @@ class EduTrainStage(ArtifactStage):
             report["annotations"] = {"labels": len(rows)}
 
         if cfg.format_labels:
-            rows, unmapped, per_label = [], 0, np.zeros(6, int)
+            rows, unmapped, capped, per_label = [], 0, 0, np.zeros(6, int)
             for f in self._files(cfg.format_labels, missing):
                 t = read_text_rows(f, cfg.text_column, cfg.id_column, cfg.group_columns,
-                                   extra=(cfg.format_column,))  # fmt: skip
-                t, left_out = format_rows(t, cfg.format_scores, cfg.format_column)
+                                   extra=(cfg.format_column,), optional=tuple(cfg.format_caps))  # fmt: skip
+                t, left_out = format_rows(t, cfg.format_scores, cfg.format_column, cfg.format_caps)
                 unmapped += left_out
+                capped += int(pc.sum(t["capped"]).as_py() or 0)
                 labels = t["label"].to_numpy()
                 np.add.at(per_label, labels, 1)
                 rows += zip(t["id"].to_pylist(), t["text"].to_pylist(), labels.tolist(),
@@ -482,6 +543,7 @@ class EduTrainStage(ArtifactStage):
             report["formats"] = {
                 "labels": len(rows),
                 "unmapped_formats": unmapped,
+                **({"capped": capped} if cfg.format_caps else {}),
                 "label_counts": {str(k): int(c) for k, c in enumerate(per_label) if c},
             }
 
@@ -536,7 +598,35 @@ class EduTrainStage(ArtifactStage):
             }  # fmt: skip
             report["decontamination"] = contam
             table = table.filter(pa.array(~hit))
+        table = table.append_column("synthetic", pa.array(np.zeros(len(table), bool)))
+        if cfg.proxy_shuffled > 0 and len(table):
+            shuffled = self._shuffled_copies(table.filter(pc.equal(table["source"], "proxy")))
+            report.setdefault("proxy", {})["shuffled"] = len(shuffled)
+            table = pa.concat_tables([table, shuffled]).sort_by("id")
         return table, report
+
+    def _shuffled_copies(self, proxy: pa.Table) -> pa.Table:
+        """Word-shuffled copies of a hash sample (`proxy_shuffled`) of the proxy rows, each
+        in its source's group, labelled `proxy_shuffled_label`."""
+        cfg = self.config
+        keys = sample_key(proxy["id"].to_pylist(), cfg.seed + 4)
+        proxy = proxy.filter(pa.array(keys / 2.0**64 < cfg.proxy_shuffled))
+        ids, texts = [], []
+        for i, text, k in zip(proxy["id"].to_pylist(), proxy["text"].to_pylist(),
+                              sample_key(proxy["id"].to_pylist(), cfg.seed + 5).tolist(), strict=True):  # fmt: skip
+            words = text[: cfg.max_chars].split() if cfg.max_chars else text.split()
+            np.random.default_rng(k).shuffle(words)
+            ids.append(f"shuffled:{i}")
+            texts.append(" ".join(words))
+        n = len(ids)
+        return pa.table({
+            "id": pa.array(ids, pa.string()),
+            "text": pa.array(texts, pa.large_string()),
+            "label": pa.array(np.full(n, cfg.proxy_shuffled_label), pa.int8()),
+            "source": pa.array(["proxy"] * n, pa.string()),
+            "group": proxy["group"],
+            "synthetic": pa.array(np.ones(n, bool)),
+        })  # fmt: skip
 
     def _train(self, table: pa.Table, work: Path) -> Any:
         """fastText on `table` (text, label), trained in a fresh spawned process.
@@ -551,6 +641,10 @@ class EduTrainStage(ArtifactStage):
         from concurrent.futures import ProcessPoolExecutor
 
         cfg = self.config
+        # fastText reads its file in order, every epoch: rows in a fixed pseudo-random order
+        # (a hash of id and seed), not grouped by source as ids sort (web, OpenStax, ...),
+        # so no source is always learnt last, at the lowest learning rate
+        table = table.take(pa.array(np.argsort(sample_key(table["id"].to_pylist(), cfg.seed + 6))))
         lines = fasttext_lines(table["text"], cfg.lowercase, cfg.max_chars)
         path = work / f".train-{os.getpid()}.txt"
         model_path = work / f".model-{os.getpid()}.bin"
@@ -568,18 +662,22 @@ class EduTrainStage(ArtifactStage):
             path.unlink(missing_ok=True)
             model_path.unlink(missing_ok=True)
 
-    def _predict(self, scorer: Scorer, table: pa.Table) -> np.ndarray:
+    def _predict_probs(self, scorer: Scorer, table: pa.Table) -> np.ndarray:
+        """(n, 6): P(rating r) for r = 0..5 (0 for a rating the model never saw)."""
         cfg = self.config
-        return expected_scores(scorer, table["text"], cfg.lowercase, cfg.max_chars)
+        p = scorer.probs(table["text"], cfg.lowercase, cfg.max_chars)
+        out = np.zeros((len(table), len(RATINGS)))
+        out[:, label_values(scorer.labels).astype(int)] = np.nan_to_num(p)
+        return out
 
     def _out_of_fold(self, table: pa.Table, fold: np.ndarray, k: int, work: Path) -> np.ndarray:
-        """fastText scores of each row from a model trained on the other folds."""
-        pred = np.zeros(len(table))
+        """(n, 6) class probabilities of each row from a model trained on the other folds."""
+        pred = np.zeros((len(table), len(RATINGS)))
         for f in range(k):
             m = fold == f
             if m.any() and (~m).any():
                 scorer = make_scorer(self._train(table.filter(pa.array(~m)), work))
-                pred[m] = self._predict(scorer, table.filter(pa.array(m)))
+                pred[m] = self._predict_probs(scorer, table.filter(pa.array(m)))
         return pred
 
     def build(
@@ -596,38 +694,56 @@ class EduTrainStage(ArtifactStage):
                 f"{sorted(set(data['label'].to_pylist()))}: too few to train on; sources: {report}"
             )
         key = _group_keys(data["group"], cfg.seed)
-        is_test = (key / 2.0**64) < cfg.test_fraction
-        train, test = data.filter(pa.array(~is_test)), data.filter(pa.array(is_test))
+        in_train = (key / 2.0**64) >= cfg.test_fraction
+        synthetic = data["synthetic"].to_numpy(zero_copy_only=False)
+        is_test = ~in_train & ~synthetic  # synthetic rows of held-out groups: in neither
+        train, test = data.filter(pa.array(in_train)), data.filter(pa.array(is_test))
         lengths = pc.utf8_length(data["text"]).to_numpy(zero_copy_only=False)
         labels = data["label"].to_numpy()
         positive = labels >= cfg.binary_threshold
         # Length's binary F1 at the length threshold best on the training split.
-        len_cut = best_f1_threshold(lengths[~is_test], positive[~is_test])
+        len_cut = best_f1_threshold(lengths[in_train], positive[in_train])
 
         model = self._train(train, out)
         scorer = make_scorer(model)
         lr_used = self.lr_used
-        ft_test = self._predict(scorer, test)
+        probs_test = self._predict_probs(scorer, test)
+        ft_test = probs_test @ RATINGS
 
         deployed = ft_test
         comb = combiner_info = None
         if cfg.combiner:
             usable = np.isin(train["source"].to_numpy(zero_copy_only=False), cfg.combiner_sources)
-            pos_train = positive[~is_test]
+            pos_train = positive[in_train]
             if usable.any() and 0 < pos_train[usable].sum() < usable.sum():
                 fold = (
                     _group_keys(train["group"], cfg.seed + 3) % np.uint64(cfg.combiner_folds)
                 ).astype(int)
-                oof = self._out_of_fold(train, fold, cfg.combiner_folds, out)
+                oof = self._out_of_fold(train, fold, cfg.combiner_folds, out)[usable]
                 fit_rows = train.filter(pa.array(usable))
-                x_train = combiner_features(cfg.combiner, oof[usable], fit_rows["text"])
-                comb = fit_combiner(x_train, pos_train[usable], cfg.combiner,
-                                    cfg.binary_threshold, cfg.combiner_l2)  # fmt: skip
+                x_train = combiner_features(cfg.combiner, oof @ RATINGS, fit_rows["text"],
+                                            probs=oof, values=RATINGS)  # fmt: skip
+                ratings_train = fit_rows["label"].to_numpy()
+                # a threshold with labels on one side only has nothing to fit (the
+                # binary_threshold's both sides are there: checked above)
+                heads = [k for k in cfg.combiner_thresholds
+                         if 0 < (ratings_train >= k).sum() < len(ratings_train)] or [cfg.binary_threshold]  # fmt: skip
+                if cfg.combiner_thresholds:
+                    comb = fit_graded(x_train, ratings_train, heads, cfg.combiner,
+                                      cfg.combiner_l2)  # fmt: skip
+                else:
+                    comb = fit_combiner(x_train, pos_train[usable], cfg.combiner,
+                                        cfg.binary_threshold, cfg.combiner_l2)  # fmt: skip
                 deployed = 5.0 * comb.predict(
-                    combiner_features(cfg.combiner, ft_test, test["text"])
+                    combiner_features(
+                        cfg.combiner, ft_test, test["text"], probs=probs_test, values=RATINGS
+                    )  # fmt: skip
                 )
                 combiner_info = {"file": COMBINER_FILE, "features": cfg.combiner,
-                                 "standardised_weights": describe(comb), "bias": round(comb.bias, 4),
+                                 "thresholds": heads,
+                                 "standardised_weights": describe(comb),
+                                 "bias": ([round(h.bias, 4) for h in comb.heads]
+                                          if cfg.combiner_thresholds else round(comb.bias, 4)),
                                  "fitted_on": "out-of-fold fastText scores of the training split",
                                  "sources": cfg.combiner_sources, "rows": int(usable.sum()),
                                  "folds": cfg.combiner_folds}  # fmt: skip
@@ -658,9 +774,10 @@ class EduTrainStage(ArtifactStage):
         cv = None
         if cfg.cv_folds >= 2:
             fold = (_group_keys(data["group"], cfg.seed + 2) % np.uint64(cfg.cv_folds)).astype(int)
-            pred = self._out_of_fold(data, fold, cfg.cv_folds, out)
+            pred = self._out_of_fold(data, fold, cfg.cv_folds, out) @ RATINGS
+            real = ~synthetic
             cv = {"folds": cfg.cv_folds, "by": "group",
-                  **evaluate(labels, pred, lengths, cfg.binary_threshold)}  # fmt: skip
+                  **evaluate(labels[real], pred[real], lengths[real], cfg.binary_threshold)}  # fmt: skip
 
         guard = self._guardrail(
             combined if comb is not None else held_out,

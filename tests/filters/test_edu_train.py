@@ -14,7 +14,14 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from filters.edu.combiner import Combiner, combiner_features, fit_combiner
+from filters.edu.combiner import (
+    Combiner,
+    GradedCombiner,
+    combiner_features,
+    fit_combiner,
+    fit_graded,
+    load_combiner,
+)
 from filters.edu.labels import format_rows, group_of, read_text_rows, url_hosts
 from filters.edu.score import EduScoreStage
 from filters.edu.train import EduTrainStage
@@ -70,6 +77,31 @@ def test_format_labels_map_formats_to_ratings_and_leave_unknown_ones_out(tmp_pat
     assert table["group"].to_pylist() == ["host:a.com", "host:b.com"]
 
 
+def test_format_caps_lower_the_rating_by_another_column(tmp_path):
+    path = write_jsonl(tmp_path / "wo.jsonl.gz", [
+        {"id": "a", "text": "A tutorial.", "url": "http://a.com/", "format": "Tutorial", "topic": "Adult"},
+        {"id": "b", "text": "A tutorial.", "url": "http://b.com/", "format": "Tutorial", "topic": "Health"},
+        {"id": "c", "text": "Buy now!", "url": "http://c.com/", "format": "Spam / Ads", "topic": "Adult"},
+    ])  # fmt: skip
+    mapping = {"Tutorial": 5, "Spam / Ads": 0}
+    rows = read_text_rows(path, "text", "id", ["url"], extra=("format",), optional=("topic", "x"))
+    assert rows.column_names == ["id", "text", "group", "format", "topic"]
+    table, _ = format_rows(rows, mapping, "format", {"topic": {"Adult": 1}})
+    assert table["label"].to_pylist() == [1, 5, 0]
+    assert table["capped"].to_pylist() == [True, False, False]
+    # a file without the column is not capped
+    table, _ = format_rows(rows.drop(["topic"]), mapping, "format", {"topic": {"Adult": 1}})
+    assert table["label"].to_pylist() == [5, 5, 0]
+    stage = EduTrainStage(format_labels=[path], format_caps={"topic": {"Adult": 0}})
+    table, report = stage.collect([])
+    assert dict(zip(table["id"].to_pylist(), table["label"].to_pylist(), strict=True)) == {
+        "a": 0, "b": 5, "c": 0,
+    }  # fmt: skip
+    assert report["formats"]["capped"] == 1
+    with pytest.raises(ValidationError, match="ratings must be 0-5"):
+        EduTrainStage(format_labels=[path], format_caps={"topic": {"Adult": 9}})
+
+
 def test_the_combiner_recovers_a_known_logistic_model_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4000, 2)) * [2.0, 0.5] + [1.0, 3.0]
@@ -92,6 +124,37 @@ def test_the_combiner_recovers_a_known_logistic_model_and_round_trips(tmp_path):
         fit_combiner(x, np.ones(len(x), bool), ["fasttext"], 3)
 
 
+def test_a_graded_combiner_has_a_head_per_threshold_and_reads_class_probabilities(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 3000
+    rating = rng.integers(0, 6, n)
+    # a 6-class model's probabilities that lean towards the true rating
+    logits = rng.normal(size=(n, 6)) + 2.0 * (np.arange(6) == rating[:, None])
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    values = np.arange(6.0)
+    text = pa.array(["x" * int(k) for k in rng.integers(1, 500, n)], pa.large_string())
+    names = ["fasttext_logit", "fasttext_ge1", "log_length"]
+    x = combiner_features(names, probs @ values, text, probs=probs, values=values)
+    p_ge1 = probs[:, 1:].sum(axis=1)
+    assert x[:, 1] == pytest.approx(np.log(p_ge1 / (1 - p_ge1)))
+    assert x[:, 0] == pytest.approx(np.log((probs @ values) / (5 - probs @ values)))
+    g = fit_graded(x, rating, [3, 1, 3], names)
+    assert isinstance(g, GradedCombiner) and g.thresholds == [1, 3] and g.features == names
+    singles = [fit_combiner(x, rating >= k, names, k) for k in (1, 3)]
+    # 2 P(>= 1) + 3 P(>= 3), over 5
+    want = (2 * singles[0].predict(x) + 3 * singles[1].predict(x)) / 5
+    assert g.predict(x) == pytest.approx(want)
+    # "not junk" is what the ge1 feature says: the >=1 head leans on it most
+    weights = dict(zip(names, g.heads[0].weights, strict=True))
+    assert weights["fasttext_ge1"] > abs(weights["log_length"])
+    g.save(tmp_path / "combiner.json")
+    assert load_combiner(tmp_path / "combiner.json") == g
+    singles[0].save(tmp_path / "one.json")
+    assert load_combiner(tmp_path / "one.json") == singles[0]
+    with pytest.raises(ValueError, match="class probabilities"):
+        combiner_features(["fasttext_ge1"], probs @ values, text)
+
+
 def test_paths_expand_variables_with_defaults(monkeypatch):
     monkeypatch.delenv("PRIMER_EDU_DATA", raising=False)
     stage = EduTrainStage(proxy_positive=["${PRIMER_EDU_DATA:-data/edu}/openstax*.jsonl.gz"])
@@ -106,6 +169,10 @@ def test_paths_expand_variables_with_defaults(monkeypatch):
         EduTrainStage(format_labels=["x.jsonl"], format_scores={"Tutorial": 7})
     with pytest.raises(ValidationError, match="unknown feature 'n_links'"):
         EduTrainStage(format_labels=["x.jsonl"], combiner=["fasttext", "n_links"])
+    with pytest.raises(ValidationError, match="needs a fastText feature"):
+        EduTrainStage(format_labels=["x.jsonl"], combiner=["log_length"])
+    with pytest.raises(ValidationError, match="ratings 1-5"):
+        EduTrainStage(format_labels=["x.jsonl"], combiner_thresholds=[0, 3])
 
 
 def test_a_missing_source_fails_preflight_unless_allowed(tmp_path):
@@ -159,6 +226,32 @@ def test_labels_from_formats_and_proxies_are_split_by_domain_and_decontaminated(
     assert set(m["held_out_by_source"]) == {"formats", "proxy"}
     assert m["held_out"]["baseline_length"]["binary_f1"] is not None
     assert m["guardrail"]["passed"] is None and m["guardrail"]["message"] == "off"
+
+
+def test_shuffled_proxy_copies_are_trained_on_and_never_evaluated(tmp_path):
+    with gzip.open(EDU, "rt", encoding="utf-8") as f:
+        reference = [json.loads(line) for line in f.readlines()[:80]]
+    positives = write_jsonl(tmp_path / "ref.jsonl.gz", reference)
+    negatives = write_jsonl(tmp_path / "neg.jsonl.gz", web_rows(80))
+    stage = EduTrainStage(proxy_positive=[positives], proxy_negative=[negatives],
+                          proxy_negative_label=2, proxy_shuffled=1.0, epoch=5, cv_folds=0,
+                          combiner=[], min_margin_over_length=None)  # fmt: skip
+    table, report = stage.collect([])
+    assert report["proxy"] == {"positives": 80, "negatives": 80, "shuffled": 160}
+    rows = {r["id"]: r for r in table.to_pylist()}
+    for i, r in rows.items():
+        if not i.startswith("shuffled:"):
+            assert not r["synthetic"] and r["label"] in (5, 2)
+            continue
+        src = rows[i[len("shuffled:") :]]
+        assert r["synthetic"] and r["label"] == 0 and r["group"] == src["group"]
+        assert sorted(r["text"].split()) == sorted(src["text"][:3000].split())
+        assert r["text"] != " ".join(src["text"][:3000].split())
+    stage.build([], str(tmp_path / "out"))
+    m = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert m["held_out"]["label_counts"]["0"] == 0  # no synthetic row is evaluated
+    assert m["data"]["split"]["shared_groups"] == 0
+    assert m["data"]["train"] + m["data"]["test"] < m["data"]["documents"]
 
 
 def _length_only_docs(n: int, seed: int = 0) -> list[dict]:
@@ -218,6 +311,60 @@ def test_the_combiner_learns_length_and_edu_score_applies_it(tmp_path):
     assert s[n_words > 450].min() > s[n_words < 200].max()
     # the combiner is part of a model file's fingerprint
     assert "combiner.json" in EduScoreStage(model=str(out / "model.bin")).content_fingerprint()
+
+
+def _graded_docs(n: int, seed: int = 0) -> list[dict]:
+    """Junk (word lists, rating 0), plain prose (rating 1) and teaching prose (rating 5):
+    each kind has its own words, so the text model can tell all three apart."""
+    rng = np.random.default_rng(seed)
+    vocab = {
+        kind: words.split(" ")
+        for kind, words in (
+            ("Spam / Ads", "buy cheap deal price discount click offer shop sale free"),
+            ("Personal Blog", "today my we went our trip felt really nice weekend"),
+            ("Tutorial", "first step learn example equation explains because therefore"),
+        )
+    }
+    out = []
+    for i in range(n):
+        kind = list(vocab)[i % 3]
+        words = rng.choice(vocab[kind] * 3 + vocab["Personal Blog"], int(rng.integers(40, 200)))
+        out.append({"id": f"g{i}", "text": " ".join(words), "url": f"http://g{i}.org/",
+                    "format": kind})  # fmt: skip
+    return out
+
+
+def test_a_graded_combiner_is_trained_and_applied_by_edu_score(tmp_path):
+    path = write_jsonl(tmp_path / "wo.jsonl.gz", _graded_docs(240))
+    out = tmp_path / "out"
+    EduTrainStage(
+        format_labels=[path], epoch=5, cv_folds=0, min_margin_over_length=None,
+        combiner=["fasttext_logit", "fasttext_ge1", "log_length"], combiner_thresholds=[1, 3],
+    ).build([], str(out))  # fmt: skip
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["score"] == "combiner" and m["combiner"]["thresholds"] == [1, 3]
+    assert set(m["combiner"]["standardised_weights"]) == {">=1", ">=3"}
+    comb = load_combiner(out / "combiner.json")
+    assert isinstance(comb, GradedCombiner) and comb.thresholds == [1, 3]
+
+    docs = _graded_docs(30, seed=1)
+    table = pa.table({"id": [d["id"] for d in docs],
+                      "text": pa.array([d["text"] for d in docs], pa.large_string())})  # fmt: skip
+    stage = EduScoreStage(model=str(out / "model.bin"), drop_below_phase1=False)
+    stage.setup()
+    probs = stage._scorer.probs(table["text"], True, 3000)
+    want = 5 * comb.predict(
+        combiner_features(
+            comb.features, probs @ stage._values, table["text"], probs=probs, values=stage._values
+        )  # fmt: skip
+    )
+    scored = stage(table)["edu_score"].to_numpy()
+    assert scored == pytest.approx(want, abs=1e-4)
+    kind = [d["format"] for d in docs]
+    by = {k: scored[[f == k for f in kind]] for k in set(kind)}
+    # junk < plain prose < teaching prose, and the phase thresholds fall between them
+    assert by["Spam / Ads"].max() < 1.5 <= by["Personal Blog"].min()
+    assert by["Personal Blog"].max() < 2.5 <= by["Tutorial"].min()
 
 
 def test_the_recipe_loads_with_the_shipped_data_by_default(monkeypatch):
