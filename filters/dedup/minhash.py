@@ -151,7 +151,7 @@ def _learn(table: np.ndarray, drop: str | None, buf: np.ndarray, off: np.ndarray
     leads = np.flatnonzero(buf[off[0] : off[-1]] >= 0xC0) + off[0]  # non-ASCII characters
     if len(leads):
         _, _, unknown_code_points = _kernels()
-        new = unknown_code_points(buf, leads, table)
+        new = unknown_code_points(buf, leads, table, _KNOWN)
         if len(new):
             _describe(table, drop, new)
 
@@ -324,26 +324,11 @@ def _changed_by_nfkd(buf, off, table):  # pragma: no cover - compiled by numba
     return out
 
 
-def _unknown_code_points(buf, leads, table):  # pragma: no cover - compiled by numba
-    """The distinct code points starting at buf[leads] that `table` does not know yet."""
-    seen = np.zeros(0x110000, np.bool_)
-    out = []
-    for i in leads:
-        c = np.int64(buf[i])
-        size = 4 if c >= 0xF0 else 3 if c >= 0xE0 else 2
-        cp = c & (0x07 if size == 4 else 0x0F if size == 3 else 0x1F)
-        for k in range(1, min(size, len(buf) - i)):
-            cp = (cp << 6) | np.int64(buf[i + k] & 0x3F)
-        cp = min(cp, 0x10FFFF)
-        if not table[cp] & _KNOWN and not seen[cp]:
-            seen[cp] = True
-            out.append(cp)
-    return np.array(out, np.int64)
-
-
 @functools.cache
 def _kernels() -> tuple[Any, Any, Any]:
     from numba import njit  # lazy: only signatures need it
 
+    from filters.quality.kernels import unknown_code_points  # the same UTF-8 lead-byte scan
+
     jit = njit(cache=True, nogil=True, boundscheck=False)
-    return jit(_signatures), jit(_changed_by_nfkd), jit(_unknown_code_points)
+    return jit(_signatures), jit(_changed_by_nfkd), unknown_code_points

@@ -143,7 +143,7 @@ def document_counts(text: pa.LargeStringArray) -> np.ndarray:
     slots = 1 << max(4, (2 * longest - 1).bit_length())  # tables at most half full
     flags = _known_flags()
     leads = np.flatnonzero(buf[offsets[0] : offsets[-1]] >= 0xC0) + offsets[0]  # non-ASCII
-    new = _unknown_code_points(buf, leads, flags) if len(leads) else leads
+    new = unknown_code_points(buf, leads, flags, _KNOWN) if len(leads) else leads
     if len(new):
         flags[new] = char_flags(new) | _KNOWN
     inv_pow = np.full(longest, pow(int(_POLY), -1, 1 << 64), np.uint64)
@@ -169,8 +169,9 @@ _EDIT, _CITATION, _NEEDED = _pack("[edit]"), _pack("[citatio"), _pack("n needed"
 
 
 @_jit()
-def _unknown_code_points(buf, leads, flags):  # pragma: no cover - numba
-    """The distinct code points starting at buf[leads] whose `flags` lack `_KNOWN`."""
+def unknown_code_points(buf, leads, flags, known):  # pragma: no cover - numba
+    """The distinct code points starting at UTF-8 lead bytes buf[leads] whose `flags` lack
+    the bit `known` (MinHash's normalisation table asks the same of its own table)."""
     seen = np.zeros(0x110000, np.bool_)
     out = []
     for i in leads:
@@ -180,7 +181,7 @@ def _unknown_code_points(buf, leads, flags):  # pragma: no cover - numba
         for k in range(1, min(size, len(buf) - i)):
             cp = (cp << 6) | np.int64(buf[i + k] & 0x3F)
         cp = min(cp, 0x10FFFF)
-        if not flags[cp] & _KNOWN and not seen[cp]:
+        if not flags[cp] & known and not seen[cp]:
             seen[cp] = True
             out.append(cp)
     return np.array(out, np.int64)
