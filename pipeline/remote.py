@@ -346,18 +346,18 @@ class RemoteRun:
             self.fs.pipe_file(f"{base}/_fingerprint", fp)
         self.push_stage(name, final=False)
 
-    def push_parts(self, name: str) -> int:
+    def push_parts(self, name: str) -> dict[str, dict[str, Any]]:
         """Push every committed part of stage `name` that the bucket lacks, drop markers on
         the bucket for parts no longer committed here, and delete part objects no marker
-        names (a killed attempt's upload that landed late). Returns how many were pushed."""
+        names (a killed attempt's upload that landed late). Returns the stage's listing as
+        it was before (its other files are unchanged by this)."""
         local_dir = self.staging / name
         here = _committed_parts(local_dir)
         objects = self._listing(name)
         remote = self._markers(name, objects)
-        named, pushed = set(), 0
+        named = set()
         for part in here:
             obj = push_part(self.stage_uri(name), local_dir, part, remote.get(part))
-            pushed += obj is not None
             named.add(obj or remote[part].get("object"))
         base = self._remote(name)
         for part, old in remote.items():
@@ -367,7 +367,7 @@ class RemoteRun:
                     with contextlib.suppress(FileNotFoundError):
                         self.fs.rm_file(f"{base}/{old['object']}")
         self._clean(name, objects, named)
-        return pushed
+        return objects
 
     def push_stage(self, name: str, final: bool = True) -> int:
         """Upload the stage's files other than parts (state, artifacts) that changed since
@@ -375,7 +375,7 @@ class RemoteRun:
         local_dir = self.staging / name
         if not local_dir.is_dir():
             return 0
-        self.push_parts(name)
+        remote = self.push_parts(name)
         has_parts = (local_dir / "_parts").is_dir()
         files = {}
         for path in sorted(local_dir.rglob("*")):
@@ -389,7 +389,6 @@ class RemoteRun:
             files[rel] = path
         manifest = files.pop("_manifest.json", None)
         n = self._push_files(name, files)
-        remote = self._listing(name)
         for rel in remote:
             if (
                 rel not in files
@@ -397,7 +396,8 @@ class RemoteRun:
                 and not rel.startswith("_parts/")
                 and not (has_parts and "/" not in rel and rel.endswith(".parquet"))
             ):
-                self.fs.rm_file(f"{self._remote(name)}/{rel}")
+                with contextlib.suppress(FileNotFoundError):  # a temp file _clean took
+                    self.fs.rm_file(f"{self._remote(name)}/{rel}")
                 self._ledger["files"].pop(f"{name}/{rel}", None)
         if manifest is not None:
             n += self._push_files(name, {"_manifest.json": manifest})
