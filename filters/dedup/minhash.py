@@ -13,8 +13,8 @@ limitation, as for FineWeb.
 
 How: Arrow applies the Unicode steps of `filters.text.normalise` (NFKD or NFKC, lower
 case), NFKD only to the documents it can change (most have no character it decomposes or
-reorders); one compiled pass per document (numba, compiled once per machine and cached
-beside this file) then drops what `normalise`'s regex drops (punctuation, symbols, control
+reorders); one compiled pass per document (numba, built ahead of time once per machine:
+filters/compiled.py) then drops what `normalise`'s regex drops (punctuation, symbols, control
 characters: classes read from Arrow's regex engine), splits words on whitespace, hashes
 each shingle and keeps the minimum of every permutation, with no array per word or
 shingle. Signatures equal those of `normalise` + `filters.text.WordSpans`
@@ -28,14 +28,15 @@ datasketch and datatrove: `benchmarks/web_stages.py --stages minhash`.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
+from filters.compiled import Kernels
 from filters.dedup.config import DedupConfig
+from filters.quality.kernels import unknown_code_points  # noqa: F401 - compiled in KERNELS
 from filters.text import LEN_MIX, POLY, as_large_string, fmix64, normalise, utf8_buffers
 
 # What `normalise` deletes (its regex), and the whitespace it turns into word breaks.
@@ -101,7 +102,7 @@ def minhash(
     a_lo = (a & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     a_hi = (a >> np.uint64(32)).astype(np.uint32)
     out = np.full((len(arr), config.num_perm), 0xFFFFFFFF, np.uint32)
-    signatures, _, _ = _kernels()
+    signatures = KERNELS.load().signatures
     for text, docs, rows in parts:
         buf, off = utf8_buffers(as_large_string(text))
         _learn(table, drop, buf, off)
@@ -125,8 +126,7 @@ def _unicode_steps(
         return [(lower(pc.utf8_normalize(arr, form)), every, every)]
     buf, off = utf8_buffers(arr)
     _learn(table, drop, buf, off)
-    _, changed_by_nfkd, _ = _kernels()
-    changes = changed_by_nfkd(buf, off, table).view(bool)
+    changes = KERNELS.load().changed_by_nfkd(buf, off, table).view(bool)
     changed = np.flatnonzero(changes)
     same = every[~changes]
     parts = [(lower(arr), same, same)]
@@ -150,8 +150,7 @@ def _learn(table: np.ndarray, drop: str | None, buf: np.ndarray, off: np.ndarray
     """Describes the code points of the documents that `table` does not know yet."""
     leads = np.flatnonzero(buf[off[0] : off[-1]] >= 0xC0) + off[0]  # non-ASCII characters
     if len(leads):
-        _, _, unknown_code_points = _kernels()
-        new = unknown_code_points(buf, leads, table, _KNOWN)
+        new = KERNELS.load().unknown_code_points(buf, leads, table, _KNOWN)
         if len(new):
             _describe(table, drop, new)
 
@@ -210,8 +209,8 @@ def band_keys(sig: np.ndarray, bands: int, rows_per_band: int, seed: int = 1) ->
 
 
 # --- the numba kernel -----------------------------------------------------------------------
-# Written as plain Python over numpy arrays; `_kernels()` compiles them (numba is imported only
-# there). Every hash is uint64 arithmetic modulo 2^64, as the numpy definitions above.
+# Written as plain Python over numpy arrays; `KERNELS` (filters/compiled.py) compiles them,
+# ahead of time once per machine. Every hash is uint64 arithmetic modulo 2^64, as the numpy definitions above.
 
 
 def _signatures(buf, off, docs, rows, table, ngram, a_lo, a_hi, b, words, out):  # pragma: no cover
@@ -324,11 +323,19 @@ def _changed_by_nfkd(buf, off, table):  # pragma: no cover - compiled by numba
     return out
 
 
-@functools.cache
-def _kernels() -> tuple[Any, Any, Any]:
-    from numba import njit  # lazy: only signatures need it
-
-    from filters.quality.kernels import unknown_code_points  # the same UTF-8 lead-byte scan
-
-    jit = njit(cache=True, nogil=True, boundscheck=False)
-    return jit(_signatures), jit(_changed_by_nfkd), unknown_code_points
+_ARRAYS = "u1[::1], i8[::1]"  # UTF-8 bytes, document offsets
+KERNELS = Kernels(
+    "minhash",
+    __name__,
+    {
+        "signatures": (
+            "_signatures",
+            f"void({_ARRAYS}, i8[::1], i8[::1], u1[::1], i8, u4[::1], u4[::1], u8[::1], "
+            "u8[:, ::1], u4[:, ::1])",
+        ),
+        "changed_by_nfkd": ("_changed_by_nfkd", f"u1[::1]({_ARRAYS}, u1[::1])"),
+        # the quality pass's UTF-8 lead-byte scan, over this module's table
+        "unknown_code_points": ("unknown_code_points", f"i8[::1]({_ARRAYS}, u1[::1], i8)"),
+    },
+    sources=("filters.quality.kernels", "filters.text"),
+)

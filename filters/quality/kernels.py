@@ -19,8 +19,8 @@ engine about each code point the process meets, so the classes are exactly the e
 paragraphs and n-grams are found by 64-bit hashes in an open-addressing table per
 document, as the regex definitions find them by polars' hashes. tests/filters/
 test_kernels.py checks every signal against the regex definitions on real and random text.
-numba compiles this once per machine (cached beside this file); importing this module
-imports numba, so signals.py imports it on first use.
+numba builds this ahead of time once per machine (filters/compiled.py), so a process that
+runs it does not import numba.
 
 It is over 500 lines because the hand-transcribed matchers and the loop that calls them
 compile as one unit and are read against the regex definitions side by side; split across
@@ -34,8 +34,8 @@ import functools
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from numba import njit
 
+from filters.compiled import Kernels, helper
 from filters.quality.arrays import MIX_MULT
 from filters.quality.lines import C4_MAX_WORD_CHARS, C4_POLICY, SHORT_LINE_CHARS
 from filters.quality.words import ABBREVIATIONS, STOP_WORDS
@@ -143,13 +143,14 @@ def document_counts(text: pa.LargeStringArray) -> np.ndarray:
     slots = 1 << max(4, (2 * longest - 1).bit_length())  # tables at most half full
     flags = _known_flags()
     leads = np.flatnonzero(buf[offsets[0] : offsets[-1]] >= 0xC0) + offsets[0]  # non-ASCII
-    new = unknown_code_points(buf, leads, flags, _KNOWN) if len(leads) else leads
+    compiled = KERNELS.load()
+    new = compiled.unknown_code_points(buf, leads, flags, _KNOWN) if len(leads) else leads
     if len(new):
         flags[new] = char_flags(new) | _KNOWN
     inv_pow = np.full(longest, pow(int(_POLY), -1, 1 << 64), np.uint64)
     inv_pow[0] = 1
     np.multiply.accumulate(inv_pow, out=inv_pow)  # P^-k
-    _counts(
+    compiled.counts(
         buf, offsets, flags, _ABBREVIATIONS, _STOP_WORDS,
         _PHRASE_CHARS, _PHRASE_OFF, _BY_FIRST, inv_pow,
         np.empty((6, longest), np.int32), np.empty((3, longest), np.uint64),
@@ -159,16 +160,29 @@ def document_counts(text: pa.LargeStringArray) -> np.ndarray:
 
 
 # --- the numba kernel -----------------------------------------------------------------------
-# Indices are code point positions in one document; `fl` is `_known_flags()`; a matcher
-# returns the end of its match, or -1 when it does not match at `p`.
+# Built ahead of time once per machine (filters/compiled.py); the helpers are plain Python
+# functions until then. Indices are code point positions in one document; `fl` is
+# `_known_flags()`; a matcher returns the end of its match, or -1 when it does not match at `p`.
 
-_jit = functools.partial(njit, cache=True, nogil=True, boundscheck=False)
+KERNELS = Kernels(
+    "quality",
+    __name__,
+    {
+        "counts": (
+            "_counts",
+            "void(u1[::1], i8[::1], u4[::1], i8[::1], i8[::1], i4[::1], i8[::1], i8[::1], "
+            "u8[::1], i4[:, ::1], u8[:, ::1], u8[::1], i4[:, ::1], i8[:, ::1])",
+        ),
+        "unknown_code_points": ("unknown_code_points", "i8[::1](u1[::1], i8[::1], u4[::1], i8)"),
+    },
+    sources=("filters.quality.arrays", "filters.quality.lines", "filters.quality.words"),
+)
+
 _POLY = np.uint64(0x9E3779B97F4A7C15)
 _HTTP, _HTTPS, _WWW, _PHD = _pack("http://"), _pack("https://"), _pack("www."), _pack("Ph.D.")
 _EDIT, _CITATION, _NEEDED = _pack("[edit]"), _pack("[citatio"), _pack("n needed")
 
 
-@_jit()
 def unknown_code_points(buf, leads, flags, known):  # pragma: no cover - numba
     """The distinct code points starting at UTF-8 lead bytes buf[leads] whose `flags` lack
     the bit `known` (MinHash's normalisation table asks the same of its own table)."""
@@ -187,7 +201,7 @@ def unknown_code_points(buf, leads, flags, known):  # pragma: no cover - numba
     return np.array(out, np.int64)
 
 
-@_jit()
+@helper()
 def _decode(buf, lo, hi, cps):  # pragma: no cover - numba
     """UTF-8 bytes buf[lo:hi] as code points into `cps`; returns how many."""
     n = 0
@@ -213,26 +227,26 @@ def _decode(buf, lo, hi, cps):  # pragma: no cover - numba
     return n
 
 
-@_jit("b1(i8)")
+@helper("b1(i8)")
 def _is_letter(c):  # pragma: no cover - numba
     """[A-Za-z]"""
     return (65 <= c <= 90) or (97 <= c <= 122)
 
 
-@_jit("b1(i8)")
+@helper("b1(i8)")
 def _is_ascii_word(c):  # pragma: no cover - numba
     """[0-9A-Za-z_], the word characters of an ASCII \\b"""
     return _is_letter(c) or (48 <= c <= 57) or c == 95
 
 
-@_jit("i8(i8, u4[::1])")
+@helper("i8(i8, u4[::1])")
 def _fold(c, fl):  # pragma: no cover - numba
     """The ASCII letter `c` matches case-insensitively, else `c` itself."""
     f = (fl[c] >> 16) & 0xFF
     return np.int32(f) if f else c
 
 
-@_jit("i8(i4[::1], i8, i8, u4[::1], i8)")
+@helper("i8(i4[::1], i8, i8, u4[::1], i8)")
 def _run(cps, n, q, fl, bits):  # pragma: no cover - numba
     """The end of the run of characters with any of `bits`, from q."""
     while q < n and fl[cps[q]] & bits:
@@ -240,7 +254,7 @@ def _run(cps, n, q, fl, bits):  # pragma: no cover - numba
     return q
 
 
-@_jit("i8(i4[::1], i8, i8)")
+@helper("i8(i4[::1], i8, i8)")
 def _packed(cps, lo, hi):  # pragma: no cover - numba
     """cps[lo:hi] as `_pack` packs it, or -1 if it is not ASCII of at most 8 characters."""
     if hi - lo > 8:
@@ -253,7 +267,7 @@ def _packed(cps, lo, hi):  # pragma: no cover - numba
     return code
 
 
-@_jit("b1(i4[::1], i8, i8, i8[::1])")
+@helper("b1(i4[::1], i8, i8, i8[::1])")
 def _in_packed(cps, lo, hi, packed):  # pragma: no cover - numba
     """Whether cps[lo:hi] is one of the `_pack`ed ASCII words (sorted)."""
     code = _packed(cps, lo, hi)
@@ -268,7 +282,7 @@ def _in_packed(cps, lo, hi, packed):  # pragma: no cover - numba
     return code >= 0 and a < len(packed) and packed[a] == code
 
 
-@_jit("b1(i4[::1], i8, i8, i8, i8)")
+@helper("b1(i4[::1], i8, i8, i8, i8)")
 def _starts_with(cps, n, p, code, length):  # pragma: no cover - numba
     """Whether cps[p:n] starts with the ASCII word of `length` (<= 8) `_pack`ed as `code`."""
     return p + length <= n and _packed(cps, p, p + length) == code
@@ -277,7 +291,7 @@ def _starts_with(cps, n, p, code, length):  # pragma: no cover - numba
 # TOKEN_PATTERN (words.py), alternative by alternative, in its order.
 
 
-@_jit("i8(i4[::1], i8, i8, u4[::1])")
+@helper("i8(i4[::1], i8, i8, u4[::1])")
 def _url(cps, n, p, fl):  # pragma: no cover - numba
     """(?:https?://|www\\.)\\S*[^\\s.,;:!?)\\]}'\\"]"""
     q = -1
@@ -299,7 +313,7 @@ def _url(cps, n, p, fl):  # pragma: no cover - numba
     return end
 
 
-@_jit("i8(i4[::1], i8, i8, u4[::1])")
+@helper("i8(i4[::1], i8, i8, u4[::1])")
 def _email(cps, n, p, fl):  # pragma: no cover - numba
     """[\\w.+-]+@[\\w-]+(?:\\.[\\w-]+)+"""
     q = p
@@ -321,7 +335,7 @@ def _email(cps, n, p, fl):  # pragma: no cover - numba
     return r if parts else -1
 
 
-@_jit("i8(i4[::1], i8, i8, i8[::1])")
+@helper("i8(i4[::1], i8, i8, i8[::1])")
 def _abbreviation(cps, n, p, abbreviations):  # pragma: no cover - numba
     """(?:ABBREVIATIONS|Ph\\.D)\\. -- the abbreviations are letters only, so the one that
     can be followed by "." is the whole run of letters."""
@@ -335,7 +349,7 @@ def _abbreviation(cps, n, p, abbreviations):  # pragma: no cover - numba
     return -1
 
 
-@_jit("i8(i4[::1], i8, i8, u4[::1])")
+@helper("i8(i4[::1], i8, i8, u4[::1])")
 def _initials(cps, n, p, fl):  # pragma: no cover - numba
     """(?:\\p{L}\\.){2,}[\\p{L}\\p{M}\\p{N}]*"""
     q = p
@@ -346,7 +360,7 @@ def _initials(cps, n, p, fl):  # pragma: no cover - numba
     return _run(cps, n, q, fl, _LMN) if k >= 2 else -1
 
 
-@_jit("i8(i4[::1], i8, i8, u4[::1])")
+@helper("i8(i4[::1], i8, i8, u4[::1])")
 def _dotted(cps, n, p, fl):  # pragma: no cover - numba
     """[\\p{L}\\p{M}\\p{N}]*(?:\\.[\\p{L}\\p{M}\\p{N}]+)+"""
     q = _run(cps, n, p, fl, _LMN)
@@ -357,7 +371,7 @@ def _dotted(cps, n, p, fl):  # pragma: no cover - numba
     return q if k else -1
 
 
-@_jit("b1(i8)")
+@helper("b1(i8)")
 def _is_inner(c):  # pragma: no cover - numba
     """words._INNER: [()\\[\\]|&#*@$%~^\\\\;!?_\\"+·´]"""
     return (c == 40 or c == 41 or c == 91 or c == 93 or c == 124 or c == 38 or c == 35
@@ -366,13 +380,13 @@ def _is_inner(c):  # pragma: no cover - numba
             or c == 0xB7 or c == 0xB4)  # fmt: skip
 
 
-@_jit("b1(i4[::1], i8, i8, u4[::1])")
+@helper("b1(i4[::1], i8, i8, u4[::1])")
 def _letter_hyphen_digit(cps, n, q, fl):  # pragma: no cover - numba
     """\\p{L}-\\p{N} at q"""
     return q + 2 < n and fl[cps[q]] & _L and cps[q + 1] == 45 and fl[cps[q + 2]] & _N
 
 
-@_jit("i8(i4[::1], i8, i8, u4[::1])")
+@helper("i8(i4[::1], i8, i8, u4[::1])")
 def _word(cps, n, p, fl):  # pragma: no cover - numba
     """\\|* + words._CORE: a first character, then pieces while one of the loop's
     alternatives matches (the first that does, as a backtracking engine takes it), then
@@ -429,7 +443,7 @@ def _word(cps, n, p, fl):  # pragma: no cover - numba
     return q
 
 
-@_jit("i8(i4[::1], i8, i8)")
+@helper("i8(i4[::1], i8, i8)")
 def _clitic_or_emoticon(cps, n, p):  # pragma: no cover - numba
     """['’](?:s|m|d|ll|re|ve|t|S|M|D|LL|RE|VE|T), then :-?\\)|;-?\\)|:-?\\(|\\):|''"""
     c = cps[p]
@@ -458,7 +472,7 @@ def _clitic_or_emoticon(cps, n, p):  # pragma: no cover - numba
     return -1
 
 
-@_jit("i8(i4[::1], i8, i8, u4[::1], i8[::1])")
+@helper("i8(i4[::1], i8, i8, u4[::1], i8[::1])")
 def _token_end(cps, n, p, fl, abbreviations):  # pragma: no cover - numba
     """The end of the TOKEN_PATTERN match at p (p is not whitespace, so one matches)."""
     c = cps[p]
@@ -495,7 +509,7 @@ def _token_end(cps, n, p, fl, abbreviations):  # pragma: no cover - numba
 # C4 sentences (lines.SENT_BOUNDARY, lines.SENT_NOT_END) in a line with citations removed.
 
 
-@_jit("i8(i4[::1], i8, i8, u4[::1])")
+@helper("i8(i4[::1], i8, i8, u4[::1])")
 def _tail(c, n, q, fl):  # pragma: no cover - numba
     """lines._SENT_TAIL at q: \\p{P}*\\s[\\s\\p{P}]*[^\\s\\p{P}]. Returns its end, -1 when it
     does not match, or -2 when it runs off the end of the line (so nothing later can)."""
@@ -506,7 +520,7 @@ def _tail(c, n, q, fl):  # pragma: no cover - numba
     return q + 1 if q < n else -2
 
 
-@_jit("i8(i4[::1], i8, u4[::1])")
+@helper("i8(i4[::1], i8, u4[::1])")
 def _sentence_boundaries(c, n, fl):  # pragma: no cover - numba
     """Matches of [.!?]+ _SENT_TAIL. A failed start fails for the rest of its run of
     punctuation too (the run ends at the same place), so the scan goes on after it."""
@@ -527,7 +541,7 @@ def _sentence_boundaries(c, n, fl):  # pragma: no cover - numba
     return count
 
 
-@_jit("i8(i4[::1], i8, u4[::1], i8[::1])")
+@helper("i8(i4[::1], i8, u4[::1], i8[::1])")
 def _sentence_non_ends(c, n, fl, abbreviations):  # pragma: no cover - numba
     """Matches of SENT_NOT_END: (?-u:\\b)(?:ABBREVIATIONS|[A-Za-z])\\. _SENT_TAIL, or
     \\.\\.+ _SENT_TAIL; as for `_abbreviation`, the abbreviation is a whole run of letters."""
@@ -559,7 +573,7 @@ def _sentence_non_ends(c, n, fl, abbreviations):  # pragma: no cover - numba
     return count
 
 
-@_jit("i8(i4[::1], i8, i4[::1], i8[::1], i8[::1], u4[::1])")
+@helper("i8(i4[::1], i8, i4[::1], i8[::1], i8[::1], u4[::1])")
 def _phrases_in(c, n, phrases, phrase_off, by_first, fl):  # pragma: no cover - numba
     """Which of the lower-case ASCII `phrases` c[:n] contains, case-insensitively as
     polars' (?i) matches (simple case folding): bit f for phrase f. by_first[x] has the
@@ -585,7 +599,7 @@ def _phrases_in(c, n, phrases, phrase_off, by_first, fl):  # pragma: no cover - 
 # Hashing and the per-document table.
 
 
-@_jit("void(i4[::1], i8, u8[::1])")
+@helper("void(i4[::1], i8, u8[::1])")
 def _prefix_hashes(cps, n, g):  # pragma: no cover - numba
     """g[k] = sum over j < k of (cps[j] + 1) * P^j (mod 2^64), so that any run of the
     document hashes in O(1) (`_hash`)."""
@@ -598,7 +612,7 @@ def _prefix_hashes(cps, n, g):  # pragma: no cover - numba
         g[k + 1] = h
 
 
-@_jit("u8(u8[::1], u8[::1], i8, i8)")
+@helper("u8(u8[::1], u8[::1], i8, i8)")
 def _hash(g, inv_pow, lo, hi):  # pragma: no cover - numba
     """64-bit hash of cps[lo:hi]: its polynomial hash (from `_prefix_hashes`), with the
     length mixed in, finished by fmix64."""
@@ -611,7 +625,7 @@ def _hash(g, inv_pow, lo, hi):  # pragma: no cover - numba
     return h
 
 
-@_jit("i8(i8)")
+@helper("i8(i8)")
 def _mask(items):  # pragma: no cover - numba
     """The mask of a table for `items` keys: a power of two at least twice as large, - 1."""
     mask = 15
@@ -620,7 +634,7 @@ def _mask(items):  # pragma: no cover - numba
     return mask
 
 
-@_jit("Tuple((i8, b1))(u8[::1], i4[::1], i8, u8, i8)")
+@helper("Tuple((i8, b1))(u8[::1], i4[::1], i8, u8, i8)")
 def _slot(keys, stamps, mask, key, stamp):  # pragma: no cover - numba
     """The slot of `key` in the table of `stamp` (linear probing; a slot whose stamp is
     older is empty), claimed if new. Returns (slot, whether it was new)."""
@@ -634,7 +648,6 @@ def _slot(keys, stamps, mask, key, stamp):  # pragma: no cover - numba
     return j, True
 
 
-@_jit()
 def _counts(buf, offsets, fl, abbreviations, stop_words, phrases, phrase_off, by_first, inv_pow,
             ints, words, keys, table, out):  # fmt: skip  # pragma: no cover - numba
     """out[d] = the COUNTS of document d, in their order."""
