@@ -58,7 +58,12 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "jit", "aot")
 
-OWNERS = ("filters.dedup.minhash", "filters.quality.kernels", "filters.fasttext_scorer")
+OWNERS = (
+    "filters.normalise",
+    "filters.dedup.minhash",
+    "filters.quality.kernels",
+    "filters.fasttext_scorer",
+)
 """The modules that declare kernels as `KERNELS`: what `python -m filters.compiled build`
 builds."""
 

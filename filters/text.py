@@ -68,18 +68,42 @@ def normalise(
 ) -> pa.LargeStringArray:
     """Text as dedup compares it: NFKC (NFKD with `strip_accents`), lower-cased, without
     punctuation, symbols or control characters, words separated by single spaces, trimmed.
-    Null stays null."""
+    Null stays null. Defined by `reference_normalise`; computed by one compiled pass per
+    document (filters/normalise.py), which gives the same bytes."""
+    from filters.normalise import normalise as compiled  # it imports this module
+
+    flags = {"lowercase": lowercase, "strip_punct": strip_punct, "strip_accents": strip_accents}
+    return compiled(texts, **flags)
+
+
+def drop_pattern(strip_punct: bool = True, strip_accents: bool = True) -> str:
+    """What `normalise` deletes, as the body of a regex character class: invisible and
+    control characters, punctuation and symbols (`strip_punct`), combining marks
+    (`strip_accents`, after NFKD has split them off)."""
+    drop = r"\p{Cf}\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f"
+    if strip_punct:
+        drop += r"\p{P}\p{S}"
+    if strip_accents:
+        drop += r"\p{Mn}"
+    return drop
+
+
+def reference_normalise(
+    texts: pa.Array | pa.ChunkedArray,
+    *,
+    lowercase: bool = True,
+    strip_punct: bool = True,
+    strip_accents: bool = True,
+) -> pa.LargeStringArray:
+    """`normalise`'s definition, in Arrow string kernels and numpy (the tests hold the
+    compiled pass to it)."""
     arr = as_large_string(texts)
     validity = pc.is_valid(arr)
     arr = pc.fill_null(arr, "")
     arr = pc.utf8_normalize(arr, "NFKD" if strip_accents else "NFKC")
     if lowercase:
         arr = pc.utf8_lower(arr)
-    drop = r"\p{Cf}\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f"  # invisible and control characters
-    if strip_punct:
-        drop += r"\p{P}\p{S}"
-    if strip_accents:
-        drop += r"\p{Mn}"
+    drop = drop_pattern(strip_punct, strip_accents)
     arr = pc.replace_substring_regex(arr, f"[{drop}]+", "")
     # Unicode spaces that NFK* does not map to U+0020; ASCII whitespace is handled below.
     for ws in ("\x85", "\u1680", "\u2028", "\u2029"):

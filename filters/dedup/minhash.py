@@ -27,8 +27,6 @@ datasketch and datatrove: `benchmarks/web_stages.py --stages minhash`.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,16 +34,19 @@ import xxhash
 
 from filters.compiled import Kernels
 from filters.dedup.config import DedupConfig
-from filters.quality.kernels import unknown_code_points  # noqa: F401 - compiled in KERNELS
-from filters.text import LEN_MIX, POLY, as_large_string, fmix64, normalise, utf8_buffers
-
-# What `normalise` deletes (its regex), and the whitespace it turns into word breaks.
-_DROP_CONTROL = r"\p{Cf}\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f"
-_SPACES = (9, 10, 11, 12, 13, 32, 0x85, 0x1680, 0x2028, 0x2029)
-# A code point's entry in a `_table`: its class (`_CLASS` bits), whether NFKD leaves it
-# alone, and whether it has been asked about yet.
-_KEEP, _DROP, _SPACE, _CLASS = 0, 1, 2, 3
-_NFKD_STABLE, _KNOWN = 4, 128
+from filters.normalise import CLASS as _CLASS
+from filters.normalise import KEEP as _KEEP
+from filters.normalise import SPACE as _SPACE
+from filters.normalise import code_point_table, learn, unicode_steps
+from filters.text import (
+    LEN_MIX,
+    POLY,
+    as_large_string,
+    drop_pattern,
+    fmix64,
+    normalise,
+    utf8_buffers,
+)
 
 
 def text_hash(
@@ -87,17 +88,13 @@ def minhash(
     arr = pc.fill_null(as_large_string(texts), "")
     drop = None
     if not normalised:
-        drop = _DROP_CONTROL
-        if config.strip_punct:
-            drop += r"\p{P}\p{S}"
-        if config.strip_accents:
-            drop += r"\p{Mn}"
-    table = _table(drop)
+        drop = drop_pattern(config.strip_punct, config.strip_accents)
+    table = code_point_table(drop)
     if normalised:
         every = np.arange(len(arr))
         parts = [(arr, every, every)]
     else:
-        parts = _unicode_steps(arr, config, table, drop)
+        parts = unicode_steps(arr, config.lowercase, config.strip_accents, table, drop)
     a, b = permutations(config.num_perm, config.seed)
     a_lo = (a & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     a_hi = (a >> np.uint64(32)).astype(np.uint32)
@@ -105,89 +102,11 @@ def minhash(
     signatures = KERNELS.load().signatures
     for text, docs, rows in parts:
         buf, off = utf8_buffers(as_large_string(text))
-        _learn(table, drop, buf, off)
+        learn(table, drop, buf, off)
         # Per-word scratch for the longest document: a word takes a byte and a break.
         words = np.empty((3, int(np.diff(off).max(initial=0)) // 2 + 1), np.uint64)
         signatures(buf, off, docs, rows, table, config.ngram, a_lo, a_hi, b, words, out)
     return out
-
-
-def _unicode_steps(
-    arr: pa.LargeStringArray, config: DedupConfig, table: np.ndarray, drop: str | None
-) -> list[tuple[pa.Array, np.ndarray, np.ndarray]]:
-    """`normalise`'s Unicode steps (NFKD or NFKC, then lower case) as parts (text, documents
-    of it to read, their rows in the batch). NFKD changes no document made only of
-    characters it leaves alone (`_NFKD_STABLE`, most documents): only the others go
-    through it."""
-    form = "NFKD" if config.strip_accents else "NFKC"
-    lower = pc.utf8_lower if config.lowercase else (lambda text: text)
-    every = np.arange(len(arr))
-    if form == "NFKC":  # composition depends on the neighbours: every document
-        return [(lower(pc.utf8_normalize(arr, form)), every, every)]
-    buf, off = utf8_buffers(arr)
-    _learn(table, drop, buf, off)
-    changes = KERNELS.load().changed_by_nfkd(buf, off, table).view(bool)
-    changed = np.flatnonzero(changes)
-    same = every[~changes]
-    parts = [(lower(arr), same, same)]
-    if len(changed):
-        nfkd = pc.utf8_normalize(arr.take(pa.array(changed)), form)
-        parts.append((lower(nfkd), np.arange(len(changed)), changed))
-    return parts
-
-
-@functools.cache
-def _table(drop: str | None) -> np.ndarray:
-    """Per code point (a uint8 each), what `normalise` with the regex `[drop]+` does with
-    it (None: the text is already normalised) and what NFKD does with it, filled in as the
-    process meets code points (`_learn`), from Arrow itself."""
-    table = np.zeros(0x110000, np.uint8)
-    _describe(table, drop, np.arange(128))
-    return table
-
-
-def _learn(table: np.ndarray, drop: str | None, buf: np.ndarray, off: np.ndarray) -> None:
-    """Describes the code points of the documents that `table` does not know yet."""
-    leads = np.flatnonzero(buf[off[0] : off[-1]] >= 0xC0) + off[0]  # non-ASCII characters
-    if len(leads):
-        new = KERNELS.load().unknown_code_points(buf, leads, table, _KNOWN)
-        if len(new):
-            _describe(table, drop, new)
-
-
-def _describe(table: np.ndarray, drop: str | None, code_points: np.ndarray) -> None:
-    """table[code_points]: `_DROP` where Arrow's regex `[drop]` deletes the character, else
-    `_SPACE` for the whitespace that separates words, else `_KEEP`; `_NFKD_STABLE` where
-    NFKD leaves any text made only of such characters alone: the character has no
-    decomposition and is a starter (combining class 0, so never reordered), which Arrow's
-    NFKD shows on the character alone, followed by a mark of class 1 and after a mark of
-    class 240 (a character of any other class would move); `_KNOWN`."""
-    chars = _one_string_each(code_points)
-    classes = np.full(len(code_points), _KEEP, np.uint8)
-    if drop is not None:
-        left = pc.binary_length(pc.replace_substring_regex(chars, f"[{drop}]", ""))
-        gone = pc.equal(left, 0)
-        classes[gone.to_numpy(zero_copy_only=False)] = _DROP
-    classes[(classes == _KEEP) & np.isin(code_points, _SPACES)] = _SPACE
-    same = pc.equal(pc.utf8_normalize(chars, "NFKD"), chars)
-    for before, after in (("", "\u0334"), ("\u0345", "")):
-        pieces = (pa.scalar(before, chars.type), chars, pa.scalar(after, chars.type))
-        pair = pc.binary_join_element_wise(*pieces, pa.scalar("", chars.type))
-        same = pc.and_(same, pc.equal(pc.utf8_normalize(pair, "NFKD"), pair))
-    stable = np.where(same.to_numpy(zero_copy_only=False), _NFKD_STABLE, 0)
-    table[code_points] = classes | stable | _KNOWN
-
-
-def _one_string_each(code_points: np.ndarray) -> pa.LargeStringArray:
-    """An Arrow array of one single-character string per code point."""
-    code_points = code_points.astype(np.uint32)
-    utf8 = code_points.tobytes().decode("utf-32-le").encode("utf-8")
-    sizes = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
-    offsets = np.zeros(len(code_points) + 1, np.int64)
-    np.cumsum(sizes, out=offsets[1:])
-    return pa.LargeStringArray.from_buffers(
-        len(code_points), pa.py_buffer(offsets), pa.py_buffer(utf8)
-    )
 
 
 def jaccard_estimate(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
@@ -301,28 +220,6 @@ def _signatures(buf, off, docs, rows, table, ngram, a_lo, a_hi, b, words, out): 
             out[rows[r], j] = mins[j]
 
 
-def _changed_by_nfkd(buf, off, table):  # pragma: no cover - compiled by numba
-    """Per document, 1 where a character is not `_NFKD_STABLE` (NFKD may change it)."""
-    out = np.zeros(len(off) - 1, np.uint8)
-    for d in range(len(off) - 1):
-        i = off[d]
-        end = off[d + 1]
-        while i < end:
-            c = buf[i]
-            if c < 0x80:
-                i += 1
-                continue
-            size = 4 if c >= 0xF0 else 3 if c >= 0xE0 else 2
-            cp = np.int64(c & (0x07 if size == 4 else 0x0F if size == 3 else 0x1F))
-            for k in range(1, min(size, end - i)):
-                cp = (cp << 6) | np.int64(buf[i + k] & 0x3F)
-            if not table[min(cp, 0x10FFFF)] & _NFKD_STABLE:
-                out[d] = 1
-                break
-            i += size
-    return out
-
-
 _ARRAYS = "u1[::1], i8[::1]"  # UTF-8 bytes, document offsets
 KERNELS = Kernels(
     "minhash",
@@ -333,9 +230,6 @@ KERNELS = Kernels(
             f"void({_ARRAYS}, i8[::1], i8[::1], u1[::1], i8, u4[::1], u4[::1], u8[::1], "
             "u8[:, ::1], u4[:, ::1])",
         ),
-        "changed_by_nfkd": ("_changed_by_nfkd", f"u1[::1]({_ARRAYS}, u1[::1])"),
-        # the quality pass's UTF-8 lead-byte scan, over this module's table
-        "unknown_code_points": ("unknown_code_points", f"i8[::1]({_ARRAYS}, u1[::1], i8)"),
     },
-    sources=("filters.quality.kernels", "filters.text"),
+    sources=("filters.normalise", "filters.text"),
 )

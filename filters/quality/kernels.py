@@ -94,7 +94,7 @@ for _f, _phrase in enumerate(_PHRASES):
 def char_flags(code_points: np.ndarray) -> np.ndarray:
     """The class bits above of each code point (no surrogates), asked of polars' regex
     engine and of its `strip_chars`."""
-    chars = pl.Series(_one_string_each(code_points))
+    chars = pl.Series(one_string_each(code_points))
     flags = np.zeros(len(code_points), np.uint32)
     for bit, cls in _CLASSES.items():
         flags[chars.str.contains(cls).to_numpy()] |= bit
@@ -117,7 +117,7 @@ def _known_flags() -> np.ndarray:
     return flags
 
 
-def _one_string_each(code_points: np.ndarray) -> pa.LargeStringArray:
+def one_string_each(code_points: np.ndarray) -> pa.LargeStringArray:
     """An Arrow array of one single-character string per code point."""
     code_points = code_points.astype(np.uint32)
     utf8 = code_points.tobytes().decode("utf-32-le").encode("utf-8")

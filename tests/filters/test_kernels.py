@@ -28,7 +28,7 @@ from filters.quality.signals import (
     compute_quality_signals,
     reference_quality_signals,
 )
-from filters.text import WordSpans, normalise, utf8_buffers
+from filters.text import WordSpans, normalise, reference_normalise, utf8_buffers
 from tests.conftest import fineweb_docs
 
 EDGE_CASES = [
@@ -93,6 +93,32 @@ def all_random_texts(seed: int, n: int) -> list[str]:
     return [t for texts in random_texts(seed, n).values() for t in texts]
 
 
+# --- normalisation ----------------------------------------------------------------------------
+
+FLAGS = [
+    {},
+    {"lowercase": False, "strip_punct": False, "strip_accents": False},
+    {"strip_accents": False},
+    {"strip_punct": False},
+]
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=["all", "none", "nfkc", "punct-kept"])
+def test_normalise_equals_its_definition(flags):
+    texts = [d["text"] for d in fineweb_docs()] + [*all_random_texts(3, 300), None, None]
+    arr = pa.array(texts, pa.large_string())
+    got, want = normalise(arr, **flags), reference_normalise(arr, **flags)
+    assert got.type == want.type == pa.large_string()
+    assert got.to_pylist() == want.to_pylist()
+    # a slice (non-zero offset), a chunked array and an empty batch
+    assert normalise(arr.slice(7, 50), **flags).equals(
+        reference_normalise(arr.slice(7, 50), **flags)
+    )
+    chunked = pa.chunked_array([arr.slice(0, 10), arr.slice(10, 5)])
+    assert normalise(chunked, **flags).equals(reference_normalise(chunked, **flags))
+    assert len(normalise(pa.array([], pa.string()), **flags)) == 0
+
+
 # --- MinHash ----------------------------------------------------------------------------------
 
 CONFIGS = [
@@ -107,7 +133,7 @@ def reference_minhash(texts: list[str | None], config: DedupConfig) -> np.ndarra
     """The definition: each shingle's hash is the top 32 bits of `WordSpans.span_hashes`
     over its words of `normalise`d text (all the words of a shorter document); a
     signature value is the top 32 bits of the minimum of (a*x + b) mod 2^64."""
-    norm = normalise(pa.array(texts, pa.large_string()), **config.norm_flags)
+    norm = reference_normalise(pa.array(texts, pa.large_string()), **config.norm_flags)
     words = WordSpans.of(*utf8_buffers(pc.fill_null(norm, "")))
     a, b = permutations(config.num_perm, config.seed)
     out = np.full((len(texts), config.num_perm), 0xFFFFFFFF, np.uint32)
