@@ -122,7 +122,7 @@ def _rss_mb() -> float:
 def _build_child(which: str, out: Any) -> None:
     import pyarrow as pa
 
-    from filters.text import normalise
+    from filters.normalise import normalise
 
     normalise(pa.array(["warm up"]))  # imports and Arrow's pool, not the index
     rss0 = _rss_mb()

@@ -91,7 +91,11 @@ WARC = SHARED / "warc" / "dolma" / "sample-0000.warc.gz"
 BATCH_ROWS = 1000
 WARMUP_DOCS = 8
 STAGES = ("reader", "extract", "langid", "quality", "minhash", "reference")
-TARGETS = {"quality/primer": 2500.0, "minhash/primer": 4000.0}
+TARGETS = {
+    "extract/primer-cascade": 300.0,  # pages/s; its F1: benchmarks/extraction_quality.py
+    "quality/primer": 2500.0,
+    "minhash/primer": 4000.0,
+}
 FASTER_THAN = {"minhash/primer": "minhash/rensa", "minhash/primer-normalised": "minhash/rensa"}
 ONE_THREAD = {
     "POLARS_MAX_THREADS": "1",
@@ -143,6 +147,13 @@ ROWS = (
         "primer ExtractStage (resiliparse)",
         "html",
         "extract/resiliparse",
+    ),
+    Row(
+        "extract/primer-cascade",
+        "extract",
+        "primer ExtractStage (cascade)",
+        "html",
+        "extract/primer",
     ),
     Row(
         "extract/primer-precision",
@@ -470,7 +481,7 @@ def _normalised(path: str, n: int, as_strings: bool) -> Iterator[Any]:
     """The text of `read_tables`' rows as Primer's dedup normalises it (done untimed): an
     Arrow array, or Python strings for the peers."""
     from filters.dedup.config import DedupConfig
-    from filters.text import normalise
+    from filters.normalise import normalise
 
     flags = DedupConfig().norm_flags
     for table in read_tables(path, n):
@@ -777,6 +788,7 @@ RUNNERS: dict[str, Callable[[str, int], dict]] = {
     "reader/dt-parquet": dt_reader("parquet"),
     "extract/primer": primer_stage(_extract()),
     "extract/primer-resiliparse": primer_stage(_extract(backend="resiliparse")),
+    "extract/primer-cascade": primer_stage(_extract(backend="cascade")),
     "extract/primer-precision": primer_stage(_extract(trafilatura_mode="precision")),
     "extract/resiliparse": resiliparse_extract,
     "extract/dt": dt_extract(deduplicate=False),

@@ -1,5 +1,5 @@
-"""`filters.text.normalise` as one compiled pass per document, and the per-code-point table
-that MinHash reads the same rules from.
+"""Text as dedup and decontamination compare it, in one compiled pass per document, and the
+per-code-point table that MinHash reads the same rules from.
 
 What: `normalise(texts, ...)` gives what `filters.text.reference_normalise` gives (NFKD or
 NFKC, lower case, no punctuation, symbols or control characters, words separated by single
@@ -50,7 +50,9 @@ def normalise(
     strip_punct: bool = True,
     strip_accents: bool = True,
 ) -> pa.LargeStringArray:
-    """See `filters.text.normalise`."""
+    """Text as dedup compares it: NFKC (NFKD with `strip_accents`), lower-cased, without
+    punctuation, symbols or control characters, words separated by single spaces, trimmed.
+    Null stays null. The same bytes as `filters.text.reference_normalise`, its definition."""
     arr = as_large_string(texts)
     validity = pc.is_valid(arr) if arr.null_count else None
     arr = pc.fill_null(arr, "")

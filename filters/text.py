@@ -1,8 +1,9 @@
 """Text primitives that dedup and decontamination share: normalisation, word bounds and
 word-span hashes over the UTF-8 bytes of a whole batch.
 
-What: `normalise` turns texts into the form both stages compare (NFKD or NFKC, lower-cased,
-no punctuation, symbols or control characters, single spaces, trimmed); `utf8_buffers`
+What: `reference_normalise` defines the form both stages compare texts in (NFKD or NFKC,
+lower-cased, no punctuation, symbols or control characters, single spaces, trimmed), which
+`filters.normalise.normalise` computes in one compiled pass per document; `utf8_buffers`
 exposes the bytes and offsets of a large_string array to numpy; `word_bounds` finds the
 words of normalised text; `WordSpans` hashes any run of words with a polynomial hash over
 the bytes, finished with murmur3's `fmix64`.
@@ -13,7 +14,7 @@ top 32 bits of `WordSpans.span_hashes` over the same words. Normalisation follow
 Unicode tables; hashes depend on nothing but the bytes, so they are the same in every
 process, run and library version.
 
-    arr = normalise(table["text"])              # pyarrow large_string, nulls kept
+    arr = filters.normalise.normalise(table["text"])  # pyarrow large_string, nulls kept
     buf, off = utf8_buffers(arr)                # bytes and offsets (from 0)
     words = WordSpans.of(buf, off)
     hashes, text, first_word = words.kgrams(13)  # every 13-word window
@@ -59,23 +60,6 @@ def utf8_buffers(arr: pa.LargeStringArray) -> tuple[np.ndarray, np.ndarray]:
     return buf[offsets[0] : offsets[-1]], offsets - offsets[0]
 
 
-def normalise(
-    texts: pa.Array | pa.ChunkedArray,
-    *,
-    lowercase: bool = True,
-    strip_punct: bool = True,
-    strip_accents: bool = True,
-) -> pa.LargeStringArray:
-    """Text as dedup compares it: NFKC (NFKD with `strip_accents`), lower-cased, without
-    punctuation, symbols or control characters, words separated by single spaces, trimmed.
-    Null stays null. Defined by `reference_normalise`; computed by one compiled pass per
-    document (filters/normalise.py), which gives the same bytes."""
-    from filters.normalise import normalise as compiled  # it imports this module
-
-    flags = {"lowercase": lowercase, "strip_punct": strip_punct, "strip_accents": strip_accents}
-    return compiled(texts, **flags)
-
-
 def drop_pattern(strip_punct: bool = True, strip_accents: bool = True) -> str:
     """What `normalise` deletes, as the body of a regex character class: invisible and
     control characters, punctuation and symbols (`strip_punct`), combining marks
@@ -95,8 +79,11 @@ def reference_normalise(
     strip_punct: bool = True,
     strip_accents: bool = True,
 ) -> pa.LargeStringArray:
-    """`normalise`'s definition, in Arrow string kernels and numpy (the tests hold the
-    compiled pass to it)."""
+    """Text as dedup compares it: NFKC (NFKD with `strip_accents`), lower-cased, without
+    punctuation, symbols or control characters, words separated by single spaces, trimmed.
+    Null stays null. The definition, in Arrow string kernels and numpy:
+    `filters.normalise.normalise` computes the same bytes in one compiled pass per
+    document (the tests hold it to this)."""
     arr = as_large_string(texts)
     validity = pc.is_valid(arr)
     arr = pc.fill_null(arr, "")

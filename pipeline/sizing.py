@@ -176,6 +176,15 @@ def _teacher(
     return 0.0, 0.0, [f"{tokens} on the openai server (not counted here)"]
 
 
+def _stage_rates(rates: dict[str, Any], uses: str, config: Any) -> dict[str, Any]:
+    """rates.yaml's entry for a stage; `by: {field: {value: {...}}}` in it overrides the
+    rates where the stage's config has that value (extract's backends differ 10x)."""
+    r = dict(rates["stages"].get(uses, {}))
+    for name, values in r.pop("by", {}).items():
+        r.update(values.get(str(getattr(config, name, None)), {}))
+    return r
+
+
 def estimate(
     loaded: LoadedRecipe,
     rates: dict[str, Any],
@@ -189,7 +198,7 @@ def estimate(
     driver = rates["driver"]
     for i, spec in enumerate(loaded.stages):
         uses = spec.cls.name
-        r = {**rates["stages"].get(uses, {}), **measured.get(spec.name, {})}
+        r = {**_stage_rates(rates, uses, spec.config), **measured.get(spec.name, {})}
         source = "RUN" if spec.name in measured else "rates"
         stage = spec.cls(spec.config)
         notes: list[str] = []

@@ -63,3 +63,17 @@ def test_nodes_too_small_are_problems_with_exit_1(capsys, tmp_path, monkeypatch)
     assert any("tensor_parallel_size 4 needs 4 GPUs" in p for p in plan["problems"])
     assert plan["node"] == {"cpus": 8, "memory_gb": 64.0, "gpus": 2, "count": 1}
     assert Node(8, 64.0, 2) == Node(**plan["node"])
+
+
+def test_extract_is_sized_at_its_backends_rate(tmp_path):
+    f = tmp_path / "pages.parquet"
+    pq.write_table(pa.table({"id": ["a"] * 1000, "html": ["<p>x</p>"] * 1000}), f)
+    rates = load_rates()
+    hours = {}
+    for backend in ("trafilatura", "cascade"):
+        recipe = {"name": "e", "stages": {"extract": {"input": [str(f)], "backend": backend}}}
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        hours[backend] = estimate(load_recipe(tmp_path / "r.yaml"), rates)[0].cpu_hours
+    by = rates["stages"]["extract"]["by"]["backend"]
+    assert hours["trafilatura"] == 1000 / rates["stages"]["extract"]["docs_per_core_s"] / 3600
+    assert hours["cascade"] == 1000 / by["cascade"]["docs_per_core_s"] / 3600

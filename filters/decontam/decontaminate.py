@@ -63,7 +63,7 @@ from filters.decontam.index import (
     remove_spans,
     score_hits,
 )
-from filters.text import normalise
+from filters.normalise import normalise
 from pipeline.readers.hf import is_saved_dataset
 from pipeline.stage import (
     PreflightError,

@@ -38,7 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from filters.decontam.benchmarks import Item
-from filters.text import WordSpans, doc_groups, normalise, utf8_buffers
+from filters.normalise import normalise
+from filters.text import WordSpans, doc_groups, utf8_buffers
 
 _BUILD_ITEMS = 4096  # items normalised and hashed together while building the index
 

@@ -70,7 +70,7 @@ class DedupConfig(StageConfig):
 
     @property
     def norm_flags(self) -> dict[str, bool]:
-        """The keyword flags of `filters.text.normalise` this config asks for."""
+        """The keyword flags of `filters.normalise.normalise` this config asks for."""
         return {
             "lowercase": self.lowercase,
             "strip_punct": self.strip_punct,

@@ -21,7 +21,7 @@ import xxhash
 
 from filters.dedup.config import DedupConfig
 from filters.dedup.minhash import band_keys, minhash, text_hash
-from filters.text import normalise
+from filters.normalise import normalise
 from pipeline.stage import StageFatal
 
 EXACT_BAND = -1

@@ -11,7 +11,7 @@ stage's `version` bumps if they ever change). Whitespace-free scripts (Chinese, 
 Thai) become one "word" per run of text, so their near-duplicate recall is poor: a known
 limitation, as for FineWeb.
 
-How: Arrow applies the Unicode steps of `filters.text.normalise` (NFKD or NFKC, lower
+How: Arrow applies the Unicode steps of `filters.normalise.normalise` (NFKD or NFKC, lower
 case), NFKD only to the documents it can change (most have no character it decomposes or
 reorders); one compiled pass per document (numba, built ahead of time once per machine:
 filters/compiled.py) then drops what `normalise`'s regex drops (punctuation, symbols, control
@@ -37,14 +37,13 @@ from filters.dedup.config import DedupConfig
 from filters.normalise import CLASS as _CLASS
 from filters.normalise import KEEP as _KEEP
 from filters.normalise import SPACE as _SPACE
-from filters.normalise import code_point_table, learn, unicode_steps
+from filters.normalise import code_point_table, learn, normalise, unicode_steps
 from filters.text import (
     LEN_MIX,
     POLY,
     as_large_string,
     drop_pattern,
     fmix64,
-    normalise,
     utf8_buffers,
 )
 

@@ -36,7 +36,7 @@ from filters.dedup.fanout import clusters_from_routed_edges
 from filters.dedup.keys import DuplicateRowError, source_prefix
 from filters.dedup.minhash import jaccard_estimate, minhash, text_hash
 from filters.dedup.ranks import choose_splitters, node_sample
-from filters.text import normalise
+from filters.normalise import normalise
 from pipeline.executor import LOCAL, Executor, LocalExecutor, ProcessExecutor, RayExecutor
 from pipeline.stage_runner import run_stage
 

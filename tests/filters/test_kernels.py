@@ -23,12 +23,13 @@ import pytest
 
 from filters.dedup.config import DedupConfig
 from filters.dedup.minhash import minhash, permutations
+from filters.normalise import normalise
 from filters.quality.signals import (
     QUALITY_COLUMNS,
     compute_quality_signals,
     reference_quality_signals,
 )
-from filters.text import WordSpans, normalise, reference_normalise, utf8_buffers
+from filters.text import WordSpans, reference_normalise, utf8_buffers
 from tests.conftest import fineweb_docs
 
 EDGE_CASES = [
