@@ -75,5 +75,5 @@ def test_extract_is_sized_at_its_backends_rate(tmp_path):
         (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         hours[backend] = estimate(load_recipe(tmp_path / "r.yaml"), rates)[0].cpu_hours
     by = rates["stages"]["extract"]["by"]["backend"]
-    assert hours["trafilatura"] == 1000 / rates["stages"]["extract"]["docs_per_core_s"] / 3600
-    assert hours["cascade"] == 1000 / by["cascade"]["docs_per_core_s"] / 3600
+    assert hours["cascade"] == 1000 / rates["stages"]["extract"]["docs_per_core_s"] / 3600
+    assert hours["trafilatura"] == 1000 / by["trafilatura"]["docs_per_core_s"] / 3600

@@ -14,7 +14,13 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from filters.extract import ExtractConfig, ExtractStage, decode_html, needs_fallback
+from filters.extract import (
+    ExtractConfig,
+    ExtractStage,
+    decode_html,
+    drop_boilerplate_lines,
+    needs_fallback,
+)
 from pipeline.schema import READ_SCHEMA
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -109,7 +115,7 @@ def test_gold_pages_keep_main_text_and_leave_boilerplate_out(gold, backend):
 def test_default_backend_extracts_every_dolma_warc_page(warc_pages):
     out = ExtractStage()(rows(*warc_pages))
 
-    assert ExtractStage().config.backend == "trafilatura"
+    assert ExtractStage().config.backend == "cascade"
     assert out["drop_reason"].null_count == len(warc_pages) == 22
     assert min(out["n_chars"].to_pylist()) > 100
     assert out["title"].null_count == 0
@@ -156,6 +162,38 @@ def test_cascade_asks_trafilatura_only_where_the_fast_text_is_poor(sample_pages,
     assert "My last name is pronounced sol-dah-ee-nee" in facts
     assert "Kyle Lo" in home
     assert out["title"].null_count == 0
+
+
+def test_cascade_reads_the_articles_container_and_drops_boilerplate_lines():
+    story = " ".join(f"The committee met on day {i} and agreed on the budget." for i in range(12))
+    sidebar = " ".join(f"Trending story number {i} about celebrities." for i in range(12))
+    page = f"""<html><body><div class="wrap">
+        <div class="sidebar-left"><p>{sidebar}</p></div>
+        <div class="article-body"><h2>Budget agreed</h2><p>{story}</p>
+          <p>Advertisement</p>
+          <p>Sign up for our newsletter to get the latest news.</p>
+          <p>The newsletter of the committee, a document of 40 pages sent to every member in
+          the spring, lists every line of the budget with its cost and the vote on it.</p>
+        </div>
+        <div class="sidebar-right"><p>{sidebar}</p></div></div></body></html>"""
+    text = ExtractStage(backend="cascade")(rows({"html": page.encode()}))["text"][0].as_py()
+    assert "agreed on the budget" in text and "Budget agreed" in text
+    assert "Trending story" not in text  # outside the article's container
+    assert "Advertisement" not in text and "Sign up for our newsletter" not in text
+    assert "The newsletter of the committee, a document of 40 pages" in text  # long: not a call
+    assert drop_boilerplate_lines("Share\nShare this with your class: it is long enough.") == (
+        "Share this with your class: it is long enough."
+    )
+
+    # a container with too little text is not trusted: the whole page's main text is read
+    short = page.replace(story, "Too short.")
+    text = ExtractStage(backend="cascade")(rows({"html": short.encode()}))["text"][0].as_py()
+    assert "Too short." in text
+
+
+def test_the_cascades_rules_are_in_its_fingerprint_only():
+    assert ExtractStage(backend="cascade").content_fingerprint() == {"cascade": "2"}
+    assert ExtractStage(backend="trafilatura").content_fingerprint() == {}
 
 
 def test_cascade_survives_empty_garbage_and_too_deep_html():
