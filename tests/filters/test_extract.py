@@ -14,11 +14,11 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
+from filters.cascade import drop_boilerplate_lines
 from filters.extract import (
     ExtractConfig,
     ExtractStage,
     decode_html,
-    drop_boilerplate_lines,
     needs_fallback,
 )
 from pipeline.schema import READ_SCHEMA
