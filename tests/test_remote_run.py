@@ -162,6 +162,9 @@ def test_a_threshold_change_replaces_objects_and_a_config_change_clears_the_stag
     _same_run(ref, staging, mixture=False)
 
 
+# ~45 s: slow. The default run keeps the local SIGKILL tests (test_end_to_end.py) and the
+# bucket's pull/resume from an empty staging (test_run_on_a_bucket_equals_the_local_run).
+@pytest.mark.slow
 def test_sigkill_then_resume_from_the_bucket_on_a_fresh_staging(bucket, tmp_path):
     _, remote_inputs = bucket
     recipe = _recipe(tmp_path, remote_inputs, quality_batch=2, mixture=False)

@@ -122,6 +122,9 @@ def _json_list(stdout: str) -> list[dict]:
     return json.loads(lines[-1])
 
 
+# ~20 s: slow. Every DAG's DagBag import stays in the default run
+# (test_every_dag_imports_without_errors).
+@pytest.mark.slow
 def test_the_airflow_cli_lists_every_dag_with_no_import_errors(tmp_path):
     """`airflow dags list --local` and `list-import-errors --local` parse dags/ in a plain
     process: only installed modules are importable there (no DAGs folder on sys.path)."""
