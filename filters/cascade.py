@@ -24,6 +24,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from resiliparse.parse.html import HTMLTree
 
+RULES_VERSION = 2
+"""The version of the rules below, in the extract stage's fingerprint for the cascade only:
+bump it when they change, and only cascade runs recompute (2: the article's container and
+boilerplate lines)."""
+
 # resiliparse's main-content pass is quadratic in <div> nesting depth (a page of 3,000
 # unclosed <div>s takes 0.9 s, 20,000 take minutes), and broken markup that never closes its
 # <div>s is exactly how real pages get that deep. Real pages leave a few dozen unclosed at

@@ -143,13 +143,18 @@ class Kernels:
         """The compiled kernels, as attributes named as `exports`."""
         return _load(self)
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
+        """Of the sources, versions and CPU (read once: it reads files)."""
         return _digest(self)
 
     @property
     def module_name(self) -> str:
         return f"primer_{self.name}_{self.digest[:16]}"
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.module_name}{sysconfig.get_config_var('EXT_SUFFIX')}"
 
 
 def kernels_dir() -> Path:
@@ -243,7 +248,7 @@ def _exported(module: types.ModuleType) -> set[str]:
 def _extension(kernels: Kernels) -> types.ModuleType:
     """The built extension of `kernels`, building it first where this machine lacks it."""
     folder = kernels_dir()
-    path = folder / f"{kernels.module_name}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    path = folder / kernels.file_name
     failed = folder / f"{kernels.module_name}.failed"
     if not path.exists():
         if failed.exists():
@@ -268,7 +273,7 @@ def _build_in_subprocess(kernels: Kernels, folder: Path, failed: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     log.info("building %s kernels into %s (once per machine)", kernels.name, folder)
     command = [sys.executable, "-m", "filters.compiled", "build-one", kernels.module]
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-20:]
         failed.write_text(" ".join(command) + "\n" + "\n".join(tail) + "\n")
@@ -288,7 +293,7 @@ def build(kernels: Kernels, folder: Path) -> Path:
 
     module = _jitted_module(kernels.module)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{kernels.module_name}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    target = folder / kernels.file_name
     with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as tmp:
         cc = CC(kernels.module_name)
         cc.output_dir = tmp

@@ -50,7 +50,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from filters.cascade import MAX_UNCLOSED_DIVS, cascade_fast_text, needs_fallback, too_deep
+from filters.cascade import (
+    MAX_UNCLOSED_DIVS,
+    RULES_VERSION,
+    cascade_fast_text,
+    needs_fallback,
+    too_deep,
+)
 from pipeline.stage import Stage, StageConfig, mark_dropped, set_column
 
 Backend = Literal["resiliparse", "trafilatura", "cascade"]
@@ -247,9 +253,8 @@ class ExtractStage(Stage):
     config: ExtractConfig
 
     def content_fingerprint(self) -> dict[str, str]:
-        # The cascade's rules, versioned on their own: changing them recomputes cascade runs
-        # only (2: the article's container and boilerplate lines).
-        return {"cascade": "2"} if self.config.backend == "cascade" else {}
+        # The cascade's rules, versioned on their own (filters/cascade.py)
+        return {"cascade": str(RULES_VERSION)} if self.config.backend == "cascade" else {}
 
     def setup(self) -> None:
         self._extract = make_extractor(self.config)
